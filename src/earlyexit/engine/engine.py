@@ -1,0 +1,170 @@
+"""Run a causal LM one span of layers at a time, with a per-layer KV cache.
+
+The engine calls the model's own embedding, decoder layers, rotary embedding, norm and head;
+what it adds is the bookkeeping transformers' forward does not allow: stopping after any
+layer, reading out there, and later running the remaining layers for those tokens together
+with newer ones, with correct positions and masks in every case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit.engine.arch import Architecture
+from earlyexit.engine.cache import LayerKVCache
+from earlyexit.engine.masks import attention_mask
+from earlyexit.errors import EarlyExitError
+from earlyexit.models.load import LoadedModel
+
+
+@dataclass
+class Prefill:
+    cache: LayerKVCache
+    hidden: torch.Tensor  # final-layer hidden states (before the final norm) [B, T, H]
+    layer_hidden: list[torch.Tensor] | None  # output of every layer when requested
+
+
+class LayerEngine:
+    """Layer-by-layer execution of a Hugging Face decoder-only model."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.arch = Architecture.of(self.model)
+        self.num_layers = len(self.arch.layers)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.vocab_size = int(self.arch.head.weight.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.arch.head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.arch.head.weight.device
+
+    # ---- building blocks -------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int = 256, pad: torch.Tensor | None = None) -> LayerKVCache:
+        return LayerKVCache(
+            self.num_layers,
+            batch,
+            self.arch.num_kv_heads,
+            self.arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            capacity=capacity,
+            pad=pad,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.arch.embed(input_ids)
+
+    @torch.inference_mode()
+    def run_layers(
+        self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
+    ) -> torch.Tensor:
+        """Run layers [start, end) over `hidden` [B, n, H]: the next n slots of those layers.
+
+        Every layer in the span must hold the same number of slots; the new tokens take the
+        slots right after them (their positions follow from that and the row's padding).
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"bad layer span [{start}, {end}) for {self.num_layers} layers")
+        if start == end:
+            return hidden
+        offset = cache.lengths[start]
+        if any(cache.lengths[layer] != offset for layer in range(start, end)):
+            raise ValueError(
+                f"layers {start}..{end - 1} hold different numbers of tokens "
+                f"({cache.lengths[start:end]}); catch up the shorter layers first"
+            )
+        num_new = hidden.shape[1]
+        slots = torch.arange(offset, offset + num_new, device=hidden.device)
+        position_ids = (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        masks: dict[str, torch.Tensor | None] = {}
+        for layer in range(start, end):
+            kind = self.arch.layer_types[layer]
+            if kind not in rope:
+                rope[kind] = self.arch.position_embeddings(hidden, position_ids, kind)
+                masks[kind] = attention_mask(
+                    offset, num_new, cache.pad, cache.has_padding, self.arch.window_of(kind),
+                    hidden.device,
+                )
+            hidden = self.arch.layers[layer](
+                hidden,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=rope[kind],
+            )
+        return hidden
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.arch.norm(hidden)
+
+    def head_logits(
+        self, normed: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """LM head on normalised states; with `token_ids`, only those vocabulary rows."""
+        if token_ids is None:
+            logits = self.arch.head(normed)
+        else:
+            weight = self.arch.head.weight.index_select(0, token_ids)
+            logits = normed @ weight.T
+        if self.arch.logit_softcap is not None:
+            cap = self.arch.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's own readout: final norm + LM head (+ soft-cap) on any layer's output."""
+        return self.head_logits(self.final_norm(hidden), token_ids)
+
+    # ---- common requests -------------------------------------------------------------
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded token ids and per-row pad counts."""
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        ids = batch["input_ids"].to(self.device)
+        pad = (batch["attention_mask"] == 0).sum(dim=1).to(self.device)
+        return ids, pad
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        pad: torch.Tensor | None = None,
+        capacity: int | None = None,
+        upto: int | None = None,
+        keep_layers: bool = False,
+    ) -> Prefill:
+        """Run the prompt through layers [0, upto) (default: all) and fill the cache."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise EarlyExitError("prefill needs a non-empty [batch, tokens] id tensor")
+        batch, length = input_ids.shape
+        cache = self.new_cache(batch, capacity or max(256, 2 * length), pad)
+        hidden = self.embed(input_ids)
+        upto = self.num_layers if upto is None else upto
+        outputs: list[torch.Tensor] | None = [] if keep_layers else None
+        for layer in range(upto):
+            hidden = self.run_layers(hidden, cache, layer, layer + 1)
+            if outputs is not None:
+                outputs.append(hidden)
+        return Prefill(cache=cache, hidden=hidden, layer_hidden=outputs)
+
+    @torch.inference_mode()
+    def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-depth greedy decoding (the reference loop every early-exit loop is checked against)."""
+        state = self.prefill(input_ids, pad, capacity=input_ids.shape[1] + max_new_tokens)
+        next_ids = self.logits(state.hidden[:, -1:]).argmax(-1)
+        out = [next_ids]
+        for _ in range(max_new_tokens - 1):
+            hidden = self.run_layers(self.embed(next_ids), state.cache, 0, self.num_layers)
+            next_ids = self.logits(hidden).argmax(-1)
+            out.append(next_ids)
+        return torch.cat(out, dim=1)
