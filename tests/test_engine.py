@@ -34,11 +34,19 @@ def test_prefill_logits_equal_model_forward(engine: LayerEngine) -> None:
         assert (got[row, start:] - expected[row, start:]).abs().max().item() <= TOL
 
 
-def reference_generate(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor, n: int) -> torch.Tensor:
-    config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id,
-                              eos_token_id=engine.tokenizer.eos_token_id)
-    out = engine.model.generate(input_ids=ids, attention_mask=attention_mask_of(ids, pad), generation_config=config)
-    return out[:, ids.shape[1]:]
+def reference_generate(
+    engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor, n: int
+) -> torch.Tensor:
+    config = GenerationConfig(
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=engine.tokenizer.pad_token_id,
+        eos_token_id=engine.tokenizer.eos_token_id,
+    )
+    out = engine.model.generate(
+        input_ids=ids, attention_mask=attention_mask_of(ids, pad), generation_config=config
+    )
+    return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch2-padded"])
@@ -70,12 +78,16 @@ def test_exit_then_catch_up_in_one_pass_matches_full_depth(engine: LayerEngine) 
 
     reference = engine.prefill(ids, pad)
     for step in range(3):
-        ref_hidden = engine.run_layers(engine.embed(steps[:, step : step + 1]), reference.cache, 0, total)
+        ref_hidden = engine.run_layers(
+            engine.embed(steps[:, step : step + 1]), reference.cache, 0, total
+        )
 
     early = engine.prefill(ids, pad)
     stacked = []
     for step in range(2):  # exit at layer k: only layers 0..k-1 see these tokens
-        stacked.append(engine.run_layers(engine.embed(steps[:, step : step + 1]), early.cache, 0, k))
+        stacked.append(
+            engine.run_layers(engine.embed(steps[:, step : step + 1]), early.cache, 0, k)
+        )
     assert early.cache.lengths[k - 1] == early.cache.lengths[k] + 2
     with pytest.raises(ValueError, match="different numbers of tokens"):
         engine.run_layers(stacked[0], early.cache, k - 1, total)

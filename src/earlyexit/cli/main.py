@@ -34,13 +34,17 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EarlyExitError as err:
-            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(
+                f"[bold red]error:[/] {err}", highlight=False
+            )
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
 
 
-MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, local dir or hub id.")
+MODEL_OPT = typer.Option(
+    "smollm2-135m", "--model", "-m", help="Registry name, local dir or hub id."
+)
 
 
 @models_app.command("list")
@@ -76,3 +80,109 @@ def models_fetch(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+def _engine(model: str, dtype: str = "float32"):  # noqa: ANN202 - returns LayerEngine
+    from earlyexit.engine import LayerEngine
+    from earlyexit.models import load_model
+
+    with console.status(f"loading {model} ({dtype}) ..."):
+        return LayerEngine(load_model(model, dtype=dtype))
+
+
+@heads_app.command("train")
+@friendly
+def heads_train(
+    model: str = MODEL_OPT,
+    corpus: str = typer.Option("wikitext-2-valid", help="Training text: a built-in name or .txt."),
+    tokens: int = typer.Option(32768, min=256, help="Training tokens (hidden states kept in RAM)."),
+    steps: int = typer.Option(
+        400, min=0, help="KL distillation steps after the least-squares fit."
+    ),
+    rank: int | None = typer.Option(None, min=1, help="Low-rank adapters (default: full affine)."),
+    name: str = typer.Option(
+        "default", help="Saved under this name; `default` loads automatically."
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the report JSON here."),
+) -> None:
+    """Train per-layer exit readouts by distillation from the final layer, and save them."""
+    from earlyexit.readouts.report import render_report
+    from earlyexit.readouts.store import readout_dir, save_readout
+    from earlyexit.readouts.train import TrainConfig, train_readout
+    from earlyexit.reporting import write_json
+
+    engine = _engine(model)
+    config = TrainConfig(corpus=corpus, tokens=tokens, steps=steps, rank=rank)
+    result = train_readout(engine, config)
+    path = save_readout(result.readout, readout_dir(engine, name), result.metadata())
+    console.print(f"trained in {result.seconds:.0f} s; saved {path}")
+    report = {
+        "model": engine.loaded.name,
+        "readout": "trained adapters",
+        "heldout": {"corpus": config.heldout_corpus, "tokens": config.heldout_tokens},
+        "layers": result.metadata()["heldout"],
+    }
+    console.print(render_report(report)[0])
+    if json_path:
+        write_json({**report, "train": result.metadata()}, json_path)
+
+
+@heads_app.command("report")
+@friendly
+def heads_report(
+    model: str = MODEL_OPT,
+    name: str = typer.Option("default", help="Which saved readout (falls back to the logit lens)."),
+    tokens: int = typer.Option(4096, min=256, help="Held-out tokens (WikiText-2 test)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report JSON here."),
+) -> None:
+    """Per-layer KL and top-1 agreement with the final layer on held-out text, and cost."""
+    from earlyexit.readouts.report import readout_report, render_report
+    from earlyexit.readouts.store import default_readout
+    from earlyexit.reporting import write_json
+
+    engine = _engine(model)
+    report = readout_report(engine, default_readout(engine, name), tokens=tokens)
+    for table in render_report(report):
+        console.print(table)
+    if json_path:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("engine")
+@friendly
+def bench_engine(
+    model: str = MODEL_OPT,
+    new_tokens: int = typer.Option(32, min=2, help="Tokens decoded per row."),
+    batches: str = typer.Option("1,8", help="Comma-separated batch sizes (at most 8)."),
+    dtypes: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs per cell (median is reported)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
+) -> None:
+    """Decode tokens/s of the model's own generate vs the engine, and layer/readout costs."""
+    from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
+    from earlyexit.models.load import parse_dtype
+    from earlyexit.reporting import write_json
+
+    dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in dtype_list:
+        parse_dtype(d)
+    try:
+        batch_list = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise EarlyExitError(
+            f"--batches must be comma-separated integers, got '{batches}'"
+        ) from None
+    try:
+        result = run_engine_bench(model, new_tokens, batch_list, dtype_list, repeats)
+    except ValueError as err:
+        raise EarlyExitError(str(err)) from None
+    console.print(render_table(result))
+    console.print(render_cost_table(result))
+    console.print(
+        f"engine overhead at batch {result['engine_overhead_batch']}: "
+        f"{result['engine_overhead']:+.1%} (negative: engine faster)"
+    )
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")

@@ -48,7 +48,9 @@ class Architecture:
         if getattr(config, "use_bidirectional_attention", False):
             raise EarlyExitError("bidirectional-attention models are not supported")
         params = inspect.signature(base.rotary_emb.forward).parameters
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         return cls(
             embed=base.embed_tokens,
             layers=base.layers,

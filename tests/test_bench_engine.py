@@ -1,0 +1,45 @@
+"""The engine benchmark runs end to end and writes the JSON schema the report relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
+from earlyexit.reporting import write_json
+
+
+def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
+    # One thread: with 2 OpenMP threads and another process busy on a core, every op waits
+    # on a descheduled thread and this test goes from ~15 s to minutes; the schema is the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_engine_bench(
+            new_tokens=4, batches=(1, 2), dtypes=("float32",), repeats=1, layer_iters=20
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert result["model"] == "smollm2-135m"
+    assert result["threads"] == 1 and result["new_tokens"] == 4 and result["warmup"]
+    records = result["records"]
+    assert {(r["path"], r["batch"]) for r in records} == {
+        (path, batch) for path in ("hf", "engine") for batch in (1, 2)
+    }
+    for r in records:
+        assert r["dtype"] == "float32" and r["tokens_per_s"] > 0 and r["seconds"] > 0
+    assert isinstance(result["engine_overhead"], float)
+    costs = result["layer_costs"]["float32"]
+    numbers = [costs["ms_per_layer"], costs["ms_full_readout"], costs["full_readout_over_layer"]]
+    numbers += list(costs["ms_candidate_readout"].values())
+    numbers += list(costs["candidate_readout_over_layer"].values())
+    assert numbers and all(n > 0 for n in numbers)
+    assert render_table(result).row_count == 2 and render_cost_table(result).row_count == 1
+
+    path = tmp_path / "bench" / "engine.json"
+    write_json(result, path)
+    with path.open() as f:
+        assert json.load(f) == result
+    assert [p.name for p in path.parent.iterdir()] == ["engine.json"]  # no temp file left

