@@ -30,6 +30,7 @@ class TrainConfig:
     ridge: float = 1e-2
     vocab_top_k: int = 16  # distillation vocabulary: union of the teacher's top-k ids ...
     vocab_size: int = 4096  # ... capped at this many (see `teacher_vocabulary`)
+    vocab_random: int = 2048  # plus this many random other ids, fresh every step
     rank: int | None = None  # None: full affine map per layer
     layers: list[int] | None = None  # default: 1..L-1
     seed: int = 0
@@ -126,7 +127,8 @@ def teacher_vocabulary(
 
     A full-vocabulary softmax per layer per step costs more than everything else in
     training; the teacher's mass sits on a few thousand ids, so distillation runs on the
-    union of its per-token top-k (most frequent first, capped at `max_size`).
+    union of its per-token top-k (most frequent first, capped at `max_size`), plus fresh
+    random ids every step (see `distill`).
     """
     counts = torch.zeros(engine.vocab_size, dtype=torch.long)
     for start in range(0, final.shape[0], batch):
@@ -134,6 +136,20 @@ def teacher_vocabulary(
         counts += torch.bincount(top.flatten().cpu(), minlength=engine.vocab_size)
     seen = int((counts > 0).sum())
     return counts.argsort(descending=True)[: min(seen, max_size)].sort().values
+
+
+def _step_vocabulary(
+    core: torch.Tensor, vocab_size: int, extra: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The core ids plus `extra` random others, so that a readout is also penalised for
+    putting mass on ids outside the core set (a fixed subset would leave them unchecked)."""
+    if extra <= 0:
+        return core
+    outside = torch.ones(vocab_size, dtype=torch.bool)
+    outside[core] = False
+    others = outside.nonzero().squeeze(1)
+    pick = others[torch.randperm(others.numel(), generator=generator)[:extra]]
+    return torch.cat([core, pick])
 
 
 def distill(
@@ -155,13 +171,14 @@ def distill(
     bar = tqdm(range(config.steps), desc="distilling readouts", leave=False)
     for _ in bar:
         idx = torch.randint(num_tokens, (config.batch_tokens,), generator=generator)
+        step_vocab = _step_vocabulary(vocab, engine.vocab_size, config.vocab_random, generator)
         with torch.no_grad():
-            teacher = _log_probs(engine, states.final[idx], vocab)
+            teacher = _log_probs(engine, states.final[idx], step_vocab)
             teacher_p = teacher.exp()
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for layer, adapter in adapters.items():
-            student = _log_probs(engine, adapter(states.by_layer[layer][idx]), vocab)
+            student = _log_probs(engine, adapter(states.by_layer[layer][idx]), step_vocab)
             loss = (teacher_p * (teacher - student)).sum(-1).mean()
             loss.backward()
             total += loss.item()
