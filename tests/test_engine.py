@@ -131,3 +131,17 @@ def test_candidate_readout_equals_full_readout_columns(smol: LayerEngine) -> Non
     candidates = torch.tensor([5, 100, 4000, 49151])
     full = smol.logits(hidden)
     assert torch.allclose(smol.logits(hidden, candidates), full[..., candidates], atol=1e-5)
+
+
+def test_dropping_rows_keeps_the_rest_decoding_exactly(smol: LayerEngine) -> None:
+    """A finished/exited row leaves the batch; the others continue as if decoded alone."""
+    ids, pad = smol.encode(PROMPTS)
+    state = smol.prefill(ids, pad)
+    next_ids = smol.logits(state.hidden[:, -1:]).argmax(-1)
+    state.cache.select_rows(torch.tensor([1]))
+    out = [next_ids[1:]]
+    for _ in range(7):
+        hidden = smol.run_layers(smol.embed(out[-1]), state.cache, 0, smol.num_layers)
+        out.append(smol.logits(hidden).argmax(-1))
+    alone_ids, alone_pad = smol.encode(PROMPTS[1:])
+    assert torch.cat(out, dim=1).tolist() == smol.greedy(alone_ids, 8, alone_pad).tolist()

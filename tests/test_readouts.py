@@ -83,3 +83,29 @@ def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResul
     assert cost["readout_layer"] in by_layer and cost["ms_per_layer"] > 0
     assert set(cost["ms_candidate_readout"]) == {"2", "64"}
     assert len(render_report(report)) == 2
+
+
+def test_cli_train_then_report(smol: LayerEngine, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from earlyexit.cli.main import app
+    from earlyexit.readouts.store import readout_dir
+
+    name = "cli-test"
+    out = tmp_path / "train.json"
+    args = ["heads", "train", "--tokens", "512", "--steps", "2", "--layers", "20"]
+    args += ["--heldout-tokens", "256", "--name", name, "--json", str(out)]
+    try:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["layers"][0]["layer"] == 20
+        assert (readout_dir(smol, name) / META).exists()
+        report = tmp_path / "report.json"
+        args = ["heads", "report", "--name", name, "--tokens", "256", "--json", str(report)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(report.read_text())["trained_layers"] == [20]
+    finally:
+        import shutil
+
+        shutil.rmtree(readout_dir(smol, name), ignore_errors=True)

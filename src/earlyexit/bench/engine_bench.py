@@ -49,7 +49,8 @@ class DecodeRecord:
     seconds: float  # decode time of new_tokens - 1 steps (prefill excluded)
     prefill_seconds: float  # median time of a 1-token run (prefill + first token)
     total_seconds: float  # median time of a new_tokens run
-    # engine only: same tokens as hf; may differ in bf16, or where hf's min_new_tokens bans EOS
+    # engine only: same tokens as hf up to the engine's first EOS (hf's min_new_tokens bans
+    # EOS, so the two legitimately part there); may also differ in bf16
     matches_hf: bool | None = None
 
 
@@ -93,6 +94,14 @@ def _decoders(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor) -> dict
     return {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
 
 
+def _same_until_eos(engine_ids: torch.Tensor, hf_ids: torch.Tensor, eos: int | None) -> bool:
+    for mine, theirs in zip(engine_ids.tolist(), hf_ids.tolist(), strict=True):
+        cut = mine.index(eos) if eos in mine else len(mine)
+        if mine[:cut] != theirs[:cut]:
+            return False
+    return True
+
+
 def _decode_records(
     engine: LayerEngine, dtype: str, batch: int, new_tokens: int, repeats: int
 ) -> list[DecodeRecord]:
@@ -116,7 +125,11 @@ def _decode_records(
         total = statistics.median(times[path, new_tokens])
         prefill = statistics.median(times[path, 1])
         decode = max(total - prefill, 1e-9)
-        match = bool(torch.equal(outputs["engine"], outputs["hf"])) if path == "engine" else None
+        match = (
+            _same_until_eos(outputs["engine"], outputs["hf"], engine.tokenizer.eos_token_id)
+            if path == "engine"
+            else None
+        )
         records.append(
             DecodeRecord(
                 path, dtype, batch, batch * (new_tokens - 1) / decode, decode, prefill, total, match

@@ -82,6 +82,13 @@ def main() -> None:  # pragma: no cover - console entry point
     app()
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EarlyExitError(f"{option} must be comma-separated integers, got '{text}'") from None
+
+
 def _engine(model: str, dtype: str = "float32"):  # noqa: ANN202 - returns LayerEngine
     from earlyexit.engine import LayerEngine
     from earlyexit.models import load_model
@@ -100,6 +107,8 @@ def heads_train(
         400, min=0, help="KL distillation steps after the least-squares fit."
     ),
     rank: int | None = typer.Option(None, min=1, help="Low-rank adapters (default: full affine)."),
+    layers: str | None = typer.Option(None, help="Comma-separated layers (default: 1..L-1)."),
+    heldout_tokens: int = typer.Option(4096, min=128, help="Held-out tokens for the metrics."),
     name: str = typer.Option(
         "default", help="Saved under this name; `default` loads automatically."
     ),
@@ -112,7 +121,17 @@ def heads_train(
     from earlyexit.reporting import write_json
 
     engine = _engine(model)
-    config = TrainConfig(corpus=corpus, tokens=tokens, steps=steps, rank=rank)
+    layer_list = _int_list(layers, "--layers") if layers else None
+    if layer_list and not all(1 <= layer < engine.num_layers for layer in layer_list):
+        raise EarlyExitError(f"--layers must lie in 1..{engine.num_layers - 1}")
+    config = TrainConfig(
+        corpus=corpus,
+        tokens=tokens,
+        steps=steps,
+        rank=rank,
+        layers=layer_list,
+        heldout_tokens=heldout_tokens,
+    )
     result = train_readout(engine, config)
     path = save_readout(result.readout, readout_dir(engine, name), result.metadata())
     console.print(f"trained in {result.seconds:.0f} s; saved {path}")

@@ -53,6 +53,8 @@ def render_report(report: dict[str, Any]) -> list[Table]:
             f"{m['lens_kl']:.3f}",
             f"{m['lens_top1']:.3f}",
         )
+    if "cost" not in report:
+        return [table]
     cost = report["cost"]
     costs = Table(title=f"readout cost at layer {cost['readout_layer']}, batch 1 (x one layer)")
     for col in (
