@@ -205,3 +205,58 @@ def bench_engine(
     if json_path:
         write_json(result, json_path)
         console.print(f"wrote {json_path}")
+
+
+@app.command("eval")
+@friendly
+def eval_command(
+    model: str = MODEL_OPT,
+    task: str = typer.Option("sst2", "--task", "-t", help="Comma-separated built-in task names."),
+    method: str = typer.Option(
+        "full,static,confidence:0.9,adainfer",
+        "--method",
+        help="Comma-separated: full, static[:K], confidence[:T], adainfer[:tolerance].",
+    ),
+    shots: int = typer.Option(4, min=0, help="In-context demonstrations (class-balanced)."),
+    limit: int | None = typer.Option(200, min=1, help="Test examples per task (first N)."),
+    batch: int = typer.Option(8, min=1, help="Batch size (the same for every method)."),
+    seed: int = typer.Option(0, help="Seed for demonstrations and calibration examples."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
+) -> None:
+    """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
+    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.readouts.store import default_readout
+    from earlyexit.reporting import write_json
+    from earlyexit.tasks.builtin import get_task
+
+    tasks = [get_task(name.strip()) for name in task.split(",") if name.strip()]
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    engine = _engine(model, dtype)
+    readout = default_readout(engine)
+    config = EvalConfig(shots=shots, limit=limit, seed=seed, batch=batch)
+    records = [r for t in tasks for r in evaluate_task(engine, readout, t, methods, config)]
+    table = Table(title=f"{engine.loaded.name}: early-exit classification ({shots}-shot)")
+    cols = ["task", "method", "n", "accuracy", "full", "avg exit", "saved", "speedup", "ideal"]
+    for col in [*cols, "decide"]:
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    for r in records:
+        table.add_row(
+            r["task"],
+            r["method"],
+            str(r["n"]),
+            f"{r['quality']:.3f}",
+            f"{r['full_quality']:.3f}",
+            f"{r['avg_exit_layer']:.1f}/{r['num_layers']}",
+            f"{r['layers_saved']:.0%}",
+            f"{r['speedup']:.2f}x",
+            f"{r['ideal_speedup']:.2f}x",
+            f"{r['decision_overhead']:.1%}",
+        )
+    console.print(table)
+    if json_path:
+        readout_kind = "trained adapters" if readout.trained_layers else "logit lens"
+        write_json(
+            {"model": engine.loaded.name, "readout": readout_kind, "records": records}, json_path
+        )
+        console.print(f"wrote {json_path}")

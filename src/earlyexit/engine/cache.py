@@ -30,10 +30,13 @@ class LayerKVCache:
         capacity: int = 256,
         pad: torch.Tensor | None = None,
     ) -> None:
-        shape = (batch, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Buffers are allocated on a layer's first write: layers a request never reaches
+        # (it exited earlier) cost no memory and no copying when rows are dropped.
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self._shape = (batch, num_kv_heads, capacity, head_dim)
+        self._dtype, self._device = dtype, device
         self.pad = pad if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
         self.has_padding = bool(self.pad.any())
 
@@ -43,19 +46,26 @@ class LayerKVCache:
 
     @property
     def batch(self) -> int:
-        return self.keys[0].shape[0]
+        return self._shape[0]
 
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def _grow(self, layer: int, needed: int) -> None:
-        new_cap = max(needed, 2 * self.keys[layer].shape[2])
-        for store in (self.keys, self.values):
-            old = store[layer]
-            grown = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
-            grown[:, :, : self.lengths[layer]] = old[:, :, : self.lengths[layer]]
-            store[layer] = grown
+    def _ensure(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's buffers, allocated or grown (by doubling) to hold `needed` slots."""
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
+            batch, heads, capacity, dim = self._shape
+            shape = (batch, heads, max(capacity, needed), dim)
+            keys = torch.zeros(shape, dtype=self._dtype, device=self._device)
+            values = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        elif needed > keys.shape[2]:
+            new_cap = max(needed, 2 * keys.shape[2])
+            grown = []
+            for old in (keys, values):
+                new = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
+                new[:, :, : self.lengths[layer]] = old[:, :, : self.lengths[layer]]
+                grown.append(new)
+            keys, values = grown
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
 
     def update(
         self,
@@ -71,12 +81,11 @@ class LayerKVCache:
         """
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
-        if end > self.keys[layer_idx].shape[2]:
-            self._grow(layer_idx, end)
-        self.keys[layer_idx][:, :, start:end] = key
-        self.values[layer_idx][:, :, start:end] = value
+        keys, values = self._ensure(layer_idx, end)
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
         self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def truncate(self, length: int, layers: range | None = None) -> None:
         """Forget every slot at or after `length` (e.g. rejected draft tokens)."""
@@ -84,15 +93,19 @@ class LayerKVCache:
             self.lengths[layer] = min(self.lengths[layer], length)
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._ensure(layer, self.lengths[layer])
         end = self.lengths[layer]
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (sequences that finished or exited are dropped)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        for store in (self.keys, self.values):
+            for layer, buffer in enumerate(store):
+                if buffer is not None:
+                    store[layer] = buffer.index_select(0, rows)
         self.pad = self.pad.index_select(0, rows)
         self.has_padding = bool(self.pad.any())
+        self._shape = (int(rows.numel()), *self._shape[1:])
 
     # transformers' attention layers only call `update`; these keep other callers honest.
     def get_seq_length(self, layer_idx: int = 0) -> int:

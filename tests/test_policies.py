@@ -1,0 +1,96 @@
+"""Exit policies on real data: replay on traces equals live runs, batching changes nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from earlyexit.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.classify import run_policy, trace_layers
+from earlyexit.policies import AdaInferPolicy, ConfidencePolicy, FullPolicy, StaticPolicy
+from earlyexit.policies.adainfer import fit_adainfer, simulate_exits, stop_labels
+from earlyexit.readouts.readout import ExitReadout
+from earlyexit.tasks.builtin import get_task
+
+
+@dataclass
+class Setup:
+    engine: LayerEngine
+    readout: ExitReadout
+    prompts: list[str]
+    candidates: torch.Tensor
+    traces: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def sst2(smol: LayerEngine) -> Setup:
+    task = get_task("sst2")
+    demos = task.demonstrations(2, seed=0)
+    prompts = [task.prompt(ex, demos) for ex in task.examples("test", 12)]
+    candidates = task.label_token_ids(smol.tokenizer)
+    readout = ExitReadout(smol)  # the plain lens: these tests are about the policies
+    traces = trace_layers(smol, readout, prompts, candidates, batch=4)
+    return Setup(smol, readout, prompts, candidates, traces)
+
+
+def test_stop_labels_require_agreement_to_the_end() -> None:
+    # per-layer predictions 1, 0, 1, 1 -> "stop" is right from layer 3 on
+    logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]])
+    assert stop_labels(logits).tolist() == [[False, False, True, True]]
+
+
+def test_full_policy_equals_the_models_own_prediction(sst2: Setup) -> None:
+    run = run_policy(sst2.engine, sst2.readout, sst2.prompts, sst2.candidates, FullPolicy(), 4)
+    assert run.exit_layers == [sst2.engine.num_layers] * len(sst2.prompts)
+    ids, pad = sst2.engine.encode(sst2.prompts[:1])
+    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    with torch.no_grad():
+        own = sst2.engine.model(input_ids=ids, attention_mask=mask).logits[0, -1, sst2.candidates]
+    assert run.predictions[0] == int(own.argmax())
+    assert run.predictions == sst2.traces[:, -1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [StaticPolicy(12), ConfidencePolicy(0.3), ConfidencePolicy(0.6, "top1")],
+    ids=["static", "confidence-gap", "confidence-top1"],
+)
+def test_live_runs_match_replay_and_batching_changes_nothing(sst2: Setup, policy) -> None:
+    exits, preds = simulate_exits(policy, sst2.traces)
+    for batch in (1, 5):
+        run = run_policy(sst2.engine, sst2.readout, sst2.prompts, sst2.candidates, policy, batch)
+        assert run.exit_layers == exits.tolist()
+        assert run.predictions == preds.tolist()
+        assert 0 <= run.decision_seconds <= run.seconds
+
+
+def test_adainfer_calibrated_margin_and_round_trip(sst2: Setup, tmp_path: Path) -> None:
+    policy = fit_adainfer(sst2.traces, tolerance=0.0)
+    _, preds = simulate_exits(policy, sst2.traces)
+    # with zero tolerance, every calibration exit agrees with the final layer
+    assert preds.tolist() == sst2.traces[:, -1].argmax(-1).tolist()
+    path = tmp_path / "adainfer.json"
+    policy.save(path)
+    loaded = AdaInferPolicy.load(path)
+    assert loaded == policy
+    assert (
+        simulate_exits(loaded, sst2.traces)[0].tolist()
+        == simulate_exits(policy, sst2.traces)[0].tolist()
+    )
+
+
+def test_adainfer_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(EarlyExitError, match="train one first"):
+        AdaInferPolicy.load(tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text('{"format_version": 1}')
+    with pytest.raises(EarlyExitError, match="not an AdaInfer stopper"):
+        AdaInferPolicy.load(tmp_path / "bad.json")
+
+
+def test_static_layer_out_of_range() -> None:
+    with pytest.raises(EarlyExitError, match="must lie in 1..30"):
+        StaticPolicy(31).readout_layers(30)
