@@ -89,6 +89,19 @@ def _data(*parts: str) -> Path:
     return data_file(*parts).resolve()
 
 
+def _disjoint(
+    train: Callable[[], list[Example]], test: Callable[[], list[Example]]
+) -> Callable[[], list[Example]]:
+    """Official train splits repeat a few test texts (SST, TREC, CoLA, MMLU); leave those out
+    of the demonstration pool so no test item is ever shown with its label."""
+
+    def load() -> list[Example]:
+        seen = {ex.text for ex in test()}
+        return [ex for ex in train() if ex.text not in seen]
+
+    return load
+
+
 def _split(examples: tuple[Example, ...], n_held: int) -> tuple[list[Example], list[Example]]:
     return seeded_split(examples, n_held, SEED)
 
@@ -105,7 +118,9 @@ def _sst2(test_split: str) -> Task:
         name="sst2" if test_split == "dev" else f"sst2-{test_split}",
         label_words=[" negative", " positive"],
         template="Review: {text}\nSentiment:",
-        train=_sst("sst2", "stsa.binary", 2, "train"),
+        train=_disjoint(
+            _sst("sst2", "stsa.binary", 2, "train"), _sst("sst2", "stsa.binary", 2, test_split)
+        ),
         test=_sst("sst2", "stsa.binary", 2, test_split),
     )
 
@@ -115,7 +130,9 @@ def sst5() -> Task:
         name="sst5",
         label_words=[" terrible", " bad", " okay", " good", " great"],
         template="Review: {text}\nSentiment:",
-        train=_sst("sst5", "stsa.fine", 5, "train"),
+        train=_disjoint(
+            _sst("sst5", "stsa.fine", 5, "train"), _sst("sst5", "stsa.fine", 5, "test")
+        ),
         test=_sst("sst5", "stsa.fine", 5, "test"),
     )
 
@@ -147,14 +164,18 @@ def subj() -> Task:
     )
 
 
+def _trec(split: str) -> Callable[[], list[Example]]:
+    return lambda: list(_label_lines(_data("trec", f"TREC.{split}.all"), 6))
+
+
 def trec() -> Task:
     # TREC.*.all label ids (SOURCE.txt): 0=DESC 1=ENTY 2=ABBR 3=HUM 4=LOC 5=NUM
     return Task(
         name="trec",
         label_words=[" description", " entity", " abbreviation", " person", " location", " number"],
         template="Question: {text}\nAnswer type:",
-        train=lambda: list(_label_lines(_data("trec", "TREC.train.all"), 6)),
-        test=lambda: list(_label_lines(_data("trec", "TREC.test.all"), 6)),
+        train=_disjoint(_trec("train"), _trec("test")),
+        test=_trec("test"),
     )
 
 
@@ -172,16 +193,18 @@ def _cola(path: Path) -> tuple[Example, ...]:
 
 
 def cola() -> Task:
+    def test() -> list[Example]:
+        # GLUE's CoLA dev = in-domain dev followed by out-of-domain dev (1043)
+        return list(_cola(_data("cola", "in_domain_dev.tsv"))) + list(
+            _cola(_data("cola", "out_of_domain_dev.tsv"))
+        )
+
     return Task(
         name="cola",
         label_words=[" no", " yes"],
         template="Sentence: {text}\nGrammatical:",
-        train=lambda: list(_cola(_data("cola", "in_domain_train.tsv"))),
-        # GLUE's CoLA dev = in-domain dev followed by out-of-domain dev (1043)
-        test=lambda: (
-            list(_cola(_data("cola", "in_domain_dev.tsv")))
-            + list(_cola(_data("cola", "out_of_domain_dev.tsv")))
-        ),
+        train=_disjoint(lambda: list(_cola(_data("cola", "in_domain_train.tsv"))), test),
+        test=test,
         metric="mcc",
     )
 
@@ -240,12 +263,13 @@ def _rte(path: Path) -> tuple[Example, ...]:
 
 
 def rte() -> Task:
+    test = lambda: list(_rte(_data("rte", "val.jsonl")))  # noqa: E731
     return Task(
         name="rte",
         label_words=[" True", " False"],
         template="{text}\nAnswer:",
-        train=lambda: list(_rte(_data("rte", "train.jsonl"))),
-        test=lambda: list(_rte(_data("rte", "val.jsonl"))),
+        train=_disjoint(lambda: list(_rte(_data("rte", "train.jsonl"))), test),
+        test=test,
     )
 
 
@@ -253,7 +277,8 @@ def rte() -> Task:
 def _boolq(path: Path) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     examples = []
     for row in _jsonl(path):
-        passage = truncate(_field(row, "passage", path), PASSAGE_CHARS)
+        passage = _field(row, "passage", path).replace("``", '"').replace("''", '"')
+        passage = truncate(passage, PASSAGE_CHARS)
         question = " ".join(_field(row, "question", path).split()).rstrip("?")
         answer = str(_field(row, "answer", path))
         if answer not in ("True", "False"):
@@ -304,11 +329,12 @@ def _mmlu(folder: Path) -> tuple[Example, ...]:
 
 def mmlu() -> Task:
     # dev/ holds the standard 5 few-shot exemplars per subject (285); test/ 14042 questions
+    test = lambda: list(_mmlu(_data("mmlu", "test")))  # noqa: E731
     return _mc_task(
         "mmlu",
         4,
-        train=lambda: list(_mmlu(_data("mmlu", "dev"))),
-        test=lambda: list(_mmlu(_data("mmlu", "test"))),
+        train=_disjoint(lambda: list(_mmlu(_data("mmlu", "dev"))), test),
+        test=test,
     )
 
 
