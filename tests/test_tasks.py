@@ -76,6 +76,10 @@ def test_demonstrations_are_balanced_and_seeded(name: str) -> None:
     assert demos != task.demonstrations(k, seed=4)
     train = set(task.train())
     assert all(ex in train for ex in demos)
+    # interleaved: no label repeats until every class has appeared once
+    assert len({ex.label for ex in demos[: task.num_classes]}) == task.num_classes
+    shuffled = task.demonstrations(k, seed=3, shuffle=True)
+    assert sorted(shuffled, key=str) == sorted(demos, key=str) and shuffled != demos
     odd = task.demonstrations(task.num_classes + 1, seed=0)
     counts = Counter(ex.label for ex in odd)
     assert len(odd) == task.num_classes + 1 and max(counts.values()) - min(counts.values()) <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(heads_app, name="heads")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+# Off a terminal rich assumes 80 columns and truncates wide tables; allow 140.
+console = Console(width=shutil.get_terminal_size((140, 24)).columns)
 F = TypeVar("F", bound=Callable[..., Any])
 
 

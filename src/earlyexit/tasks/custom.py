@@ -41,7 +41,7 @@ def load_custom_task(
     class indices. The file is read when examples are first asked for, but checked now, so
     that a bad file fails before any model is loaded.
     """
-    file = Path(path).expanduser()
+    file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise EarlyExitError(f"dataset file {file} does not exist; check the path")
     fmt = FORMATS.get(file.suffix.lower())
@@ -60,21 +60,24 @@ def load_custom_task(
         labels = tuple(index.items())
         return _split(file, stamp, fmt, text_column, label_column, labels, demo_pool, seed)
 
-    split()  # validate eagerly: columns, labels, JSON syntax
-    return Task(
+    task = Task(
         name=task_name,
         label_words=[w if w.startswith(" ") else " " + w for w in words.values()],
         template=template,
         train=lambda: list(split()[0]),
         test=lambda: list(split()[1]),
     )
+    split()  # validate eagerly: columns, labels, JSON syntax
+    return task
 
 
 def _label_map(spec: Mapping[str, str] | str | Path) -> dict[str, str]:
+    where = "label_words"
     if isinstance(spec, (str, Path)):
+        where = f"label map {spec}"
         spec = _read_label_file(Path(spec).expanduser())
     if not isinstance(spec, Mapping) or not spec:
-        raise EarlyExitError("label_words must map each label to a word, e.g. {'0': 'negative'}")
+        raise EarlyExitError(f"{where} must map each label to a word, e.g. {{'0': 'negative'}}")
     words: dict[str, str] = {}
     for label, word in spec.items():
         if not isinstance(word, str) or not word.strip():
