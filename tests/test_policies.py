@@ -94,3 +94,21 @@ def test_adainfer_bad_files(tmp_path: Path) -> None:
 def test_static_layer_out_of_range() -> None:
     with pytest.raises(EarlyExitError, match="must lie in 1..30"):
         StaticPolicy(31).readout_layers(30)
+
+
+def test_evaluate_task_records(sst2: Setup) -> None:
+    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+
+    config = EvalConfig(shots=2, limit=8, batch=4)
+    records = evaluate_task(
+        sst2.engine, sst2.readout, get_task("sst2"), ["full", "static:12"], config
+    )
+    assert [r["method"] for r in records] == ["full", "static:12"]
+    full, static = records
+    assert full["avg_exit_layer"] == 30 and full["agreement_with_full"] == 1.0
+    assert static["avg_exit_layer"] == 12 and static["layers_saved"] == pytest.approx(0.6)
+    assert static["full_quality"] == full["quality"] and static["metric"] == "accuracy"
+    for r in records:
+        assert r["n"] == 8 and r["speedup"] > 0 and 0 <= r["decision_overhead"] < 1
+    with pytest.raises(EarlyExitError, match="unknown method 'magic'"):
+        evaluate_task(sst2.engine, sst2.readout, get_task("sst2"), ["magic"], config)

@@ -239,7 +239,7 @@ def eval_command(
     config = EvalConfig(shots=shots, limit=limit, seed=seed, batch=batch)
     records = [r for t in tasks for r in evaluate_task(engine, readout, t, methods, config)]
     table = Table(title=f"{engine.loaded.name}: early-exit classification ({shots}-shot)")
-    cols = ["task", "method", "n", "accuracy", "full", "avg exit", "saved", "speedup", "ideal"]
+    cols = ["task", "method", "n", "quality", "full", "avg exit", "saved", "speedup", "ideal"]
     for col in [*cols, "decide"]:
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     for r in records:

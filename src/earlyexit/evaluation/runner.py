@@ -14,6 +14,7 @@ from earlyexit.policies.adainfer import fit_adainfer
 from earlyexit.policies.base import ExitPolicy
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.tasks.base import Task
+from earlyexit.tasks.metrics import accuracy
 
 METHODS = ("full", "static:K", "confidence:T", "adainfer")
 
@@ -25,10 +26,6 @@ class EvalConfig:
     seed: int = 0
     batch: int = 8
     calibration: int = 100  # train-split examples used to fit AdaInfer
-
-
-def _accuracy(predictions: list[int], gold: list[int]) -> float:
-    return sum(p == g for p, g in zip(predictions, gold, strict=True)) / max(1, len(gold))
 
 
 class MethodBuilder:
@@ -95,7 +92,7 @@ def evaluate_task(
     for spec, policy in policies.items():
         reference = timed(FullPolicy())
         runs[spec] = (reference, timed(policy))
-    full_quality = _accuracy(next(iter(runs.values()))[0].predictions, gold)
+    full_quality = task.score(next(iter(runs.values()))[0].predictions, gold)
     records = []
     for spec, (reference, run) in runs.items():
         avg_exit = sum(run.exit_layers) / len(run.exit_layers)
@@ -107,9 +104,10 @@ def evaluate_task(
                 "n": len(examples),
                 "shots": config.shots,
                 "batch": config.batch,
-                "quality": _accuracy(run.predictions, gold),
+                "metric": task.metric,
+                "quality": task.score(run.predictions, gold),
                 "full_quality": full_quality,
-                "agreement_with_full": _accuracy(run.predictions, reference.predictions),
+                "agreement_with_full": accuracy(run.predictions, reference.predictions),
                 "avg_exit_layer": avg_exit,
                 "num_layers": engine.num_layers,
                 "layers_saved": 1 - avg_exit / engine.num_layers,
