@@ -16,6 +16,9 @@ from tqdm.auto import tqdm
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.policies.base import ExitPolicy
 from earlyexit.readouts.readout import ExitReadout
+from earlyexit.readouts.probe import TaskProbe
+
+Readout = ExitReadout | TaskProbe
 
 
 @dataclass
@@ -31,31 +34,52 @@ def _batches(prompts: list[str], batch: int) -> list[list[str]]:
 
 
 @torch.inference_mode()
-def trace_layers(
-    engine: LayerEngine,
-    readout: ExitReadout,
-    prompts: list[str],
-    candidates: torch.Tensor,
-    batch: int = 8,
-) -> torch.Tensor:
-    """Candidate logits at every layer for every prompt: [N, L, C] (float32)."""
+def collect_states(engine: LayerEngine, prompts: list[str], batch: int = 8) -> torch.Tensor:
+    """The last position's output of every layer for every prompt: [N, L, H] (float32).
+
+    One full-depth pass; any readout's per-layer traces follow from these states without
+    running the model again (`readout_traces`)."""
     out = []
-    for chunk in tqdm(_batches(prompts, batch), desc="tracing layers", leave=False):
+    for chunk in tqdm(_batches(prompts, batch), desc="collecting states", leave=False):
         ids, pad = engine.encode(chunk)
         cache = engine.new_cache(len(chunk), capacity=ids.shape[1], pad=pad)
         hidden = engine.embed(ids)
         per_layer = []
-        for layer in range(1, engine.num_layers + 1):
-            hidden = engine.run_layers(hidden, cache, layer - 1, layer)
-            per_layer.append(readout.logits(hidden[:, -1], layer, candidates).float())
+        for layer in range(engine.num_layers):
+            hidden = engine.run_layers(hidden, cache, layer, layer + 1)
+            per_layer.append(hidden[:, -1].float())
         out.append(torch.stack(per_layer, dim=1))
     return torch.cat(out)
 
 
 @torch.inference_mode()
+def readout_traces(readout: Readout, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Candidate logits at every layer from collected states: [N, L, C] (float32)."""
+    dtype = readout.engine.model.dtype
+    return torch.stack(
+        [
+            readout.logits(states[:, i].to(dtype), i + 1, candidates).float()
+            for i in range(states.shape[1])
+        ],
+        dim=1,
+    )
+
+
+def trace_layers(
+    engine: LayerEngine,
+    readout: Readout,
+    prompts: list[str],
+    candidates: torch.Tensor,
+    batch: int = 8,
+) -> torch.Tensor:
+    """Candidate logits at every layer for every prompt: [N, L, C] (float32)."""
+    return readout_traces(readout, collect_states(engine, prompts, batch), candidates)
+
+
+@torch.inference_mode()
 def run_policy(
     engine: LayerEngine,
-    readout: ExitReadout,
+    readout: Readout,
     prompts: list[str],
     candidates: torch.Tensor,
     policy: ExitPolicy,

@@ -1,9 +1,18 @@
 """AdaInfer (Fan et al., 2024): stop when a classic classifier on readout statistics says so.
 
-A linear SVM (scikit-learn) is trained on a calibration split: for every example and layer,
-the features of that layer's readout, labelled "stop" when that layer's prediction equals
-the final layer's and stays equal at every deeper layer. At inference the first layer the
-SVM calls "stop" is the exit. The trained stopper is a handful of numbers, saved as JSON.
+Per layer, the features of that layer's readout: top-1 probability and top-1 minus top-2
+gap over the label words, the depth, and optionally the same two statistics over the full
+vocabulary (the paper's features; they cost a full LM-head readout per layer). Training
+labels come from a calibration split: "stop" at a layer whose prediction equals the final
+layer's and stays equal at every deeper layer. Two stoppers:
+- `svm`: a linear SVM (scikit-learn) on one layer's features; stop at the first layer it
+  calls "stop" (`AdaInferPolicy`, here).
+- `crf`: a linear-chain CRF over the layer sequence (`policies/crf.py`).
+
+Both give each layer an online stop score, and the decision margin on that score is then
+calibrated on the same split so that at most `tolerance` of the exits disagree with the
+final layer (CALM-style): the raw "stop" labels are noisy where early readouts answer one
+class for every input, and uncalibrated stoppers exit far too early.
 """
 
 from __future__ import annotations
@@ -17,50 +26,33 @@ import torch
 
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import atomic_file
-from earlyexit.policies.base import FEATURES, ExitPolicy, readout_features
+from earlyexit.policies.base import FEATURES, VOCAB_FEATURES, ExitPolicy, readout_features
 
 
-@dataclass
-class AdaInferPolicy(ExitPolicy):
-    mean: list[float]
-    scale: list[float]
-    weights: list[float]
-    bias: float
-    margin: float = 0.0  # stop when the SVM's decision value exceeds this
-    min_layer: int = 1
-    meta: dict = field(default_factory=dict)
-    name = "adainfer"
+def feature_names(vocab: bool) -> list[str]:
+    return [*FEATURES, *(VOCAB_FEATURES if vocab else ())]
 
-    def readout_layers(self, num_layers: int) -> set[int] | None:
-        return set(range(max(1, self.min_layer), num_layers))
 
-    def decision(self, features: torch.Tensor) -> torch.Tensor:
-        x = (features - torch.tensor(self.mean)) / torch.tensor(self.scale)
-        return x @ torch.tensor(self.weights) + self.bias
+def layer_features(
+    logits: torch.Tensor, layer: int, num_layers: int, vocab: torch.Tensor | None
+) -> torch.Tensor:
+    """[rows, F]: label-word features, then full-vocabulary statistics when given."""
+    feats = readout_features(logits, layer, num_layers)
+    return feats if vocab is None else torch.cat([feats, vocab.float()], dim=-1)
 
-    def should_exit(self, layer: int, logits: torch.Tensor, num_layers: int) -> torch.Tensor:
-        return self.decision(readout_features(logits, layer, num_layers)) > self.margin
 
-    def describe(self) -> dict:
-        return {"name": self.name, "margin": self.margin, **self.meta}
-
-    def save(self, path: Path) -> None:
-        payload = {"format_version": 1, "features": list(FEATURES), **asdict(self)}
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> AdaInferPolicy:
-        try:
-            payload = json.loads(Path(path).read_text())
-            payload.pop("format_version")
-            if payload.pop("features") != list(FEATURES):
-                raise EarlyExitError(f"{path} was trained on other features; train it again")
-            return cls(**payload)
-        except FileNotFoundError:
-            raise EarlyExitError(f"no AdaInfer stopper at {path}; train one first") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise EarlyExitError(f"{path} is not an AdaInfer stopper ({err})") from None
+def trace_features(traces: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, L, F] features of every layer from traces [N, L, C] (and vocab stats [N, L, 2])."""
+    num_layers = traces.shape[1]
+    return torch.stack(
+        [
+            layer_features(
+                traces[:, i], i + 1, num_layers, None if vocab is None else vocab[:, i]
+            )
+            for i in range(num_layers)
+        ],
+        dim=1,
+    )
 
 
 def stop_labels(traces: torch.Tensor) -> torch.Tensor:
@@ -71,70 +63,173 @@ def stop_labels(traces: torch.Tensor) -> torch.Tensor:
     return agrees.flip(1).int().cumprod(1).flip(1).bool()
 
 
-def simulate_exits(policy: ExitPolicy, traces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exit layer (1..L) and prediction per example, replaying a policy on recorded traces."""
+def first_exits(scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """Exit layer (1..L) per row from online stop scores [N, L-1]: the first layer whose
+    score exceeds `margin`, else the last layer."""
+    stops = scores > margin
+    first = stops.int().argmax(1) + 1
+    return torch.where(stops.any(1), first, torch.full_like(first, scores.shape[1] + 1))
+
+
+def calibrate_margin(scores: torch.Tensor, traces: torch.Tensor, tolerance: float) -> float:
+    """Smallest margin (over the observed scores) whose exits agree with the final layer on
+    at least 1 - tolerance of the calibration examples; above every score means "never
+    exit early"."""
+    final = traces[:, -1].argmax(-1)
+    rows = torch.arange(len(traces))
+    candidates = torch.unique(scores.flatten())
+    lo, hi = 0, len(candidates)  # agreement grows with the margin: binary search
+    while lo < hi:
+        mid = (lo + hi) // 2
+        exits = first_exits(scores, float(candidates[mid]))
+        agree = (traces[rows, exits - 1].argmax(-1) == final).float().mean()
+        if agree >= 1 - tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[lo]) if lo < len(candidates) else float(scores.max())
+
+
+def simulate_exits(
+    policy: ExitPolicy, traces: torch.Tensor, vocab: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit layer (1..L) and prediction per example, replaying a policy on recorded traces
+    exactly as a live run would call it."""
     num, num_layers, _ = traces.shape
     exits = torch.full((num,), num_layers, dtype=torch.long)
     done = torch.zeros(num, dtype=torch.bool)
     check = policy.readout_layers(num_layers)
+    policy.begin(num)
     for layer in range(1, num_layers):
         if check is not None and layer not in check:
             continue
-        stop = policy.should_exit(layer, traces[:, layer - 1], num_layers) & ~done
+        stats = vocab[:, layer - 1] if policy.vocab_features and vocab is not None else None
+        stop = policy.should_exit(layer, traces[:, layer - 1], num_layers, stats) & ~done
         exits[stop] = layer
         done |= stop
     preds = traces[torch.arange(num), exits - 1].argmax(-1)
     return exits, preds
 
 
-def calibrate_margin(
-    policy: AdaInferPolicy, traces: torch.Tensor, tolerance: float, grid: int = 41
-) -> float:
-    """Smallest SVM margin whose exits agree with the final layer on >= 1 - tolerance of the
-    calibration examples (CALM-style calibration: the paper's "stop" labels are noisy where
-    early readouts predict one class for every input)."""
-    final = traces[:, -1].argmax(-1)
-    feats = torch.cat(
-        [readout_features(traces[:, i], i + 1, traces.shape[1]) for i in range(traces.shape[1])]
-    )
-    values = policy.decision(feats)
-    for margin in torch.quantile(values, torch.linspace(0.0, 1.0, grid)).tolist():
-        policy.margin = margin
-        _, preds = simulate_exits(policy, traces)
-        if (preds == final).float().mean() >= 1 - tolerance:
-            return margin
-    return float(values.max())
+@dataclass
+class AdaInferPolicy(ExitPolicy):
+    """Linear SVM stopper: stop when w . standardise(features) + b exceeds the margin."""
+
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    margin: float = 0.0
+    use_vocab: bool = False
+    meta: dict = field(default_factory=dict)
+    name = "adainfer"
+
+    @property
+    def vocab_features(self) -> bool:  # type: ignore[override]
+        return self.use_vocab
+
+    def readout_layers(self, num_layers: int) -> set[int] | None:
+        return set(range(1, num_layers))
+
+    def decision(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features - torch.tensor(self.mean)) / torch.tensor(self.scale)
+        return x @ torch.tensor(self.weights) + self.bias
+
+    def online_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, L-1] stop scores from trace features [N, L, F]."""
+        return self.decision(features[:, :-1])
+
+    def should_exit(
+        self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.use_vocab and vocab is None:
+            raise ValueError("this stopper needs full-vocabulary statistics")
+        feats = layer_features(logits, layer, num_layers, vocab if self.use_vocab else None)
+        return self.decision(feats) > self.margin
+
+    def describe(self) -> dict:
+        return {"name": self.name, "stopper": "svm", "margin": self.margin, **self.meta}
+
+    def save(self, path: Path) -> None:
+        payload = {
+            "format_version": 2,
+            "stopper": "svm",
+            "features": feature_names(self.use_vocab),
+            **asdict(self),
+        }
+        with atomic_file(Path(path)) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> ExitPolicy:
+        """Load a saved stopper (SVM or CRF; the file says which)."""
+        try:
+            payload = json.loads(Path(path).read_text())
+            if payload.pop("format_version") != 2:
+                raise EarlyExitError(f"{path} is an old stopper format; train it again")
+            stopper = payload.pop("stopper")
+            features = payload.pop("features")
+            if features != feature_names(payload.get("use_vocab", False)):
+                raise EarlyExitError(f"{path} was trained on other features; train it again")
+            if stopper == "crf":
+                from earlyexit.policies.crf import CRFStopPolicy
+
+                return CRFStopPolicy.from_payload(payload)
+            return cls(**payload)
+        except FileNotFoundError:
+            raise EarlyExitError(f"no AdaInfer stopper at {path}; train one first") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise EarlyExitError(f"{path} is not an AdaInfer stopper ({err})") from None
+
+
+def _check_labels(labels: torch.Tensor) -> None:
+    if labels.all() or not labels.any():
+        raise EarlyExitError("calibration traces have only one stop label; use more examples")
 
 
 def fit_adainfer(
-    traces: torch.Tensor, c: float = 1.0, tolerance: float | None = 0.01
-) -> AdaInferPolicy:
-    """Train the stopper from calibration traces [N, L, C] (candidate logits per layer).
+    traces: torch.Tensor,
+    c: float = 1.0,
+    tolerance: float | None = 0.01,
+    stopper: str = "svm",
+    vocab: torch.Tensor | None = None,
+) -> ExitPolicy:
+    """Train a stopper from calibration traces [N, L, C] (candidate logits per layer) and,
+    for full-vocabulary features, their vocab statistics [N, L, 2].
 
     With `tolerance`, the decision margin is then set on the same traces so that at most
-    that fraction of exits disagree with the final layer; None keeps the SVM's own margin 0.
+    that fraction of exits disagree with the final layer; None keeps the stopper's own
+    boundary (SVM margin 0, CRF stop probability 0.5).
     """
-    from sklearn.svm import LinearSVC
+    features = trace_features(traces, vocab)
+    labels = stop_labels(traces)
+    _check_labels(labels[:, :-1])
+    meta = {
+        "calibration_examples": len(traces),
+        "stop_rate": float(labels[:, :-1].float().mean()),
+    }
+    if stopper == "crf":
+        from earlyexit.policies.crf import fit_crf
 
-    num, num_layers, _ = traces.shape
-    feats = torch.stack(
-        [readout_features(traces[:, i], i + 1, num_layers) for i in range(num_layers - 1)], dim=1
-    ).reshape(-1, len(FEATURES))
-    labels = stop_labels(traces)[:, :-1].reshape(-1)
-    if labels.all() or not labels.any():
-        raise EarlyExitError("calibration traces have only one stop label; use more examples")
-    x = feats.numpy().astype(np.float64)
-    mean, scale = x.mean(0), x.std(0) + 1e-8
-    svm = LinearSVC(C=c, class_weight="balanced", max_iter=20000)
-    svm.fit((x - mean) / scale, labels.numpy())
-    policy = AdaInferPolicy(
-        mean=mean.tolist(),
-        scale=scale.tolist(),
-        weights=svm.coef_[0].tolist(),
-        bias=float(svm.intercept_[0]),
-        meta={"calibration_examples": num, "stop_rate": float(labels.float().mean())},
-    )
+        policy = fit_crf(features, labels, c=c, use_vocab=vocab is not None, meta=meta)
+    elif stopper == "svm":
+        from sklearn.svm import LinearSVC
+
+        x = features[:, :-1].reshape(-1, features.shape[-1]).numpy().astype(np.float64)
+        mean, scale = x.mean(0), x.std(0) + 1e-8
+        svm = LinearSVC(C=c, class_weight="balanced", max_iter=20000)
+        svm.fit((x - mean) / scale, labels[:, :-1].reshape(-1).numpy())
+        policy = AdaInferPolicy(
+            mean=mean.tolist(),
+            scale=scale.tolist(),
+            weights=svm.coef_[0].tolist(),
+            bias=float(svm.intercept_[0]),
+            use_vocab=vocab is not None,
+            meta=meta,
+        )
+    else:
+        raise EarlyExitError(f"unknown AdaInfer stopper '{stopper}': use svm or crf")
     if tolerance is not None:
-        policy.margin = calibrate_margin(policy, traces, tolerance)
+        policy.margin = calibrate_margin(policy.online_scores(features), traces, tolerance)
         policy.meta["tolerance"] = tolerance
     return policy

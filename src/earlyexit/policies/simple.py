@@ -16,7 +16,9 @@ class FullPolicy(ExitPolicy):
     def readout_layers(self, num_layers: int) -> set[int] | None:
         return set()
 
-    def should_exit(self, layer: int, logits: torch.Tensor, num_layers: int) -> torch.Tensor:
+    def should_exit(
+        self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return torch.zeros(logits.shape[0], dtype=torch.bool)
 
 
@@ -30,7 +32,9 @@ class StaticPolicy(ExitPolicy):
             raise EarlyExitError(f"static exit layer must lie in 1..{num_layers}, not {self.layer}")
         return {self.layer}
 
-    def should_exit(self, layer: int, logits: torch.Tensor, num_layers: int) -> torch.Tensor:
+    def should_exit(
+        self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return torch.full((logits.shape[0],), layer >= self.layer, dtype=torch.bool)
 
     def describe(self) -> dict:
@@ -53,7 +57,9 @@ class ConfidencePolicy(ExitPolicy):
     def readout_layers(self, num_layers: int) -> set[int] | None:
         return set(range(max(1, self.min_layer), num_layers + 1))
 
-    def should_exit(self, layer: int, logits: torch.Tensor, num_layers: int) -> torch.Tensor:
+    def should_exit(
+        self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         features = readout_features(logits, layer, num_layers)
         column = 0 if self.measure == "top1" else 1
         return features[:, column] >= self.threshold
