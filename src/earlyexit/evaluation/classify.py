@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from earlyexit.engine.engine import LayerEngine
-from earlyexit.policies.base import ExitPolicy
-from earlyexit.readouts.readout import ExitReadout
+from earlyexit.policies.base import ExitPolicy, vocab_statistics
 from earlyexit.readouts.probe import TaskProbe
+from earlyexit.readouts.readout import ExitReadout
 
 Readout = ExitReadout | TaskProbe
 
@@ -34,26 +34,37 @@ def _batches(prompts: list[str], batch: int) -> list[list[str]]:
 
 
 @torch.inference_mode()
-def collect_states(engine: LayerEngine, prompts: list[str], batch: int = 8) -> torch.Tensor:
+def collect_states(
+    engine: LayerEngine, prompts: list[str], batch: int = 8, timing: list[float] | None = None
+) -> torch.Tensor:
     """The last position's output of every layer for every prompt: [N, L, H] (float32).
 
     One full-depth pass; any readout's per-layer traces follow from these states without
-    running the model again (`readout_traces`)."""
+    running the model again (`readout_traces`). It is also the full model's timed reference
+    run: with `timing`, the seconds spent in the forward passes (tokenisation excluded, the
+    same span `run_policy` times) are appended to it."""
     out = []
-    for chunk in tqdm(_batches(prompts, batch), desc="collecting states", leave=False):
+    seconds = 0.0
+    for chunk in tqdm(_batches(prompts, batch), desc="full-depth pass", leave=False):
         ids, pad = engine.encode(chunk)
+        began = time.perf_counter()
         cache = engine.new_cache(len(chunk), capacity=ids.shape[1], pad=pad)
         hidden = engine.embed(ids)
         per_layer = []
         for layer in range(engine.num_layers):
             hidden = engine.run_layers(hidden, cache, layer, layer + 1)
-            per_layer.append(hidden[:, -1].float())
-        out.append(torch.stack(per_layer, dim=1))
+            per_layer.append(hidden[:, -1])
+        out.append(torch.stack(per_layer, dim=1).float())
+        seconds += time.perf_counter() - began
+    if timing is not None:
+        timing.append(seconds)
     return torch.cat(out)
 
 
 @torch.inference_mode()
-def readout_traces(readout: Readout, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def readout_traces(
+    readout: Readout, states: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
     """Candidate logits at every layer from collected states: [N, L, C] (float32)."""
     dtype = readout.engine.model.dtype
     return torch.stack(
@@ -77,6 +88,25 @@ def trace_layers(
 
 
 @torch.inference_mode()
+def vocab_traces(readout: ExitReadout, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Full-vocabulary (top-1, gap) at every layer from collected states: [N, L, 2]."""
+    dtype = readout.engine.model.dtype
+    out = torch.zeros(states.shape[0], states.shape[1], 2)
+    for layer in range(states.shape[1]):
+        for i in range(0, states.shape[0], chunk):
+            hidden = states[i : i + chunk, layer].to(dtype)
+            out[i : i + chunk, layer] = vocab_statistics(readout.logits(hidden, layer + 1))
+    return out
+
+
+def _group_by_plan(plan: torch.Tensor, batch: int) -> list[list[int]]:
+    """Batches of row indices that share (or nearly share) their planned exit layer, so that
+    a batch stops running as soon as its rows are done."""
+    order = torch.argsort(plan, stable=True).tolist()
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+@torch.inference_mode()
 def run_policy(
     engine: LayerEngine,
     readout: Readout,
@@ -84,42 +114,73 @@ def run_policy(
     candidates: torch.Tensor,
     policy: ExitPolicy,
     batch: int = 8,
+    texts: list[str] | None = None,
+    vocab_readout: ExitReadout | None = None,
 ) -> PolicyRun:
-    """Run each batch layer by layer, dropping rows as the policy exits them."""
+    """Run each batch layer by layer, dropping rows as the policy exits them.
+
+    A policy that plans exits up front (RAEE, from `texts`, the bare inputs) is asked once
+    for all rows, and rows are regrouped into batches by planned exit layer. A policy that
+    wants full-vocabulary statistics gets them from `vocab_readout` (default: `readout`).
+    """
     total = engine.num_layers
     check = policy.readout_layers(total)
     predictions: list[int] = [-1] * len(prompts)
     exits: list[int] = [total] * len(prompts)
     seconds = deciding = 0.0
-    for offset, chunk in zip(range(0, len(prompts), batch), _batches(prompts, batch), strict=True):
-        ids, pad = engine.encode(chunk)
+    began = time.perf_counter()
+    plan = policy.plan(texts if texts is not None else prompts)
+    if plan is not None:
+        groups = _group_by_plan(plan, batch)
+        seconds = deciding = time.perf_counter() - began
+    else:
+        groups = [
+            list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)
+        ]
+    if policy.vocab_features and vocab_readout is None:
+        if not isinstance(readout, ExitReadout):
+            raise ValueError("full-vocabulary features need a vocabulary readout")
+        vocab_readout = readout
+    for group in groups:
+        ids, pad = engine.encode([prompts[i] for i in group])
         began = time.perf_counter()
-        cache = engine.new_cache(len(chunk), capacity=ids.shape[1], pad=pad)
-        rows = torch.arange(len(chunk))
+        cache = engine.new_cache(len(group), capacity=ids.shape[1], pad=pad)
+        rows = torch.tensor(group)
+        policy.begin(len(group))
         hidden = engine.embed(ids)
         for layer in range(1, total + 1):
             hidden = engine.run_layers(hidden, cache, layer - 1, layer)
-            if layer < total and check is not None and layer not in check:
-                continue
             t0 = time.perf_counter()
-            logits = readout.logits(hidden[:, -1], layer, candidates)
-            stop = (
-                torch.ones(len(rows), dtype=torch.bool)
-                if layer == total
-                else policy.should_exit(layer, logits, total)
-            )
+            if plan is not None:
+                stop = plan[rows] <= layer
+                if not stop.any():
+                    continue
+                logits = torch.zeros(len(rows), len(candidates), dtype=hidden.dtype)
+                logits[stop] = readout.logits(hidden[stop, -1], layer, candidates)
+            elif layer == total:
+                logits = readout.logits(hidden[:, -1], layer, candidates)
+                stop = torch.ones(len(rows), dtype=torch.bool)
+            elif check is not None and layer not in check:
+                continue
+            else:
+                logits = readout.logits(hidden[:, -1], layer, candidates)
+                stats = None
+                if policy.vocab_features:
+                    stats = vocab_statistics(vocab_readout.logits(hidden[:, -1], layer))
+                stop = policy.should_exit(layer, logits, total, stats)
             deciding += time.perf_counter() - t0
             if not stop.any():
                 continue
             for row, pred in zip(
                 rows[stop].tolist(), logits[stop].argmax(-1).tolist(), strict=True
             ):
-                predictions[offset + row] = pred
-                exits[offset + row] = layer
+                predictions[row] = pred
+                exits[row] = layer
             if stop.all():
                 break
             keep = (~stop).nonzero().squeeze(1)
             rows, hidden = rows[keep], hidden.index_select(0, keep)
             cache.select_rows(keep)
+            policy.keep(keep)
         seconds += time.perf_counter() - began
     return PolicyRun(predictions, exits, seconds, deciding)

@@ -1,22 +1,51 @@
-"""`earlyexit eval`: every method on the same examples, prompts and batch size, side by side."""
+"""`earlyexit eval`: every method on the same examples, prompts and batch size, side by side.
+
+One request, for one task:
+1. Calibration: `calibration` training prompts (demonstrations excluded) run once at full
+   depth; their last-position states feed the task probes (out-of-fold traces), the
+   AdaInfer stoppers and the RAEE database.
+2. Reference: the test prompts run once at full depth, timed; their states give the full
+   model's answers and the per-layer traces that the sweeps replay.
+3. Each method runs live, timed, with rows leaving the batch as they exit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.classify import PolicyRun, run_policy, trace_layers
-from earlyexit.policies import AdaInferPolicy, ConfidencePolicy, FullPolicy, StaticPolicy
+from earlyexit.evaluation.classify import (
+    Readout,
+    collect_states,
+    readout_traces,
+    run_policy,
+    vocab_traces,
+)
+from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
 from earlyexit.policies.adainfer import fit_adainfer
 from earlyexit.policies.base import ExitPolicy
+from earlyexit.policies.raee import RAEEPolicy
+from earlyexit.readouts.probe import fit_task_probe
 from earlyexit.readouts.readout import ExitReadout
-from earlyexit.tasks.base import Task
+from earlyexit.retrieval.database import ExitDatabase, build_database
+from earlyexit.tasks.base import Example, Task
 from earlyexit.tasks.metrics import accuracy
 
-METHODS = ("full", "static:K", "confidence:T", "adainfer")
+METHODS = (
+    "full",
+    "static[:K]",
+    "confidence[:T]",
+    "adainfer[:tol]",
+    "adainfer-crf[:tol]",
+    "adainfer-vocab[:tol]",
+    "raee[:k]",
+    "raee-paper[:k]",
+)
+READOUTS = ("probe", "general")
 
 
 @dataclass
@@ -25,23 +54,68 @@ class EvalConfig:
     limit: int | None = 200
     seed: int = 0
     batch: int = 8
-    calibration: int = 100  # train-split examples used to fit AdaInfer
+    calibration: int = 200  # train-split prompts for probes, stoppers and the RAEE database
+    readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
+    embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise EarlyExitError(f"unknown readout '{self.readout}': use probe or general")
+
+
+@dataclass
+class Calibration:
+    """Training-split prompts with their per-layer readout traces, shared by all methods."""
+
+    examples: list[Example]
+    states: torch.Tensor  # [N, L, H]
+    traces: torch.Tensor  # [N, L, C] out-of-fold for probes
+    vocab: torch.Tensor | None = None  # [N, L, 2], computed on first use
+
+
+def calibration_examples(task: Task, demos: list[Example], count: int, seed: int) -> list[Example]:
+    pool = [ex for ex in task.examples("train") if ex not in demos]
+    if len(pool) < 10:
+        raise EarlyExitError(
+            f"task '{task.name}' has {len(pool)} training examples besides the demonstrations; "
+            "early-exit calibration needs at least 10"
+        )
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))
+    return [pool[i] for i in order[:count].tolist()]
+
+
+def calibrate(
+    engine: LayerEngine,
+    general: ExitReadout,
+    task: Task,
+    demos: list[Example],
+    candidates: torch.Tensor,
+    config: EvalConfig,
+) -> tuple[Readout, Calibration]:
+    """Run the calibration prompts and build the task's exit readout from them."""
+    examples = calibration_examples(task, demos, config.calibration, config.seed)
+    states = collect_states(engine, [task.prompt(ex, demos) for ex in examples], config.batch)
+    if config.readout == "probe":
+        fit = fit_task_probe(general, states, candidates, seed=config.seed)
+        return fit.probe, Calibration(examples, states, fit.traces)
+    return general, Calibration(examples, states, readout_traces(general, states, candidates))
 
 
 class MethodBuilder:
-    """Turns a method spec ("static:20", "confidence:0.9", "adainfer") into a policy."""
+    """Turns a method spec ("static:20", "adainfer-crf", "raee:12") into a policy."""
 
     def __init__(
         self,
         engine: LayerEngine,
-        readout: ExitReadout,
+        general: ExitReadout,
         task: Task,
         config: EvalConfig,
-        demos: list,
-        candidates: torch.Tensor,
+        calibration: Calibration | None,
     ) -> None:
-        self.engine, self.readout, self.task, self.config = engine, readout, task, config
-        self.demos, self.candidates = demos, candidates
+        self.engine, self.general, self.task, self.config = engine, general, task, config
+        self.calibration = calibration
+        self._embedder = None
+        self._database: ExitDatabase | None = None
 
     def build(self, spec: str) -> ExitPolicy:
         name, _, arg = spec.partition(":")
@@ -52,70 +126,134 @@ class MethodBuilder:
                 return StaticPolicy(int(arg) if arg else (2 * self.engine.num_layers) // 3)
             if name == "confidence":
                 return ConfidencePolicy(float(arg) if arg else 0.9)
-            if name == "adainfer":  # "adainfer" (calibrated, 1% tolerance) or "adainfer:0.05"
-                return self.adainfer(float(arg) if arg else 0.01)
+            if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
+                tolerance = float(arg) if arg else 0.01
+                stopper = "crf" if name == "adainfer-crf" else "svm"
+                return self.adainfer(tolerance, stopper, vocab=name == "adainfer-vocab")
+            if name in ("raee", "raee-paper"):
+                rule = "paper" if name == "raee-paper" else "reliable"
+                return self.raee(int(arg) if arg else 12, rule)
         except ValueError:
             raise EarlyExitError(f"bad argument in method '{spec}'") from None
         raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
 
-    def adainfer(self, tolerance: float) -> AdaInferPolicy:
-        pool = [ex for ex in self.task.examples("train") if ex not in self.demos]
-        generator = torch.Generator().manual_seed(self.config.seed + 1)
-        order = torch.randperm(len(pool), generator=generator)[: self.config.calibration]
-        prompts = [self.task.prompt(pool[i], self.demos) for i in order.tolist()]
-        traces = trace_layers(
-            self.engine, self.readout, prompts, self.candidates, self.config.batch
+    def _calibration(self) -> Calibration:
+        if self.calibration is None:
+            raise AssertionError("calibration is run before building calibrated methods")
+        return self.calibration
+
+    def vocab(self) -> torch.Tensor:
+        cal = self._calibration()
+        if cal.vocab is None:
+            cal.vocab = vocab_traces(self.general, cal.states)
+        return cal.vocab
+
+    def adainfer(self, tolerance: float, stopper: str = "svm", vocab: bool = False) -> ExitPolicy:
+        cal = self._calibration()
+        return fit_adainfer(
+            cal.traces, tolerance=tolerance, stopper=stopper, vocab=self.vocab() if vocab else None
         )
-        return fit_adainfer(traces, tolerance=tolerance)
+
+    @property
+    def embedder(self):  # noqa: ANN201 - an Embedder
+        if self._embedder is None:
+            from earlyexit.retrieval.embedders import make_embedder
+
+            self._embedder = make_embedder(self.config.embedder, self.engine)
+        return self._embedder
+
+    def database(self) -> ExitDatabase:
+        if self._database is None:
+            cal = self._calibration()
+            embeddings = self.embedder.embed([ex.text for ex in cal.examples])
+            meta = {
+                "model": self.engine.loaded.name,
+                "fingerprint": self.engine.fingerprint,
+                "task": self.task.name,
+                "embedder": self.embedder.spec,
+                "readout": self.config.readout,
+                "shots": self.config.shots,
+                "seed": self.config.seed,
+            }
+            labels = [ex.label for ex in cal.examples]
+            self._database = build_database(embeddings, cal.traces, labels, meta)
+        return self._database
+
+    def raee(self, k: int, rule: str) -> RAEEPolicy:
+        return RAEEPolicy(
+            self.database(), self.embedder, k=k, rule=rule, num_classes=self.task.num_classes
+        )
+
+
+def needs_calibration(methods: list[str], config: EvalConfig) -> bool:
+    calibrated = ("adainfer", "raee")
+    return config.readout == "probe" or any(m.startswith(calibrated) for m in methods)
+
+
+@dataclass
+class TaskEvaluation:
+    records: list[dict]
+    test_traces: torch.Tensor  # [N, L, C] per-layer readout of every test prompt
+    gold: list[int]
+    builder: MethodBuilder
+    texts: list[str] = field(default_factory=list)
 
 
 def evaluate_task(
-    engine: LayerEngine, readout: ExitReadout, task: Task, methods: list[str], config: EvalConfig
-) -> list[dict]:
+    engine: LayerEngine,
+    general: ExitReadout,
+    task: Task,
+    methods: list[str],
+    config: EvalConfig,
+) -> TaskEvaluation:
     demos = task.demonstrations(config.shots, config.seed)
     examples = task.examples("test", config.limit)
     if not examples:
         raise EarlyExitError(f"task '{task.name}' has no test examples")
     prompts = [task.prompt(ex, demos) for ex in examples]
+    texts = [ex.text for ex in examples]
     gold = [ex.label for ex in examples]
     candidates = task.label_token_ids(engine.tokenizer)
-    builder = MethodBuilder(engine, readout, task, config, demos, candidates)
+    readout: Readout = general
+    calibration = None
+    if needs_calibration(methods, config):
+        readout, calibration = calibrate(engine, general, task, demos, candidates, config)
+    builder = MethodBuilder(engine, general, task, config, calibration)
     policies = {spec: builder.build(spec) for spec in methods}  # fit before timing anything
 
-    def timed(policy: ExitPolicy) -> PolicyRun:
-        return run_policy(engine, readout, prompts, candidates, policy, config.batch)
-
+    # warm-up, then the full model's timed reference pass (its states serve the sweeps)
     run_policy(engine, readout, prompts[: config.batch], candidates, FullPolicy(), config.batch)
-    # Each method is timed right after its own full-depth run, so that drift in machine load
-    # hits both sides of every speedup ratio alike.
-    runs: dict[str, tuple[PolicyRun, PolicyRun]] = {}
-    for spec, policy in policies.items():
-        reference = timed(FullPolicy())
-        runs[spec] = (reference, timed(policy))
-    full_quality = task.score(next(iter(runs.values()))[0].predictions, gold)
+    timing: list[float] = []
+    states = collect_states(engine, prompts, config.batch, timing)
+    test_traces = readout_traces(readout, states, candidates)
+    full_predictions = test_traces[:, -1].argmax(-1).tolist()
+    full_quality = task.score(full_predictions, gold)
     records = []
-    for spec, (reference, run) in runs.items():
-        avg_exit = sum(run.exit_layers) / len(run.exit_layers)
+    for spec, policy in policies.items():
+        run = run_policy(engine, readout, prompts, candidates, policy, config.batch, texts, general)
+        avg_exit = float(np.mean(run.exit_layers))
         records.append(
             {
                 "task": task.name,
                 "method": spec,
-                "policy": policies[spec].describe(),
+                "policy": policy.describe(),
+                "readout": config.readout,
                 "n": len(examples),
                 "shots": config.shots,
                 "batch": config.batch,
+                "calibration": len(calibration.examples) if calibration else 0,
                 "metric": task.metric,
                 "quality": task.score(run.predictions, gold),
                 "full_quality": full_quality,
-                "agreement_with_full": accuracy(run.predictions, reference.predictions),
+                "agreement_with_full": accuracy(run.predictions, full_predictions),
                 "avg_exit_layer": avg_exit,
                 "num_layers": engine.num_layers,
                 "layers_saved": 1 - avg_exit / engine.num_layers,
                 "ideal_speedup": engine.num_layers / avg_exit,
-                "speedup": reference.seconds / run.seconds,
+                "speedup": timing[0] / run.seconds,
                 "decision_overhead": run.decision_seconds / run.seconds,
                 "seconds": run.seconds,
-                "full_seconds": reference.seconds,
+                "full_seconds": timing[0],
             }
         )
-    return records
+    return TaskEvaluation(records, test_traces, gold, builder, texts)

@@ -46,9 +46,7 @@ def trace_features(traces: torch.Tensor, vocab: torch.Tensor | None = None) -> t
     num_layers = traces.shape[1]
     return torch.stack(
         [
-            layer_features(
-                traces[:, i], i + 1, num_layers, None if vocab is None else vocab[:, i]
-            )
+            layer_features(traces[:, i], i + 1, num_layers, None if vocab is None else vocab[:, i])
             for i in range(num_layers)
         ],
         dim=1,

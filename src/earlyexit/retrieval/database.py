@@ -108,13 +108,17 @@ class ExitDatabase:
 
         path = Path(path)
         if not (path / "database.json").exists():
-            raise EarlyExitError(f"no RAEE database at {path}; build one with `earlyexit raee build`")
+            raise EarlyExitError(
+                f"no RAEE database at {path}; build one with `earlyexit raee build`"
+            )
         try:
             meta = json.loads((path / "database.json").read_text())
             arrays = load_file(str(path / "database.safetensors"))
             index = faiss.read_index(str(path / "index.faiss"))
         except Exception as err:  # json, safetensors and faiss raise several error types
-            raise EarlyExitError(f"{path} holds a damaged RAEE database ({err}); build it again") from None
+            raise EarlyExitError(
+                f"{path} holds a damaged RAEE database ({err}); build it again"
+            ) from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise EarlyExitError(
                 f"{path} is RAEE database format {meta.get('format_version')}, this version "
