@@ -86,7 +86,7 @@ def test_adainfer_calibrated_margin_and_round_trip(sst2: Setup, tmp_path: Path) 
 def test_adainfer_bad_files(tmp_path: Path) -> None:
     with pytest.raises(EarlyExitError, match="train one first"):
         AdaInferPolicy.load(tmp_path / "absent.json")
-    (tmp_path / "bad.json").write_text('{"format_version": 1}')
+    (tmp_path / "bad.json").write_text('{"format_version": 2}')
     with pytest.raises(EarlyExitError, match="not an AdaInfer stopper"):
         AdaInferPolicy.load(tmp_path / "bad.json")
 
@@ -99,10 +99,10 @@ def test_static_layer_out_of_range() -> None:
 def test_evaluate_task_records(sst2: Setup) -> None:
     from earlyexit.evaluation.runner import EvalConfig, evaluate_task
 
-    config = EvalConfig(shots=2, limit=8, batch=4)
+    config = EvalConfig(shots=2, limit=8, batch=4, readout="general")
     records = evaluate_task(
         sst2.engine, sst2.readout, get_task("sst2"), ["full", "static:12"], config
-    )
+    ).records
     assert [r["method"] for r in records] == ["full", "static:12"]
     full, static = records
     assert full["avg_exit_layer"] == 30 and full["agreement_with_full"] == 1.0
@@ -112,3 +112,24 @@ def test_evaluate_task_records(sst2: Setup) -> None:
         assert r["n"] == 8 and r["speedup"] > 0 and 0 <= r["decision_overhead"] < 1
     with pytest.raises(EarlyExitError, match="unknown method 'magic'"):
         evaluate_task(sst2.engine, sst2.readout, get_task("sst2"), ["magic"], config)
+
+
+def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None:
+    from earlyexit.evaluation.plots import plot_sweep
+    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.evaluation.sweeps import sweep_task
+
+    config = EvalConfig(shots=2, limit=6, batch=4, calibration=24)
+    methods = ["full", "adainfer:0.1", "adainfer-crf:0.1", "raee:4", "raee-paper:4"]
+    ev = evaluate_task(sst2.engine, sst2.readout, get_task("sst2"), methods, config)
+    by_method = {r["method"]: r for r in ev.records}
+    assert by_method["full"]["quality"] == by_method["full"]["full_quality"]
+    assert by_method["raee:4"]["policy"]["database_size"] == 24
+    assert all(r["readout"] == "probe" and r["calibration"] == 24 for r in ev.records)
+    points = sweep_task(ev)
+    families = {p["family"] for p in points}
+    assert families == {"static", "confidence", "adainfer", "adainfer-crf", "raee", "raee-paper"}
+    static_full = [p for p in points if p["family"] == "static" and p["param"] == 30][0]
+    assert static_full["quality"] == by_method["full"]["quality"]
+    png = plot_sweep(points, by_method["full"]["quality"], "test", tmp_path / "s.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

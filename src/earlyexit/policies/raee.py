@@ -9,7 +9,8 @@ Two scoring rules:
 - `paper`: as published. Neighbour j weighs w_j = d_min / d_j; it contributes the layers
   where its gold probability is >= p_min (else its `top_n` best correct layers) with that
   probability times w_j; exit at the layer with the largest sum; no correct layer -> last.
-- `reliable` (default): the same sum, each layer's term scaled by that layer's reliability
+- `reliable` (default): layers at chance on the database are dropped from every
+  neighbour's exit information, and each remaining layer's term is scaled by its reliability
   on the database (balanced accuracy above chance, see ExitDatabase.layer_reliability). With
   small models the early readouts answer one class for every input, so they are "correct",
   with high probability, for every database example of that class; the paper rule then
@@ -58,6 +59,8 @@ class RAEEPolicy(ExitPolicy):
     def exits_from_neighbours(self, distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
         num_layers = self.database.num_layers
         probs = self.database.layer_probs[ids]  # [Q, k, L]
+        if self._reliability is not None:  # unreliable layers are no exit information
+            probs = np.where(self._reliability > 0, probs, 0.0)
         weights = distances.min(1, keepdims=True) / np.maximum(distances, 1e-6)
         weights = np.where(distances.min(1, keepdims=True) <= 1e-6, distances <= 1e-6, weights)
         keep = probs >= self.p_min
