@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The main job on the default model and data: fetch smollm2-135m, train its exit readouts
-# (once; later runs load them), and print the per-layer readout report.
+# The main job on the default model and data: fetch smollm2-135m, then early-exit SST-2
+# (4-shot, first 200 dev examples) with the full model, AdaInfer (SVM and CRF stoppers)
+# and RAEE (reliability-weighted and the paper's rule), side by side: a table of quality,
+# layers saved and wall-clock speedup, a sweep plot and JSON under runs/.
+# (`earlyexit heads train` additionally trains the general WikiText exit readouts, ~10 min.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 mkdir -p runs
 .venv/bin/earlyexit models fetch smollm2-135m
-if ! .venv/bin/python -c "
-import sys
-from earlyexit.paths import home
-sys.exit(0 if (home() / 'readouts/smollm2-135m/default/readout.json').exists() else 1)"; then
-  .venv/bin/earlyexit heads train --model smollm2-135m
-fi
-.venv/bin/earlyexit heads report --model smollm2-135m --json runs/readout-report.json
+.venv/bin/earlyexit models fetch minilm-l6
+.venv/bin/earlyexit eval --model smollm2-135m --task sst2 --limit 200 \
+  --method full,confidence:0.9,adainfer,adainfer-crf,raee,raee-paper \
+  --plots runs/plots --json runs/eval-sst2.json

@@ -155,6 +155,9 @@ def test_raee_paper_rule_by_hand() -> None:
     distances = np.array([[1.0, 2.0, 4.0]])
     # weights 1, 0.5, 0.25: layer scores 0.3, 0.95 + 0.35, 0.97, 0.4
     assert policy.exits_from_neighbours(distances, np.array([[0, 1, 2]])).tolist() == [2]
+    # with slack, the earliest layer within that fraction of the best score
+    early = RAEEPolicy(db, embedder=None, k=3, rule="paper", slack=0.8)
+    assert early.exits_from_neighbours(distances, np.array([[0, 1, 2]])).tolist() == [1]
     # only the never-correct neighbour: exit at the last layer
     assert policy.exits_from_neighbours(np.array([[1.0]]), np.array([[2]])).tolist() == [4]
 
@@ -229,3 +232,21 @@ def test_backbone_embedder(cal: Calibrated) -> None:
     assert np.allclose(alone[0], vectors[0], atol=1e-4)
     with pytest.raises(EarlyExitError, match="must lie in 1..30"):
         make_embedder("backbone:99", cal.engine)
+
+
+def test_raee_build_and_inspect_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from earlyexit.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "db"
+    args = ["raee", "build", "--task", "sst2", "--examples", "12", "--shots", "0"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "index.faiss").exists() and (out / "probe" / "probe.json").exists()
+    assert not list(tmp_path.glob(".db.*"))  # no half-written temporary left behind
+    result = runner.invoke(app, ["raee", "inspect", str(out)])
+    assert (
+        result.exit_code == 0 and "reliability" in result.output and "task: sst2" in result.output
+    )

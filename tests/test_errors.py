@@ -92,3 +92,27 @@ def test_list_models_cli() -> None:
     assert result.exit_code == 0
     for name in REGISTRY:
         assert name in result.output
+
+
+def test_eval_custom_dataset_errors(tmp_path: Path) -> None:
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\ngood film,pos\nbad film,neg\n")
+    result = runner.invoke(app, ["eval", "--data", str(data)])
+    assert result.exit_code == 2 and "--data needs --labels" in result.output
+    missing = ["eval", "--data", str(tmp_path / "absent.csv"), "--labels", "pos=great"]
+    result = runner.invoke(app, missing)
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_eval_bad_method_and_readout_fail_before_loading_a_model() -> None:
+    from earlyexit.evaluation.runner import EvalConfig
+
+    with pytest.raises(EarlyExitError, match="unknown readout 'magic'"):
+        EvalConfig(readout="magic")
+    result = runner.invoke(app, ["eval", "--model", "no-such-model", "--method", "full,magic"])
+    assert result.exit_code == 2 and "unknown method 'magic'" in result.output
+
+
+def test_raee_inspect_missing_database(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["raee", "inspect", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "earlyexit raee build" in result.output

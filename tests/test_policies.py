@@ -128,8 +128,28 @@ def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None
     assert all(r["readout"] == "probe" and r["calibration"] == 24 for r in ev.records)
     points = sweep_task(ev)
     families = {p["family"] for p in points}
-    assert families == {"static", "confidence", "adainfer", "adainfer-crf", "raee", "raee-paper"}
+    assert families == {
+        "static",
+        "confidence",
+        "adainfer",
+        "adainfer-crf",
+        "raee",
+        "raee-paper",
+        "raee-slack",
+    }
     static_full = [p for p in points if p["family"] == "static" and p["param"] == 30][0]
     assert static_full["quality"] == by_method["full"]["quality"]
     png = plot_sweep(points, by_method["full"]["quality"], "test", tmp_path / "s.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # what was fitted is saved and loads back for the same model
+    from earlyexit.readouts.probe import TaskProbe
+    from earlyexit.retrieval.database import ExitDatabase
+
+    ev.save_artifacts(tmp_path / "fitted")
+    saved = tmp_path / "fitted" / "sst2"
+    crf = AdaInferPolicy.load(saved / "adainfer-crf_0.1.json")
+    assert crf.margin == ev.policies["adainfer-crf:0.1"].margin
+    database = ExitDatabase.load(saved / "raee-database", sst2.engine.fingerprint)
+    assert database.size == 24 and database.meta["task"] == "sst2"
+    probe = TaskProbe.load(sst2.readout, saved / "probe")
+    assert torch.equal(probe.weight, ev.readout.weight)

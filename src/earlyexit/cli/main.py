@@ -235,20 +235,35 @@ def eval_command(
     ),
     readout: str = READOUT_OPT,
     embedder: str = typer.Option("minilm-l6", help="RAEE's embedder: minilm-l6 or backbone:K."),
+    data: Path | None = typer.Option(
+        None, help="Your own CSV/TSV/JSONL dataset instead of --task (needs --labels)."
+    ),
+    text_column: str = typer.Option("text", help="With --data: the input text column."),
+    label_column: str = typer.Option("label", help="With --data: the label column."),
+    labels: str | None = typer.Option(
+        None, help="With --data: label=word pairs ('0=negative,1=positive') or a YAML/JSON file."
+    ),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     sweep: bool = typer.Option(False, help="Also replay threshold/tolerance/k sweeps."),
     plots: Path | None = typer.Option(None, help="Write one sweep PNG per task into this dir."),
+    save: Path | None = typer.Option(
+        None, help="Save the fitted probes, stoppers and RAEE databases under DIR/<task>/."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
-    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.evaluation.runner import EvalConfig, check_methods, evaluate_task
     from earlyexit.evaluation.sweeps import sweep_task
     from earlyexit.readouts.store import default_readout
     from earlyexit.reporting import write_json
     from earlyexit.tasks.builtin import get_task
 
-    tasks = [get_task(name.strip()) for name in task.split(",") if name.strip()]
+    if data is not None:
+        tasks = [_custom_task(data, text_column, label_column, labels, seed)]
+    else:
+        tasks = [get_task(name.strip()) for name in task.split(",") if name.strip()]
     methods = [m.strip() for m in method.split(",") if m.strip()]
+    check_methods(methods)
     config = EvalConfig(
         shots=shots,
         limit=limit,
@@ -264,6 +279,9 @@ def eval_command(
     for t in tasks:
         evaluation = evaluate_task(engine, general, t, methods, config)
         records += evaluation.records
+        if save:
+            for path in evaluation.save_artifacts(save):
+                console.print(f"saved {path}")
         if sweep or plots:
             task_points = sweep_task(evaluation)
             points += task_points
@@ -285,6 +303,18 @@ def eval_command(
         }
         write_json(payload, json_path)
         console.print(f"wrote {json_path}")
+
+
+def _custom_task(data: Path, text_column: str, label_column: str, labels: str | None, seed: int):  # noqa: ANN202
+    from earlyexit.tasks.custom import load_custom_task
+
+    if not labels:
+        raise EarlyExitError("--data needs --labels: 'label=word,...' or a YAML/JSON map file")
+    label_words: dict[str, str] | str = labels
+    if "=" in labels and not Path(labels).exists():
+        pairs = [part.split("=", 1) for part in labels.split(",") if part.strip()]
+        label_words = {key.strip(): word for key, word in pairs}
+    return load_custom_task(data, text_column, label_column, label_words, seed=seed)
 
 
 def render_records(records: list[dict], title: str) -> Table:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit.evaluation.runner import TaskEvaluation
+from earlyexit.evaluation.runner import RAEE_SLACK, TaskEvaluation
 from earlyexit.policies.adainfer import first_exits, trace_features
 from earlyexit.policies.base import readout_features
 from earlyexit.policies.raee import RAEEPolicy
@@ -17,6 +17,7 @@ from earlyexit.policies.raee import RAEEPolicy
 TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 NEIGHBOURS = (1, 2, 4, 8, 12, 16, 24, 32, 48)
+SLACKS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 def _point(ev: TaskEvaluation, family: str, param: float, exits: torch.Tensor) -> dict:
@@ -34,7 +35,8 @@ def _point(ev: TaskEvaluation, family: str, param: float, exits: torch.Tensor) -
 
 
 def sweep_task(ev: TaskEvaluation, families: tuple[str, ...] | None = None) -> list[dict]:
-    """Points for static, confidence, AdaInfer (SVM, CRF) and RAEE (both rules)."""
+    """Points for static, confidence, AdaInfer (SVM, CRF tolerance), RAEE (k for both rules,
+    slack for the reliable one)."""
     traces = ev.test_traces
     num, num_layers, _ = traces.shape
     families = families or (
@@ -71,16 +73,23 @@ def sweep_task(ev: TaskEvaluation, families: tuple[str, ...] | None = None) -> l
         for tolerance in TOLERANCES:
             margin = calibrate_margin(cal_scores, cal.traces, tolerance)
             points.append(_point(ev, family, tolerance, first_exits(test_scores, margin)))
-    for family, rule in (("raee", "reliable"), ("raee-paper", "paper")):
-        if family not in families or cal is None:
-            continue
-        database = ev.builder.database()
-        queries = ev.builder.embedder.embed(ev.texts)
-        for k in NEIGHBOURS:
-            if k > database.size:
-                break
-            policy = RAEEPolicy(database, ev.builder.embedder, k, rule, num_classes=traces.shape[2])
-            distances, ids = database.search(queries, k)
-            exits = torch.from_numpy(policy.exits_from_neighbours(distances, ids))
-            points.append(_point(ev, family, k, exits))
+    if cal is None or not any(f.startswith("raee") for f in families):
+        return points
+    database = ev.builder.database()
+    queries = ev.builder.embedder.embed(ev.texts)
+
+    def raee_exits(k: int, rule: str, slack: float) -> torch.Tensor:
+        policy = RAEEPolicy(
+            database, ev.builder.embedder, k, rule, num_classes=traces.shape[2], slack=slack
+        )
+        distances, ids = database.search(queries, k)
+        return torch.from_numpy(policy.exits_from_neighbours(distances, ids))
+
+    for family, rule, slack in (("raee", "reliable", RAEE_SLACK), ("raee-paper", "paper", 0.0)):
+        if family in families:
+            for k in (k for k in NEIGHBOURS if k <= database.size):
+                points.append(_point(ev, family, k, raee_exits(k, rule, slack)))
+    if "raee-slack" in families:  # the reliable rule at k=12, slack turned
+        for slack in SLACKS:
+            points.append(_point(ev, "raee-slack", slack, raee_exits(12, "reliable", slack)))
     return points

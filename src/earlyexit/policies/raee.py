@@ -15,6 +15,11 @@ Two scoring rules:
   small models the early readouts answer one class for every input, so they are "correct",
   with high probability, for every database example of that class; the paper rule then
   degenerates into a nearest-neighbour label vote at layer 1. Reliability removes them.
+
+`slack` (either rule; 0 is the paper's argmax) exits at the earliest layer whose score is
+within that fraction of the best: summed over many neighbours, the scores of the deep
+layers, where nearly every neighbour is right, crowd out earlier layers that are almost as
+good.
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ class RAEEPolicy(ExitPolicy):
     p_min: float = 0.9
     top_n: int = 3
     num_classes: int = 2
+    slack: float = 0.0
     _reliability: np.ndarray | None = field(default=None, repr=False)
     name = "raee"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise EarlyExitError(f"unknown RAEE rule '{self.rule}': use {' or '.join(RULES)}")
+        if not 0 <= self.slack < 1:
+            raise EarlyExitError(f"RAEE slack must lie in [0, 1), got {self.slack}")
         if self.k < 1:
             raise EarlyExitError(f"RAEE needs k >= 1 neighbours, got {self.k}")
         if self.rule == "reliable":
@@ -71,8 +79,10 @@ class RAEEPolicy(ExitPolicy):
         scores = (weights[..., None] * np.where(keep, probs, 0.0)).sum(1)  # [Q, L]
         if self._reliability is not None:
             scores = scores * self._reliability
-        exits = scores.argmax(-1) + 1  # argmax takes the earliest of tied layers
-        exits[scores.max(-1) <= 0] = num_layers
+        best = scores.max(-1, keepdims=True)
+        # the earliest layer scoring within `slack` of the best (slack 0: the argmax)
+        exits = (scores >= best * (1 - self.slack)).argmax(-1) + 1
+        exits[best[:, 0] <= 0] = num_layers
         return exits.astype(np.int64)
 
     def readout_layers(self, num_layers: int) -> set[int] | None:
@@ -90,6 +100,7 @@ class RAEEPolicy(ExitPolicy):
             "k": self.k,
             "p_min": self.p_min,
             "top_n": self.top_n,
+            "slack": self.slack,
             "embedder": self.database.meta.get("embedder"),
             "database_size": self.database.size,
         }
