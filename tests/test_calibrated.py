@@ -250,3 +250,12 @@ def test_raee_build_and_inspect_cli(tmp_path: Path) -> None:
     assert (
         result.exit_code == 0 and "reliability" in result.output and "task: sst2" in result.output
     )
+
+
+def test_adainfer_with_one_stop_label_is_constant() -> None:
+    agree = torch.tensor([[[0.0, 1.0]] * 4] * 3)  # every layer answers class 1
+    for stopper in ("svm", "crf"):
+        policy = fit_adainfer(agree, stopper=stopper)
+        assert simulate_exits(policy, agree)[0].tolist() == [1, 1, 1]
+    flips = torch.tensor([[[1.0, 0.0]] * 3 + [[0.0, 1.0]]] * 3)  # only the last layer differs
+    assert simulate_exits(fit_adainfer(flips), flips)[0].tolist() == [4, 4, 4]

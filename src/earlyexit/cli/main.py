@@ -292,16 +292,19 @@ def eval_command(
                 title = f"{engine.loaded.name} {t.name} ({shots}-shot, {readout} readout)"
                 png = plot_sweep(task_points, full_quality, title, plots / f"sweep-{t.name}.png")
                 console.print(f"wrote {png}")
-    console.print(render_records(records, f"{engine.loaded.name}: early-exit classification"))
+        if json_path:  # after every task, so a long multi-task run keeps what it finished
+            payload = {
+                "model": engine.loaded.name,
+                "general_readout": "trained adapters" if general.trained_layers else "logit lens",
+                "config": vars(config),
+                "records": records,
+                "sweeps": points,
+            }
+            write_json(payload, json_path)
+        console.print(render_records(evaluation.records, f"{engine.loaded.name}: {t.name}"))
+    if len(tasks) > 1:
+        console.print(render_records(records, f"{engine.loaded.name}: early-exit classification"))
     if json_path:
-        payload = {
-            "model": engine.loaded.name,
-            "general_readout": "trained adapters" if general.trained_layers else "logit lens",
-            "config": vars(config),
-            "records": records,
-            "sweeps": points,
-        }
-        write_json(payload, json_path)
         console.print(f"wrote {json_path}")
 
 

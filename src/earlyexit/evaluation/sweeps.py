@@ -46,6 +46,7 @@ def sweep_task(ev: TaskEvaluation, families: tuple[str, ...] | None = None) -> l
         "adainfer-crf",
         "raee",
         "raee-paper",
+        "raee-slack",
     )
     points = []
     if "static" in families:

@@ -180,11 +180,6 @@ class AdaInferPolicy(ExitPolicy):
             raise EarlyExitError(f"{path} is not an AdaInfer stopper ({err})") from None
 
 
-def _check_labels(labels: torch.Tensor) -> None:
-    if labels.all() or not labels.any():
-        raise EarlyExitError("calibration traces have only one stop label; use more examples")
-
-
 def fit_adainfer(
     traces: torch.Tensor,
     c: float = 1.0,
@@ -201,11 +196,24 @@ def fit_adainfer(
     """
     features = trace_features(traces, vocab)
     labels = stop_labels(traces)
-    _check_labels(labels[:, :-1])
     meta = {
         "calibration_examples": len(traces),
         "stop_rate": float(labels[:, :-1].float().mean()),
     }
+    if labels[:, :-1].all() or not labels[:, :-1].any():
+        # Every layer already agrees with the final one on every calibration prompt (say,
+        # the model answers one class throughout), or none ever does: a constant stopper,
+        # exiting at the first layer or never, is exactly what the labels ask for.
+        constant = 1.0 if labels[:, :-1].all() else -1.0
+        width = features.shape[-1]
+        return AdaInferPolicy(
+            mean=[0.0] * width,
+            scale=[1.0] * width,
+            weights=[0.0] * width,
+            bias=constant,
+            use_vocab=vocab is not None,
+            meta={**meta, "constant": True},
+        )
     if stopper == "crf":
         from earlyexit.policies.crf import fit_crf
 
