@@ -109,9 +109,19 @@ def heads_train(
     rank: int | None = typer.Option(None, min=1, help="Low-rank adapters (default: full affine)."),
     layers: str | None = typer.Option(None, help="Comma-separated layers (default: 1..L-1)."),
     heldout_tokens: int = typer.Option(4096, min=128, help="Held-out tokens for the metrics."),
-    name: str = typer.Option(
-        "default", help="Saved under this name; `default` loads automatically."
+    name: str | None = typer.Option(
+        None, help="Saved under this name (default: `default`, or `shallow-K` with --shallow)."
     ),
+    shallow: int | None = typer.Option(
+        None, min=1, help="Train only the shallow exit at layer K (for generation)."
+    ),
+    self_distill: int = typer.Option(
+        0,
+        min=0,
+        help="Train on the model's own answers to this many held-out instruction prompts "
+        "(SAMSum val, IWSLT tst2016, XSum/SQuAD tails) instead of --corpus.",
+    ),
+    max_new_tokens: int = typer.Option(48, min=1, help="With --self-distill: answer length."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report JSON here."),
 ) -> None:
     """Train per-layer exit readouts by distillation from the final layer, and save them."""
@@ -122,6 +132,10 @@ def heads_train(
 
     engine = _engine(model)
     layer_list = _int_list(layers, "--layers") if layers else None
+    if shallow is not None:
+        layer_list = [shallow]
+        name = name or f"shallow-{shallow}"
+    name = name or "default"
     if layer_list and not all(1 <= layer < engine.num_layers for layer in layer_list):
         raise EarlyExitError(f"--layers must lie in 1..{engine.num_layers - 1}")
     config = TrainConfig(
@@ -132,7 +146,20 @@ def heads_train(
         layers=layer_list,
         heldout_tokens=heldout_tokens,
     )
-    result = train_readout(engine, config)
+    chunks = heldout = None
+    if self_distill:
+        from earlyexit.readouts.self_distill import self_generated_chunks
+        from earlyexit.tasks.generation import render_prompt, self_distill_instructions
+
+        prompts = [
+            render_prompt(engine.tokenizer, text)
+            for text in self_distill_instructions(self_distill)
+        ]
+        split = max(1, len(prompts) // 10)  # a tenth held out for the report
+        chunks = self_generated_chunks(engine, prompts[split:], max_new_tokens, config.seq_len)
+        heldout = self_generated_chunks(engine, prompts[:split], max_new_tokens, config.seq_len)
+        config.corpus = config.heldout_corpus = f"self-generated ({self_distill} prompts)"
+    result = train_readout(engine, config, chunks, heldout)
     path = save_readout(result.readout, readout_dir(engine, name), result.metadata())
     console.print(f"trained in {result.seconds:.0f} s; saved {path}")
     report = {
@@ -404,6 +431,98 @@ def raee_inspect(
     console.print(table)
     never = float((database.layer_probs.max(1) == 0).mean())
     console.print(f"examples no layer answers correctly: {never:.1%}")
+
+
+SHALLOW_OPT = typer.Option(20, min=1, help="Shallow exit layer k (1..L-1).")
+
+
+def _shallow_exit(engine, layer: int, measure: str):  # noqa: ANN001, ANN202 - ShallowExit
+    from earlyexit.decoding.shallow_deep import ShallowExit
+    from earlyexit.readouts.store import META, default_readout, readout_dir
+
+    # the self-distilled shallow exit for this layer if one was trained, else the default
+    name = f"shallow-{layer}"
+    if not (readout_dir(engine, name) / META).exists():
+        name = "default"
+    return ShallowExit(default_readout(engine, name), layer, measure=measure)
+
+
+@app.command("generate")
+@friendly
+def generate_command(
+    prompt: str = typer.Argument(..., help="The user message (chat template applied)."),
+    model: str = MODEL_OPT,
+    method: str = typer.Option("free", help="full, static, calm[:T], free[:T], lossless[:T]."),
+    shallow_layer: int = SHALLOW_OPT,
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
+    measure: str = typer.Option("gap", help="Shallow confidence: gap (top1 - top2) or top1."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+) -> None:
+    """Generate with early exit (greedy, batch 1) and say how many tokens exited shallow."""
+    from earlyexit.decoding.shallow_deep import DecodeConfig
+    from earlyexit.evaluation.generate import GenConfig, build_decoder
+    from earlyexit.tasks.generation import render_prompt
+
+    engine = _engine(model, dtype)
+    shallow = _shallow_exit(engine, shallow_layer, measure)
+    decoder = build_decoder(method, engine, shallow, GenConfig())
+    result = decoder(
+        render_prompt(engine.tokenizer, prompt), DecodeConfig(max_new_tokens=max_new_tokens)
+    )
+    console.print(engine.tokenizer.decode(result.tokens, skip_special_tokens=True), highlight=False)
+    console.print(
+        f"[dim]{len(result.tokens)} tokens, {result.shallow_fraction:.0%} at layer "
+        f"{shallow_layer}, {len(result.tokens) / result.seconds:.1f} tokens/s, "
+        f"{result.rollbacks} rollbacks[/]"
+    )
+
+
+@bench_app.command("generate")
+@friendly
+def bench_generate(
+    model: str = MODEL_OPT,
+    task: str = typer.Option("samsum", "--task", "-t", help="samsum, xsum, squad, iwslt-en-de."),
+    method: str = typer.Option("full,static,free,lossless", help="Comma-separated methods."),
+    shallow_layer: int = SHALLOW_OPT,
+    limit: int = typer.Option(20, min=1, help="Items (first N)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Default: the task's."),
+    target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
+    measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
+) -> None:
+    """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
+    from earlyexit.evaluation.generate import GenConfig, bench_generation
+    from earlyexit.reporting import write_json
+    from earlyexit.tasks.generation import get_generation_task
+
+    tasks = [get_generation_task(name.strip()) for name in task.split(",") if name.strip()]
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    engine = _engine(model, dtype)
+    shallow = _shallow_exit(engine, shallow_layer, measure)
+    config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target)
+    records = [r for t in tasks for r in bench_generation(engine, shallow, t, methods, config)]
+    table = Table(title=f"{engine.loaded.name}: early-exit generation (batch 1, greedy)")
+    cols = ["task", "method", "n", "quality", "full", "agree", "shallow", "layers", "tok/s"]
+    for col in [*cols, "speedup"]:
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    for r in records:
+        table.add_row(
+            r["task"],
+            r["method"],
+            str(r["n"]),
+            f"{r['quality']:.3f}",
+            f"{r['full_quality']:.3f}",
+            f"{r['agreement']:.3f}",
+            f"{r['shallow_fraction']:.0%}",
+            f"{r['avg_layers']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+        )
+    console.print(table)
+    if json_path:
+        write_json({"model": engine.loaded.name, "records": records}, json_path)
+        console.print(f"wrote {json_path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -101,9 +101,8 @@ class LayerEngine:
                 f"layers {start}..{end - 1} hold different numbers of tokens "
                 f"({cache.lengths[start:end]}); catch up the shorter layers first"
             )
+        position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
         num_new = hidden.shape[1]
-        slots = torch.arange(offset, offset + num_new, device=hidden.device)
-        position_ids = (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         masks: dict[str, torch.Tensor | None] = {}
         for layer in range(start, end):
@@ -127,6 +126,48 @@ class LayerEngine:
                 position_embeddings=rope[kind],
             )
         return hidden
+
+    @staticmethod
+    def _positions(
+        cache: LayerKVCache, offset: int, num_new: int, device: torch.device
+    ) -> torch.Tensor:
+        slots = torch.arange(offset, offset + num_new, device=device)
+        return (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)
+
+    @torch.inference_mode()
+    def copy_state_kv(
+        self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
+    ) -> None:
+        """Give tokens that exited after layer `start` keys/values in layers [start, end)
+        computed from their exit state, without running those layers (CALM's state
+        copying: later tokens can attend to them, approximately).
+
+        Uses each layer's own input norm, K/V projections, key norm (Gemma3) and the
+        model's own rotary function; only the attention and MLP are skipped.
+        """
+        import sys
+
+        offset = cache.lengths[start]
+        if any(cache.lengths[layer] != offset for layer in range(start, end)):
+            raise ValueError("layers to fill must hold the same number of tokens")
+        position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(start, end):
+            kind = self.arch.layer_types[layer]
+            if kind not in rope:
+                rope[kind] = self.arch.position_embeddings(hidden, position_ids, kind)
+            block = self.arch.layers[layer]
+            attn = block.self_attn
+            normed = block.input_layernorm(hidden)
+            shape = (*hidden.shape[:-1], -1, self.arch.head_dim)
+            keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+            values = attn.v_proj(normed).view(shape).transpose(1, 2)
+            if hasattr(attn, "k_norm"):
+                keys = attn.k_norm(keys)
+            cos, sin = rope[kind]
+            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            _, keys = apply_rotary(keys, keys, cos, sin)
+            cache.update(keys, values, layer)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.arch.norm(hidden)

@@ -210,14 +210,23 @@ def evaluate(
     ]
 
 
-def train_readout(engine: LayerEngine, config: TrainConfig) -> TrainResult:
-    """Collect hidden states, fit (ridge), distill (KL), evaluate on held-out text."""
+def train_readout(
+    engine: LayerEngine,
+    config: TrainConfig,
+    chunks: torch.Tensor | None = None,
+    heldout_chunks: torch.Tensor | None = None,
+) -> TrainResult:
+    """Collect hidden states, fit (ridge), distill (KL), evaluate on held-out text.
+
+    `chunks` / `heldout_chunks` ([n, seq_len] token ids) replace the named corpora, e.g.
+    with text the model generated itself (readouts/self_distill.py)."""
     began = time.perf_counter()
     torch.manual_seed(config.seed)
     layers = config.layers or list(range(1, engine.num_layers))
-    chunks = token_chunks(
-        engine.tokenizer, load_corpus(config.corpus), config.seq_len, config.tokens
-    )
+    if chunks is None:
+        chunks = token_chunks(
+            engine.tokenizer, load_corpus(config.corpus), config.seq_len, config.tokens
+        )
     states = collect_hidden(engine, chunks, layers)
     adapters = {layer: LayerAdapter(engine.hidden_size, config.rank) for layer in layers}
     for layer, adapter in tqdm(adapters.items(), desc="least-squares fit", leave=False):
@@ -226,9 +235,13 @@ def train_readout(engine: LayerEngine, config: TrainConfig) -> TrainResult:
     distill(engine, adapters, states, config)
     del states
     readout = ExitReadout(engine, adapters)
-    heldout_chunks = token_chunks(
-        engine.tokenizer, load_corpus(config.heldout_corpus), config.seq_len, config.heldout_tokens
-    )
+    if heldout_chunks is None:
+        heldout_chunks = token_chunks(
+            engine.tokenizer,
+            load_corpus(config.heldout_corpus),
+            config.seq_len,
+            config.heldout_tokens,
+        )
     heldout = collect_hidden(engine, heldout_chunks, layers, desc="held-out hidden states")
     metrics = evaluate(engine, readout, heldout)
     return TrainResult(readout, config, metrics, time.perf_counter() - began)

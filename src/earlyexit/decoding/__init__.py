@@ -1,0 +1,1 @@
+"""Early-exit decoding loops for generation (FREE's shallow-deep module, lossless mode)."""

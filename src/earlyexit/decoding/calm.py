@@ -1,0 +1,56 @@
+"""CALM-style decoding (Schuster et al., 2022): per-token exit on confidence, with the
+skipped layers' keys/values filled by copying the exit state (batch 1, greedy).
+
+The baseline FREE improves on: a token that exits at layer k is emitted at once and never
+revisited; later tokens attend, in layers k..L, to keys/values computed from its layer-k
+state instead of its true deeper states (`LayerEngine.copy_state_kv`). Cheap, but an
+approximation that compounds; FREE's catch-up computes those states exactly instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    DecodeResult,
+    ShallowExit,
+    Stopping,
+    Threshold,
+    prompt_ids,
+)
+from earlyexit.engine.engine import LayerEngine
+
+
+@torch.inference_mode()
+def decode_calm(
+    engine: LayerEngine,
+    shallow: ShallowExit,
+    prompt: str | torch.Tensor,
+    config: DecodeConfig,
+    threshold: Threshold,
+) -> DecodeResult:
+    ids = prompt_ids(engine, prompt)
+    stopping = Stopping(engine, config)
+    k, total = shallow.layer, engine.num_layers
+    began = time.perf_counter()
+    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
+    cache = state.cache
+    result = DecodeResult([int(engine.logits(state.hidden[:, -1]).argmax(-1))], [total], 0.0, 0)
+    while not stopping.done(result.tokens):
+        hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
+        conf, token = shallow.predict(hidden[:, -1])
+        if conf >= threshold.value:
+            engine.copy_state_kv(hidden, cache, k, total)
+            result.layer_tokens += k
+            result.tokens.append(token)
+            result.exit_layers.append(k)
+            continue
+        hidden = engine.run_layers(hidden, cache, k, total)
+        result.layer_tokens += total
+        result.tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
+        result.exit_layers.append(total)
+    result.seconds = time.perf_counter() - began
+    return result

@@ -1,0 +1,243 @@
+"""Greedy early-exit decoding with a shallow-deep module (batch 1).
+
+Every token runs the shallow layers [0, k) and is read out there. If the shallow readout
+is confident enough the token is emitted at once and its layer-k state is *stacked*; the
+next token that goes deep runs layers [k, L) over the stacked states and its own in one
+pass (FREE's synchronized parallel decoding), which fills the stacked tokens' deep KV
+exactly as a full-depth run would have, at about the cost of one token on a
+weight-bandwidth-bound machine. No state is copied and nothing is approximated.
+
+The same pass yields the deep prediction for every stacked token, which serves two ends:
+- FREE's adaptive threshold learns from (shallow confidence, shallow == deep) pairs;
+- `lossless` mode compares them with what was emitted and rolls back from the first
+  mismatch (self-speculative decoding with the shallow exit as the draft model), so the
+  output equals full-depth greedy decoding token for token.
+
+Methods: `full` (the reference), `static` (every token at layer k, the prompt too),
+`free` (fixed or adaptive threshold), `lossless`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from earlyexit.engine.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.readouts.readout import ExitReadout
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 64
+    stop_strings: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    max_stack: int = 16  # at most this many shallow tokens before a deep pass is forced
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    exit_layers: list[int]  # the layer that produced each emitted token (k or L)
+    seconds: float
+    layer_tokens: int  # decoder-layer applications spent (token x layer)
+    catchups: int = 0
+    rollbacks: int = 0
+    pairs: list[tuple[float, bool]] = field(default_factory=list)  # (confidence, agreed)
+
+    @property
+    def shallow_fraction(self) -> float:
+        deep = max(self.exit_layers, default=0)
+        return sum(1 for e in self.exit_layers if e < deep) / max(1, len(self.exit_layers))
+
+
+def confidence(logits: torch.Tensor, measure: str = "gap") -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, argmax) per row: top-1 minus top-2 probability, or top-1 probability."""
+    top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
+    value = top.values[..., 0] - top.values[..., 1] if measure == "gap" else top.values[..., 0]
+    return value, top.indices[..., 0]
+
+
+class ShallowExit:
+    """The shallow half of the module: layer k and its readout (full vocabulary, or only
+    `vocab` ids: a 49k-row LM head costs as much as several layers, so a shallow exit
+    that reads a few thousand likely ids is much cheaper; its argmax is mapped back)."""
+
+    def __init__(
+        self,
+        readout: ExitReadout,
+        layer: int,
+        vocab: torch.Tensor | None = None,
+        measure: str = "gap",
+    ) -> None:
+        engine = readout.engine
+        if not 1 <= layer < engine.num_layers:
+            raise EarlyExitError(f"shallow exit layer must lie in 1..{engine.num_layers - 1}")
+        if measure not in ("gap", "top1"):
+            raise EarlyExitError(f"confidence measure must be gap or top1, not {measure}")
+        self.readout, self.layer, self.vocab, self.measure = readout, layer, vocab, measure
+
+    def predict(self, hidden: torch.Tensor) -> tuple[float, int]:
+        logits = self.readout.logits(hidden.reshape(1, -1), self.layer, self.vocab)[0]
+        conf, index = confidence(logits, self.measure)
+        token = int(index) if self.vocab is None else int(self.vocab[index])
+        return float(conf), token
+
+
+class Threshold:
+    """A fixed confidence threshold; subclasses learn it online from catch-up pairs."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, pairs: list[tuple[float, bool]]) -> None:
+        pass
+
+
+class Stopping:
+    def __init__(self, engine: LayerEngine, config: DecodeConfig) -> None:
+        self.tokenizer, self.config = engine.tokenizer, config
+        self.eos = engine.tokenizer.eos_token_id if config.stop_at_eos else None
+
+    def done(self, tokens: list[int]) -> bool:
+        if len(tokens) >= self.config.max_new_tokens:
+            return True
+        if self.eos is not None and tokens and tokens[-1] == self.eos:
+            return True
+        if self.config.stop_strings:
+            tail = self.tokenizer.decode(tokens[-16:])
+            return any(stop in tail for stop in self.config.stop_strings)
+        return False
+
+
+def prompt_ids(engine: LayerEngine, prompt: str | torch.Tensor) -> torch.Tensor:
+    if isinstance(prompt, str):
+        ids, _ = engine.encode([prompt])
+        return ids
+    return prompt.reshape(1, -1)
+
+
+@torch.inference_mode()
+def decode_full(
+    engine: LayerEngine, prompt: str | torch.Tensor, config: DecodeConfig
+) -> DecodeResult:
+    """Full-depth greedy decoding: the reference for speed and for output identity."""
+    ids = prompt_ids(engine, prompt)
+    stopping = Stopping(engine, config)
+    began = time.perf_counter()
+    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
+    tokens = [int(engine.logits(state.hidden[:, -1]).argmax(-1))]
+    total = engine.num_layers
+    while not stopping.done(tokens):
+        hidden = engine.run_layers(
+            engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, total
+        )
+        tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
+    seconds = time.perf_counter() - began
+    return DecodeResult(tokens, [total] * len(tokens), seconds, total * (len(tokens) - 1))
+
+
+@torch.inference_mode()
+def decode_static(
+    engine: LayerEngine, shallow: ShallowExit, prompt: str | torch.Tensor, config: DecodeConfig
+) -> DecodeResult:
+    """Every token, prompt included, runs layers [0, k) only and is read out at k."""
+    ids = prompt_ids(engine, prompt)
+    stopping = Stopping(engine, config)
+    k = shallow.layer
+    began = time.perf_counter()
+    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1, upto=k)
+    tokens = [shallow.predict(state.hidden[:, -1])[1]]
+    while not stopping.done(tokens):
+        hidden = engine.run_layers(engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, k)
+        tokens.append(shallow.predict(hidden[:, -1])[1])
+    seconds = time.perf_counter() - began
+    return DecodeResult(tokens, [k] * len(tokens), seconds, k * (len(tokens) - 1))
+
+
+@torch.inference_mode()
+def decode_shallow_deep(
+    engine: LayerEngine,
+    shallow: ShallowExit,
+    prompt: str | torch.Tensor,
+    config: DecodeConfig,
+    threshold: Threshold,
+    lossless: bool = False,
+    on_step: Callable[[DecodeResult], None] | None = None,
+) -> DecodeResult:
+    """FREE's synchronized parallel decoding; with `lossless`, verified against the deep
+    predictions and rolled back from the first mismatch (identical to greedy decoding)."""
+    ids = prompt_ids(engine, prompt)
+    stopping = Stopping(engine, config)
+    k, total = shallow.layer, engine.num_layers
+    began = time.perf_counter()
+    state = engine.prefill(
+        ids, capacity=ids.shape[1] + config.max_new_tokens + config.max_stack + 2
+    )
+    cache = state.cache
+    result = DecodeResult([int(engine.logits(state.hidden[:, -1]).argmax(-1))], [total], 0.0, 0)
+    stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
+    drafts: list[tuple[int, float]] = []  # (token emitted shallow, its confidence)
+
+    def catch_up(
+        current: torch.Tensor | None, guess: tuple[int, float] | None = None
+    ) -> int | None:
+        """Run layers [k, L) over the stacked states (and the current input's); returns
+        the deep prediction after the current input, or None when a lossless rollback
+        replaced the tail of the output."""
+        states = stack + ([current] if current is not None else [])
+        deep_len = cache.lengths[k]
+        hidden = engine.run_layers(torch.cat(states, dim=1), cache, k, total)
+        result.layer_tokens += (total - k) * len(states)
+        result.catchups += 1
+        predicted = engine.logits(hidden[0]).argmax(-1).tolist()
+        pairs = [(conf, tok == predicted[i]) for i, (tok, conf) in enumerate(drafts)]
+        mismatch = next((i for i, (_, agreed) in enumerate(pairs) if not agreed), None)
+        if lossless and mismatch is not None:
+            pairs = pairs[: mismatch + 1]  # later drafts followed a wrong token
+        elif guess is not None:  # the current token's shallow guess, below the threshold
+            pairs.append((guess[1], guess[0] == predicted[-1]))
+        result.pairs += pairs
+        threshold.observe(pairs)
+        stacked = len(stack)
+        stack.clear()
+        drafts.clear()
+        if lossless and mismatch is not None:
+            # drafts[mismatch] was the token after stacked input `mismatch`: everything
+            # emitted from it on is replaced by the deep prediction, and the slots of
+            # the inputs after that one are forgotten in every layer
+            keep = len(result.tokens) - (stacked - mismatch)
+            del result.tokens[keep:], result.exit_layers[keep:]
+            cache.truncate(deep_len + mismatch + 1)
+            result.tokens.append(predicted[mismatch])
+            result.exit_layers.append(total)
+            result.rollbacks += 1
+            return None
+        return predicted[-1] if current is not None else None
+
+    while True:
+        if stopping.done(result.tokens):
+            if lossless and stack:  # unverified drafts: verify before stopping
+                catch_up(None)
+                continue
+            break
+        hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
+        result.layer_tokens += k
+        conf, token = shallow.predict(hidden[:, -1])
+        if conf >= threshold.value and len(stack) < config.max_stack:
+            stack.append(hidden)
+            drafts.append((token, conf))
+            result.tokens.append(token)
+            result.exit_layers.append(k)
+        else:
+            deep = catch_up(hidden, (token, conf))
+            if deep is not None:
+                result.tokens.append(deep)
+                result.exit_layers.append(total)
+        if on_step is not None:
+            on_step(result)
+    result.seconds = time.perf_counter() - began
+    return result

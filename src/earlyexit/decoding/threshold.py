@@ -1,0 +1,81 @@
+"""FREE's adaptive exit threshold, fitted online with a two-component Beta mixture.
+
+Every catch-up pass tells, for each token that exited shallow, its shallow confidence and
+whether the deep layers agreed. Confidences of agreeing and of disagreeing tokens are each
+modelled by a Beta distribution (fitted by the method of moments: the labels are observed,
+so no EM is needed), weighted by how often each happens. The threshold is the smallest
+confidence whose posterior probability of agreement reaches `target`. Written here because
+no maintained library fits a labelled Beta mixture this small in the decode loop; scipy
+supplies the densities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from earlyexit.decoding.shallow_deep import Threshold
+
+GRID = np.linspace(0.0, 1.0, 201)
+
+
+def beta_moments(values: np.ndarray) -> tuple[float, float]:
+    """Beta(a, b) with the sample's mean and variance (variance floored, so that a tight
+    cluster gives a sharp but finite density)."""
+    values = np.clip(values, 1e-3, 1 - 1e-3)
+    mean = float(values.mean())
+    var = max(float(values.var()), 1e-4)
+    common = max(mean * (1 - mean) / var - 1, 1e-2)
+    return mean * common, (1 - mean) * common
+
+
+def mixture_threshold(
+    confidences: np.ndarray, agreed: np.ndarray, target: float, fallback: float
+) -> float:
+    """Smallest grid confidence with P(agree | confidence) >= target (and every larger
+    one too); `fallback` when one of the two groups is still too small to fit."""
+    from scipy.stats import beta
+
+    if agreed.sum() < 4 or (~agreed).sum() < 4:
+        return fallback
+    a1, b1 = beta_moments(confidences[agreed])
+    a0, b0 = beta_moments(confidences[~agreed])
+    prior = agreed.mean()
+    grid = np.clip(GRID, 1e-3, 1 - 1e-3)
+    good = prior * beta.pdf(grid, a1, b1)
+    bad = (1 - prior) * beta.pdf(grid, a0, b0)
+    posterior = good / np.maximum(good + bad, 1e-300)
+    ok = posterior >= target
+    # the threshold must leave every confidence above it on the good side
+    above = np.flip(np.cumprod(np.flip(ok)))
+    index = int(np.argmax(above)) if above.any() else len(GRID) - 1
+    return float(GRID[index]) if above.any() else 1.0
+
+
+class BetaMixtureThreshold(Threshold):
+    """Starts at `initial`; refits after every `refit_every` new pairs, from a sliding
+    window of the most recent `window` pairs (the distribution drifts with the text)."""
+
+    def __init__(
+        self,
+        target: float = 0.9,
+        initial: float = 0.9,
+        refit_every: int = 8,
+        window: int = 512,
+    ) -> None:
+        super().__init__(initial)
+        self.target, self.refit_every, self.window = target, refit_every, window
+        self.confidences: list[float] = []
+        self.agreed: list[bool] = []
+        self._pending = 0
+
+    def observe(self, pairs: list[tuple[float, bool]]) -> None:
+        for conf, agreed in pairs:
+            self.confidences.append(conf)
+            self.agreed.append(agreed)
+        del self.confidences[: -self.window], self.agreed[: -self.window]
+        self._pending += len(pairs)
+        if self._pending >= self.refit_every:
+            self._pending = 0
+            self.value = mixture_threshold(
+                np.array(self.confidences), np.array(self.agreed), self.target, self.value
+            )

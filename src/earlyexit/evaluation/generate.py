@@ -1,0 +1,141 @@
+"""`earlyexit bench generate`: decoding methods side by side on a generation task.
+
+Every method decodes the same prompts at batch 1 with the same threads, after one untimed
+warm-up decode; tokens/s counts generated tokens over decode wall time (prefill included,
+tokenisation excluded), and speedup is a method's tokens/s over full's in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from earlyexit.decoding.calm import decode_calm
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    DecodeResult,
+    ShallowExit,
+    Threshold,
+    decode_full,
+    decode_shallow_deep,
+    decode_static,
+)
+from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.engine.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
+from earlyexit.tasks.generation import GenerationTask, render_prompt
+
+GEN_METHODS = ("full", "static", "calm[:T]", "free[:T]", "lossless[:T]")
+
+
+@dataclass
+class GenConfig:
+    limit: int = 20
+    max_new_tokens: int | None = None  # None: the task's own
+    target: float = 0.9  # FREE's adaptive threshold: posterior agreement to reach
+    initial_threshold: float = 0.9
+
+
+Decoder = Callable[[str, DecodeConfig], DecodeResult]
+
+
+def build_decoder(
+    spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> Decoder:
+    """`full`, `static`, `calm[:T]`, `free` (adaptive Beta-mixture threshold), `free:T`,
+    `lossless` / `lossless:T` (verified; the threshold only sets how much is drafted)."""
+    name, _, arg = spec.partition(":")
+    try:
+        fixed = float(arg) if arg else None
+    except ValueError:
+        raise EarlyExitError(f"bad threshold in method '{spec}'") from None
+
+    def threshold() -> Threshold:  # a fresh one per prompt: FREE adapts within a sequence
+        if fixed is not None:
+            return Threshold(fixed)
+        return BetaMixtureThreshold(config.target, config.initial_threshold)
+
+    if name == "full":
+        return lambda prompt, cfg: decode_full(engine, prompt, cfg)
+    if name == "static":
+        return lambda prompt, cfg: decode_static(engine, shallow, prompt, cfg)
+    if name == "calm":  # CALM's thresholds are fixed (calibrated offline); default 0.9
+        level = fixed if fixed is not None else 0.9
+        return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
+    if name in ("free", "lossless"):
+        lossless = name == "lossless"
+        return lambda prompt, cfg: decode_shallow_deep(
+            engine, shallow, prompt, cfg, threshold(), lossless=lossless
+        )
+    raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+
+
+def bench_generation(
+    engine: LayerEngine,
+    shallow: ShallowExit,
+    task: GenerationTask,
+    methods: list[str],
+    config: GenConfig,
+) -> list[dict]:
+    items = task.items(config.limit)
+    if not items:
+        raise EarlyExitError(f"generation task '{task.name}' has no items")
+    prompts = [render_prompt(engine.tokenizer, item.instruction) for item in items]
+    references = [item.references for item in items]
+    decode_config = DecodeConfig(max_new_tokens=config.max_new_tokens or task.max_new_tokens)
+    decoders = {spec: build_decoder(spec, engine, shallow, config) for spec in methods}
+    if "full" not in decoders:
+        decoders = {"full": build_decoder("full", engine, shallow, config), **decoders}
+    runs: dict[str, list[DecodeResult]] = {}
+    for spec, decoder in decoders.items():
+        decoder(prompts[0], DecodeConfig(max_new_tokens=4))  # warm-up
+        runs[spec] = [decoder(p, decode_config) for p in tqdm(prompts, desc=spec, leave=False)]
+
+    def texts(results: list[DecodeResult]) -> list[str]:
+        return [
+            engine.tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in results
+        ]
+
+    full_texts = texts(runs["full"])
+    full_rate = _tokens_per_s(runs["full"])
+    full_scores = task_scores(task.metric, full_texts, references)
+    records = []
+    for spec in methods:
+        results = runs[spec]
+        outputs = texts(results)
+        scores = task_scores(task.metric, outputs, references)
+        generated = sum(len(r.tokens) for r in results)
+        rate = _tokens_per_s(results)
+        records.append(
+            {
+                "task": task.name,
+                "method": spec,
+                "n": len(items),
+                "shallow_layer": shallow.layer,
+                "metric": task.metric,
+                "quality": scores[task.metric],
+                "scores": scores,
+                "full_quality": full_scores[task.metric],
+                "agreement": rouge(outputs, [(t,) for t in full_texts])["rougeL"],
+                "token_agreement": token_agreement(
+                    [r.tokens for r in results], [r.tokens for r in runs["full"]]
+                ),
+                "shallow_fraction": sum(r.shallow_fraction * len(r.tokens) for r in results)
+                / max(1, generated),
+                "avg_layers": sum(r.layer_tokens for r in results)
+                / max(1, sum(len(r.tokens) - 1 for r in results)),
+                "tokens": generated,
+                "tokens_per_s": rate,
+                "speedup": rate / full_rate,
+                "rollbacks": sum(r.rollbacks for r in results),
+                "seconds": sum(r.seconds for r in results),
+            }
+        )
+    return records
+
+
+def _tokens_per_s(results: list[DecodeResult]) -> float:
+    return sum(len(r.tokens) for r in results) / max(1e-9, sum(r.seconds for r in results))

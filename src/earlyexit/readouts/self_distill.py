@@ -1,0 +1,38 @@
+"""Self-distillation data for a shallow exit: text the model generates itself.
+
+A readout trained on WikiText learns what the final layer says about encyclopedia prose;
+a shallow exit for generation has to predict what the final layer says while *answering
+instructions*. So the model answers held-out instruction prompts (greedy, full depth), and
+the prompt + answer token streams become the training chunks: the targets are then the
+final layer's distributions on exactly the kind of text it will decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from earlyexit.engine.engine import LayerEngine
+
+
+@torch.inference_mode()
+def self_generated_chunks(
+    engine: LayerEngine,
+    prompts: list[str],
+    max_new_tokens: int,
+    seq_len: int,
+    batch: int = 8,
+) -> torch.Tensor:
+    """[n, seq_len] token rows cut from prompt + greedy answer (to its EOS) documents."""
+    eos = engine.tokenizer.eos_token_id
+    stream: list[int] = []
+    for start in tqdm(range(0, len(prompts), batch), desc="self-generating", leave=False):
+        ids, pad = engine.encode(prompts[start : start + batch])
+        answers = engine.greedy(ids, max_new_tokens, pad)
+        for row in range(ids.shape[0]):
+            answer = answers[row].tolist()
+            if eos in answer:
+                answer = answer[: answer.index(eos) + 1]
+            stream += ids[row, int(pad[row]) :].tolist() + answer
+    rows = len(stream) // seq_len
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)

@@ -1,0 +1,124 @@
+"""Shallow-deep decoding on real weights: lossless mode is exactly greedy decoding, FREE's
+catch-up passes leave the deep layers as a full-depth run would, the Beta-mixture threshold
+separates agreeing from disagreeing confidences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    ShallowExit,
+    Threshold,
+    decode_full,
+    decode_shallow_deep,
+    decode_static,
+)
+from earlyexit.decoding.threshold import BetaMixtureThreshold, mixture_threshold
+from earlyexit.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.readouts.readout import ExitReadout
+
+PROMPT = "Summarize: Anna wants to meet Tom at the station at five, but her train is late."
+
+
+def _shallow(engine: LayerEngine) -> ShallowExit:
+    # the plain logit lens two thirds of the way up: often wrong, which is what these
+    # tests want (many rollbacks and disagreements)
+    return ShallowExit(ExitReadout(engine), (2 * engine.num_layers) // 3)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "max_stack"), [(0.0, 4), (0.3, 16)], ids=["always-draft", "threshold"]
+)
+def test_lossless_equals_greedy(engine: LayerEngine, threshold: float, max_stack: int) -> None:
+    config = DecodeConfig(max_new_tokens=24, max_stack=max_stack, stop_at_eos=False)
+    reference = decode_full(engine, PROMPT, config)
+    ids, _ = engine.encode([PROMPT])
+    assert reference.tokens == engine.greedy(ids, 24)[0].tolist()
+    result = decode_shallow_deep(
+        engine, _shallow(engine), PROMPT, config, Threshold(threshold), lossless=True
+    )
+    assert result.tokens == reference.tokens
+    assert result.catchups > 0
+    if threshold == 0.0:
+        assert result.rollbacks > 0  # the lens drafts badly: rollbacks were exercised
+
+
+def test_free_catch_up_fills_deep_layers_exactly(smol: LayerEngine) -> None:
+    config = DecodeConfig(max_new_tokens=24, stop_at_eos=False)
+    shallow = _shallow(smol)
+    result = decode_shallow_deep(smol, shallow, PROMPT, config, Threshold(0.2))
+    assert 0 < result.shallow_fraction < 1
+    # every token emitted deep must be what the full model predicts after the emitted
+    # prefix: wrong deep KV for the stacked tokens would change those predictions
+    ids, _ = smol.encode([PROMPT])
+    sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
+    with torch.no_grad():
+        logits = smol.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    full_argmax = logits.argmax(-1).tolist()
+    deep = [i for i, layer in enumerate(result.exit_layers) if layer == smol.num_layers]
+    assert len(deep) >= 3
+    assert [result.tokens[i] for i in deep] == [full_argmax[i] for i in deep]
+    assert len(result.pairs) >= result.catchups - 1
+
+
+def test_static_reads_out_at_k(smol: LayerEngine) -> None:
+    shallow = _shallow(smol)
+    config = DecodeConfig(max_new_tokens=6, stop_at_eos=False)
+    result = decode_static(smol, shallow, PROMPT, config)
+    assert result.exit_layers == [shallow.layer] * 6
+    ids, _ = smol.encode([PROMPT])
+    state = smol.prefill(ids, upto=shallow.layer)
+    assert result.tokens[0] == int(shallow.readout.logits(state.hidden[:, -1]).argmax())
+    with pytest.raises(EarlyExitError, match="shallow exit layer"):
+        ShallowExit(ExitReadout(smol), smol.num_layers)
+
+
+def test_stop_strings_and_max_tokens(smol: LayerEngine) -> None:
+    config = DecodeConfig(max_new_tokens=40, stop_strings=("station",), stop_at_eos=False)
+    result = decode_full(smol, "Repeat: the station, the station, the station", config)
+    assert "station" in smol.tokenizer.decode(result.tokens) and len(result.tokens) < 40
+
+
+def test_beta_mixture_threshold_separates_groups() -> None:
+    rng = np.random.default_rng(0)
+    agree_conf = rng.beta(8, 2, 300)  # agreeing tokens: confident
+    disagree_conf = rng.beta(2, 6, 100)
+    conf = np.concatenate([agree_conf, disagree_conf])
+    agreed = np.concatenate([np.ones(300, bool), np.zeros(100, bool)])
+    loose = mixture_threshold(conf, agreed, target=0.8, fallback=0.5)
+    strict = mixture_threshold(conf, agreed, target=0.99, fallback=0.5)
+    assert 0.2 < loose < strict < 1.0
+    # above the threshold the empirical agreement is at least the target (roughly)
+    assert agreed[conf >= strict].mean() >= 0.97
+    assert mixture_threshold(conf[:5], agreed[:5], 0.9, fallback=0.42) == 0.42
+    online = BetaMixtureThreshold(target=0.9, initial=0.5, refit_every=50)
+    online.observe(list(zip(conf.tolist(), agreed.tolist(), strict=True)))
+    assert online.value == mixture_threshold(conf, agreed, 0.9, 0.5)
+
+
+def test_copy_state_kv_equals_the_layers_own_keys_values(engine: LayerEngine) -> None:
+    # K/V copied from a state must be what the layer itself computes from that state
+    ids, pad = engine.encode([PROMPT])
+    layer = engine.num_layers // 2
+    ran = engine.prefill(ids, pad, upto=layer)
+    copied = engine.prefill(ids, pad, upto=layer)
+    engine.run_layers(ran.hidden, ran.cache, layer, layer + 1)
+    engine.copy_state_kv(copied.hidden, copied.cache, layer, layer + 1)
+    for a, b in zip(ran.cache.layer_kv(layer), copied.cache.layer_kv(layer), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_calm_copies_states_and_differs_from_exact_catch_up(smol: LayerEngine) -> None:
+    from earlyexit.decoding.calm import decode_calm
+
+    config = DecodeConfig(max_new_tokens=16, stop_at_eos=False)
+    shallow = _shallow(smol)
+    never = decode_calm(smol, shallow, PROMPT, config, Threshold(2.0))
+    assert never.tokens == decode_full(smol, PROMPT, config).tokens
+    some = decode_calm(smol, shallow, PROMPT, config, Threshold(0.2))
+    assert 0 < some.shallow_fraction < 1
+    assert some.layer_tokens < never.layer_tokens
