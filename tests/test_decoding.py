@@ -72,7 +72,9 @@ def test_static_reads_out_at_k(smol: LayerEngine) -> None:
     assert result.exit_layers == [shallow.layer] * 6
     ids, _ = smol.encode([PROMPT])
     state = smol.prefill(ids, upto=shallow.layer)
-    assert result.tokens[0] == int(shallow.readout.logits(state.hidden[:, -1]).argmax())
+    assert result.tokens[0] == int(
+        shallow.readout.logits(state.hidden[:, -1], shallow.layer).argmax()
+    )
     with pytest.raises(EarlyExitError, match="shallow exit layer"):
         ShallowExit(ExitReadout(smol), smol.num_layers)
 

@@ -277,6 +277,7 @@ def eval_command(
         None, help="Save the fitted probes, stoppers and RAEE databases under DIR/<task>/."
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
+    markdown: Path | None = typer.Option(None, help="Also write a markdown table here."),
 ) -> None:
     """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
     from earlyexit.evaluation.runner import EvalConfig, check_methods, evaluate_task
@@ -333,6 +334,13 @@ def eval_command(
         console.print(render_records(records, f"{engine.loaded.name}: early-exit classification"))
     if json_path:
         console.print(f"wrote {json_path}")
+    if markdown:
+        from earlyexit.evaluation.markdown import records_markdown
+        from earlyexit.paths import atomic_file
+
+        with atomic_file(markdown) as tmp:
+            tmp.write_text(records_markdown(records))
+        console.print(f"wrote {markdown}")
 
 
 def _custom_task(data: Path, text_column: str, label_column: str, labels: str | None, seed: int):  # noqa: ANN202

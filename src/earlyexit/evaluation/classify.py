@@ -106,43 +106,58 @@ def _group_by_plan(plan: torch.Tensor, batch: int) -> list[list[int]]:
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-@torch.inference_mode()
-def run_policy(
-    engine: LayerEngine,
-    readout: Readout,
-    prompts: list[str],
-    candidates: torch.Tensor,
-    policy: ExitPolicy,
-    batch: int = 8,
-    texts: list[str] | None = None,
-    vocab_readout: ExitReadout | None = None,
-) -> PolicyRun:
-    """Run each batch layer by layer, dropping rows as the policy exits them.
+class PolicyRunner:
+    """One policy over a prompt set, a batch at a time, so that several policies can be
+    timed in interleaved rounds (`run_interleaved`): on a shared 2-core machine the speed
+    drifts by ~10% over minutes, and interleaving batch by batch makes the drift hit the
+    full model and every method alike.
 
-    A policy that plans exits up front (RAEE, from `texts`, the bare inputs) is asked once
-    for all rows, and rows are regrouped into batches by planned exit layer. A policy that
-    wants full-vocabulary statistics gets them from `vocab_readout` (default: `readout`).
+    Each batch runs layer by layer, dropping rows as the policy exits them. A policy that
+    plans exits up front (RAEE, from `texts`, the bare inputs) is asked once for all rows,
+    and rows are regrouped into batches by planned exit layer. A policy that wants
+    full-vocabulary statistics gets them from `vocab_readout` (default: `readout`).
     """
-    total = engine.num_layers
-    check = policy.readout_layers(total)
-    predictions: list[int] = [-1] * len(prompts)
-    exits: list[int] = [total] * len(prompts)
-    seconds = deciding = 0.0
-    began = time.perf_counter()
-    plan = policy.plan(texts if texts is not None else prompts)
-    if plan is not None:
-        groups = _group_by_plan(plan, batch)
-        seconds = deciding = time.perf_counter() - began
-    else:
-        groups = [
-            list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)
-        ]
-    if policy.vocab_features and vocab_readout is None:
-        if not isinstance(readout, ExitReadout):
-            raise ValueError("full-vocabulary features need a vocabulary readout")
-        vocab_readout = readout
-    for group in groups:
-        ids, pad = engine.encode([prompts[i] for i in group])
+
+    def __init__(
+        self,
+        engine: LayerEngine,
+        readout: Readout,
+        prompts: list[str],
+        candidates: torch.Tensor,
+        policy: ExitPolicy,
+        batch: int = 8,
+        texts: list[str] | None = None,
+        vocab_readout: ExitReadout | None = None,
+    ) -> None:
+        self.engine, self.readout, self.prompts = engine, readout, prompts
+        self.candidates, self.policy = candidates, policy
+        if policy.vocab_features and vocab_readout is None:
+            if not isinstance(readout, ExitReadout):
+                raise ValueError("full-vocabulary features need a vocabulary readout")
+            vocab_readout = readout
+        self.vocab_readout = vocab_readout
+        self.check = policy.readout_layers(engine.num_layers)
+        self.predictions = [-1] * len(prompts)
+        self.exits = [engine.num_layers] * len(prompts)
+        began = time.perf_counter()
+        self.plan = policy.plan(texts if texts is not None else prompts)
+        if self.plan is not None:
+            self.groups = _group_by_plan(self.plan, batch)
+            self.seconds = self.deciding = time.perf_counter() - began
+        else:
+            self.seconds = self.deciding = 0.0
+            self.groups = [
+                list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)
+            ]
+
+    def result(self) -> PolicyRun:
+        return PolicyRun(self.predictions, self.exits, self.seconds, self.deciding)
+
+    @torch.inference_mode()
+    def run_group(self, index: int) -> None:
+        engine, policy, candidates = self.engine, self.policy, self.candidates
+        total, plan, group = engine.num_layers, self.plan, self.groups[index]
+        ids, pad = engine.encode([self.prompts[i] for i in group])
         began = time.perf_counter()
         cache = engine.new_cache(len(group), capacity=ids.shape[1], pad=pad)
         rows = torch.tensor(group)
@@ -156,31 +171,57 @@ def run_policy(
                 if not stop.any():
                     continue
                 logits = torch.zeros(len(rows), len(candidates), dtype=hidden.dtype)
-                logits[stop] = readout.logits(hidden[stop, -1], layer, candidates)
+                logits[stop] = self.readout.logits(hidden[stop, -1], layer, candidates)
             elif layer == total:
-                logits = readout.logits(hidden[:, -1], layer, candidates)
+                logits = self.readout.logits(hidden[:, -1], layer, candidates)
                 stop = torch.ones(len(rows), dtype=torch.bool)
-            elif check is not None and layer not in check:
+            elif self.check is not None and layer not in self.check:
                 continue
             else:
-                logits = readout.logits(hidden[:, -1], layer, candidates)
+                logits = self.readout.logits(hidden[:, -1], layer, candidates)
                 stats = None
                 if policy.vocab_features:
-                    stats = vocab_statistics(vocab_readout.logits(hidden[:, -1], layer))
+                    stats = vocab_statistics(self.vocab_readout.logits(hidden[:, -1], layer))
                 stop = policy.should_exit(layer, logits, total, stats)
-            deciding += time.perf_counter() - t0
+            self.deciding += time.perf_counter() - t0
             if not stop.any():
                 continue
             for row, pred in zip(
                 rows[stop].tolist(), logits[stop].argmax(-1).tolist(), strict=True
             ):
-                predictions[row] = pred
-                exits[row] = layer
+                self.predictions[row] = pred
+                self.exits[row] = layer
             if stop.all():
                 break
             keep = (~stop).nonzero().squeeze(1)
             rows, hidden = rows[keep], hidden.index_select(0, keep)
             cache.select_rows(keep)
             policy.keep(keep)
-        seconds += time.perf_counter() - began
-    return PolicyRun(predictions, exits, seconds, deciding)
+        self.seconds += time.perf_counter() - began
+
+
+def run_policy(
+    engine: LayerEngine,
+    readout: Readout,
+    prompts: list[str],
+    candidates: torch.Tensor,
+    policy: ExitPolicy,
+    batch: int = 8,
+    texts: list[str] | None = None,
+    vocab_readout: ExitReadout | None = None,
+) -> PolicyRun:
+    """Run one policy over all prompts (see PolicyRunner)."""
+    runner = PolicyRunner(engine, readout, prompts, candidates, policy, batch, texts, vocab_readout)
+    for index in range(len(runner.groups)):
+        runner.run_group(index)
+    return runner.result()
+
+
+def run_interleaved(runners: dict[str, PolicyRunner]) -> dict[str, PolicyRun]:
+    """Round i runs batch i of every runner in turn; returns each runner's totals."""
+    rounds = max(len(r.groups) for r in runners.values())
+    for index in tqdm(range(rounds), desc="timed runs", leave=False):
+        for runner in runners.values():
+            if index < len(runner.groups):
+                runner.run_group(index)
+    return {name: runner.result() for name, runner in runners.items()}
