@@ -69,7 +69,7 @@ def test_static_reads_out_at_k(smol: LayerEngine) -> None:
     shallow = _shallow(smol)
     config = DecodeConfig(max_new_tokens=6, stop_at_eos=False)
     result = decode_static(smol, shallow, PROMPT, config)
-    assert result.exit_layers == [shallow.layer] * 6
+    assert result.exit_layers == [shallow.layer] * 6 and result.shallow_fraction == 1.0
     ids, _ = smol.encode([PROMPT])
     state = smol.prefill(ids, upto=shallow.layer)
     assert result.tokens[0] == int(

@@ -38,7 +38,8 @@ def decode_calm(
     began = time.perf_counter()
     state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
     cache = state.cache
-    result = DecodeResult([int(engine.logits(state.hidden[:, -1]).argmax(-1))], [total], 0.0, 0)
+    first = int(engine.logits(state.hidden[:, -1]).argmax(-1))
+    result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
     while not stopping.done(result.tokens):
         hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
         conf, token = shallow.predict(hidden[:, -1])

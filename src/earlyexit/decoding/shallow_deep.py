@@ -48,10 +48,12 @@ class DecodeResult:
     rollbacks: int = 0
     pairs: list[tuple[float, bool]] = field(default_factory=list)  # (confidence, agreed)
 
+    num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
+
     @property
     def shallow_fraction(self) -> float:
-        deep = max(self.exit_layers, default=0)
-        return sum(1 for e in self.exit_layers if e < deep) / max(1, len(self.exit_layers))
+        early = sum(1 for e in self.exit_layers if e < self.num_layers)
+        return early / max(1, len(self.exit_layers))
 
 
 def confidence(logits: torch.Tensor, measure: str = "gap") -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +139,9 @@ def decode_full(
         )
         tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
     seconds = time.perf_counter() - began
-    return DecodeResult(tokens, [total] * len(tokens), seconds, total * (len(tokens) - 1))
+    return DecodeResult(
+        tokens, [total] * len(tokens), seconds, total * (len(tokens) - 1), num_layers=total
+    )
 
 
 @torch.inference_mode()
@@ -155,7 +159,9 @@ def decode_static(
         hidden = engine.run_layers(engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, k)
         tokens.append(shallow.predict(hidden[:, -1])[1])
     seconds = time.perf_counter() - began
-    return DecodeResult(tokens, [k] * len(tokens), seconds, k * (len(tokens) - 1))
+    return DecodeResult(
+        tokens, [k] * len(tokens), seconds, k * (len(tokens) - 1), num_layers=engine.num_layers
+    )
 
 
 @torch.inference_mode()
@@ -178,7 +184,8 @@ def decode_shallow_deep(
         ids, capacity=ids.shape[1] + config.max_new_tokens + config.max_stack + 2
     )
     cache = state.cache
-    result = DecodeResult([int(engine.logits(state.hidden[:, -1]).argmax(-1))], [total], 0.0, 0)
+    first = int(engine.logits(state.hidden[:, -1]).argmax(-1))
+    result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
     drafts: list[tuple[int, float]] = []  # (token emitted shallow, its confidence)
 
