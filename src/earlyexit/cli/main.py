@@ -236,7 +236,7 @@ def bench_engine(
 
 METHOD_HELP = (
     "Comma-separated: full, static[:K], confidence[:T], adainfer[:tol], adainfer-crf[:tol], "
-    "adainfer-vocab[:tol], raee[:k], raee-paper[:k]."
+    "adainfer-vocab[:tol], raee[:k[:slack]], raee-paper[:k[:slack]]."
 )
 READOUT_OPT = typer.Option(
     "probe",

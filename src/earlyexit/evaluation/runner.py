@@ -187,6 +187,11 @@ class MethodBuilder:
             self._embedder = make_embedder(self.config.embedder, self.engine)
         return self._embedder
 
+    @property
+    def built_database(self) -> ExitDatabase | None:
+        """The RAEE database if a method asked for one."""
+        return self._database
+
     def database(self) -> ExitDatabase:
         if self._database is None:
             cal = self._calibration()
@@ -242,8 +247,8 @@ class TaskEvaluation:
                 path = task_dir / f"{spec.replace(':', '_')}.json"
                 policy.save(path)
                 written.append(path)
-        if self.builder._database is not None:
-            written.append(self.builder._database.save(task_dir / "raee-database"))
+        if self.builder.built_database is not None:
+            written.append(self.builder.built_database.save(task_dir / "raee-database"))
         return written
 
 
