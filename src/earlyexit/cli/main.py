@@ -89,6 +89,13 @@ def _int_list(text: str, option: str) -> list[int]:
         raise EarlyExitError(f"{option} must be comma-separated integers, got '{text}'") from None
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EarlyExitError(f"{option} must be comma-separated numbers, got '{text}'") from None
+
+
 def _engine(model: str, dtype: str = "float32"):  # noqa: ANN202 - returns LayerEngine
     from earlyexit.engine import LayerEngine
     from earlyexit.models import load_model
@@ -497,6 +504,10 @@ def bench_generate(
     target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    sweep: str | None = typer.Option(
+        None, help="Thresholds, e.g. 0.3,0.5,0.7,0.9: adds calm:T and free:T for each."
+    ),
+    plots: Path | None = typer.Option(None, help="With --sweep: one PNG per task here."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -506,10 +517,21 @@ def bench_generate(
 
     tasks = [get_generation_task(name.strip()) for name in task.split(",") if name.strip()]
     methods = [m.strip() for m in method.split(",") if m.strip()]
+    for level in _float_list(sweep, "--sweep") if sweep else []:
+        methods += [f"calm:{level}", f"free:{level}"]
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure)
     config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target)
-    records = [r for t in tasks for r in bench_generation(engine, shallow, t, methods, config)]
+    records = []
+    for t in tasks:
+        task_records = bench_generation(engine, shallow, t, methods, config)
+        records += task_records
+        if plots and sweep:
+            from earlyexit.evaluation.plots import plot_generation_sweep
+
+            title = f"{engine.loaded.name} {t.name}: shallow exit at layer {shallow_layer}"
+            png = plot_generation_sweep(task_records, title, plots / f"gen-sweep-{t.name}.png")
+            console.print(f"wrote {png}")
     table = Table(title=f"{engine.loaded.name}: early-exit generation (batch 1, greedy)")
     cols = ["task", "method", "n", "quality", "full", "agree", "shallow", "layers", "tok/s"]
     for col in [*cols, "speedup"]:

@@ -37,3 +37,42 @@ def plot_sweep(points: list[dict], full_quality: float, title: str, path: Path) 
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
+    """Quality against measured speedup for each thresholded decoding family (calm:T,
+    free:T), one point per threshold, with the full model at (1, full quality)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    families: dict[str, list[dict]] = {}
+    for r in records:
+        name, _, arg = r["method"].partition(":")
+        if arg and name in ("calm", "free", "lossless"):
+            families.setdefault(name, []).append(r)
+    for name, rows in families.items():
+        rows = sorted(rows, key=lambda r: r["speedup"])
+        ax.plot(
+            [r["speedup"] for r in rows],
+            [r["quality"] for r in rows],
+            marker="o",
+            markersize=3,
+            label=name,
+        )
+        for r in rows:
+            ax.annotate(r["method"].partition(":")[2], (r["speedup"], r["quality"]), fontsize=6)
+    if records:
+        ax.scatter([1.0], [records[0]["full_quality"]], color="black", label="full model")
+    ax.set_xlabel("speedup (tokens/s over full, same run)")
+    ax.set_ylabel(records[0]["metric"] if records else "quality")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
