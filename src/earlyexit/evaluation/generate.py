@@ -1,7 +1,7 @@
 """`earlyexit bench generate`: decoding methods side by side on a generation task.
 
 Every method decodes the same prompts at batch 1 with the same threads, after one untimed
-warm-up decode; tokens/s counts generated tokens over decode wall time (prefill included,
+warm-up decode, prompt by prompt in turn; tokens/s counts generated tokens over decode wall time (prefill included,
 tokenisation excluded), and speedup is a method's tokens/s over full's in the same run.
 """
 
@@ -89,10 +89,14 @@ def bench_generation(
     decoders = {spec: build_decoder(spec, engine, shallow, config) for spec in methods}
     if "full" not in decoders:
         decoders = {"full": build_decoder("full", engine, shallow, config), **decoders}
-    runs: dict[str, list[DecodeResult]] = {}
-    for spec, decoder in decoders.items():
+    runs: dict[str, list[DecodeResult]] = {spec: [] for spec in decoders}
+    for decoder in decoders.values():
         decoder(prompts[0], DecodeConfig(max_new_tokens=4))  # warm-up
-        runs[spec] = [decoder(p, decode_config) for p in tqdm(prompts, desc=spec, leave=False)]
+    # prompt-major: every method decodes prompt i before any decodes prompt i+1, so that
+    # drift in machine speed over the run hits all methods alike
+    for prompt in tqdm(prompts, desc=f"{task.name}: decoding", leave=False):
+        for spec, decoder in decoders.items():
+            runs[spec].append(decoder(prompt, decode_config))
 
     def texts(results: list[DecodeResult]) -> list[str]:
         return [
