@@ -1,8 +1,9 @@
 """`earlyexit bench generate`: decoding methods side by side on a generation task.
 
 Every method decodes the same prompts at batch 1 with the same threads, after one untimed
-warm-up decode, prompt by prompt in turn; tokens/s counts generated tokens over decode wall time (prefill included,
-tokenisation excluded), and speedup is a method's tokens/s over full's in the same run.
+warm-up decode, prompt by prompt in turn; tokens/s counts generated tokens over decode wall
+time (prefill included, tokenisation excluded), and speedup is a method's tokens/s over
+full's in the same run.
 """
 
 from __future__ import annotations
