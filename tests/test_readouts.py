@@ -54,6 +54,16 @@ def test_save_load_round_trip(smol: LayerEngine, trained: TrainResult, tmp_path:
         assert torch.equal(loaded.logits(hidden, layer), expected)
     ids = torch.tensor([11, 7, 300])
     assert torch.allclose(loaded.logits(hidden, 20, ids), loaded.logits(hidden, 20)[..., ids])
+    # the teacher vocabulary travels with the readout (a shallow exit may read only it)
+    assert loaded.vocabulary is not None and torch.equal(
+        loaded.vocabulary, trained.readout.vocabulary
+    )
+    from earlyexit.decoding.shallow_deep import ShallowExit
+
+    shallow = ShallowExit.restricted(loaded, LAYERS[0])
+    assert smol.tokenizer.eos_token_id in shallow.vocab.tolist()
+    conf, token = shallow.predict(hidden[0, :1])
+    assert token in shallow.vocab.tolist() and 0 <= conf <= 1
 
 
 def test_readout_for_another_model_is_refused(

@@ -449,9 +449,15 @@ def raee_inspect(
 
 
 SHALLOW_OPT = typer.Option(20, min=1, help="Shallow exit layer k (1..L-1).")
+RESTRICT_OPT = typer.Option(
+    False,
+    "--restrict-vocab",
+    help="Shallow readout over the ids its training text used (~4k rows of the LM head "
+    "instead of all; much cheaper, approximate).",
+)
 
 
-def _shallow_exit(engine, layer: int, measure: str):  # noqa: ANN001, ANN202 - ShallowExit
+def _shallow_exit(engine, layer: int, measure: str, restrict: bool = False):  # noqa: ANN001, ANN202
     from earlyexit.decoding.shallow_deep import ShallowExit
     from earlyexit.readouts.store import META, default_readout, readout_dir
 
@@ -459,7 +465,10 @@ def _shallow_exit(engine, layer: int, measure: str):  # noqa: ANN001, ANN202 - S
     name = f"shallow-{layer}"
     if not (readout_dir(engine, name) / META).exists():
         name = "default"
-    return ShallowExit(default_readout(engine, name), layer, measure=measure)
+    readout = default_readout(engine, name)
+    if restrict:
+        return ShallowExit.restricted(readout, layer, measure)
+    return ShallowExit(readout, layer, measure=measure)
 
 
 @app.command("generate")
@@ -471,6 +480,7 @@ def generate_command(
     shallow_layer: int = SHALLOW_OPT,
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap (top1 - top2) or top1."),
+    restrict: bool = RESTRICT_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
 ) -> None:
     """Generate with early exit (greedy, batch 1) and say how many tokens exited shallow."""
@@ -479,7 +489,7 @@ def generate_command(
     from earlyexit.tasks.generation import render_prompt
 
     engine = _engine(model, dtype)
-    shallow = _shallow_exit(engine, shallow_layer, measure)
+    shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
     decoder = build_decoder(method, engine, shallow, GenConfig())
     result = decoder(
         render_prompt(engine.tokenizer, prompt), DecodeConfig(max_new_tokens=max_new_tokens)
@@ -503,6 +513,7 @@ def bench_generate(
     max_new_tokens: int | None = typer.Option(None, min=1, help="Default: the task's."),
     target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
+    restrict: bool = RESTRICT_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     sweep: str | None = typer.Option(
         None, help="Thresholds, e.g. 0.3,0.5,0.7,0.9: adds calm:T and free:T for each."
@@ -520,7 +531,7 @@ def bench_generate(
     for level in _float_list(sweep, "--sweep") if sweep else []:
         methods += [f"calm:{level}", f"free:{level}"]
     engine = _engine(model, dtype)
-    shallow = _shallow_exit(engine, shallow_layer, measure)
+    shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
     config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target)
     records = []
     for t in tasks:

@@ -82,6 +82,19 @@ class ShallowExit:
             raise EarlyExitError(f"confidence measure must be gap or top1, not {measure}")
         self.readout, self.layer, self.vocab, self.measure = readout, layer, vocab, measure
 
+    @classmethod
+    def restricted(cls, readout: ExitReadout, layer: int, measure: str = "gap") -> ShallowExit:
+        """Read out over the readout's training vocabulary (plus EOS) only."""
+        if readout.vocabulary is None:
+            raise EarlyExitError(
+                "this readout has no saved vocabulary; train it again with `heads train`"
+            )
+        ids = readout.vocabulary.tolist()
+        eos = readout.engine.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+        return cls(readout, layer, torch.tensor(sorted(ids)), measure)
+
     def predict(self, hidden: torch.Tensor) -> tuple[float, int]:
         logits = self.readout.logits(hidden.reshape(1, -1), self.layer, self.vocab)[0]
         conf, index = confidence(logits, self.measure)

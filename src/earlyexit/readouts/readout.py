@@ -53,6 +53,8 @@ class ExitReadout(nn.Module):
         super().__init__()
         self.engine = engine
         self.adapters = nn.ModuleDict({str(k): v for k, v in (adapters or {}).items()})
+        # the ids that carried the final layer's mass on the training text, if known
+        self.vocabulary: torch.Tensor | None = None
 
     @property
     def trained_layers(self) -> list[int]:

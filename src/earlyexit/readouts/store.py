@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from earlyexit.engine.engine import LayerEngine
@@ -74,7 +75,10 @@ def load_readout(engine: LayerEngine, path: Path) -> ExitReadout:
         }
         adapter.load_state_dict(state)
         adapters[int(layer)] = adapter.requires_grad_(False)
-    return ExitReadout(engine, adapters)
+    readout = ExitReadout(engine, adapters)
+    if meta.get("vocabulary"):
+        readout.vocabulary = torch.tensor(meta["vocabulary"], dtype=torch.long)
+    return readout
 
 
 def default_readout(engine: LayerEngine, name: str = "default") -> ExitReadout:

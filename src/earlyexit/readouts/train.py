@@ -53,12 +53,14 @@ class TrainResult:
     config: TrainConfig
     metrics: list[LayerMetrics] = field(default_factory=list)
     seconds: float = 0.0
+    vocabulary: list[int] = field(default_factory=list)  # the teacher's ids, by id
 
     def metadata(self) -> dict:
         return {
             "config": asdict(self.config),
             "seconds": round(self.seconds, 1),
             "heldout": [asdict(m) for m in self.metrics],
+            "vocabulary": self.vocabulary,
         }
 
 
@@ -157,16 +159,19 @@ def distill(
     adapters: dict[int, LayerAdapter],
     states: HiddenStates,
     config: TrainConfig,
-) -> None:
-    """Tune all adapters jointly: minimise KL(final-layer distribution || readout)."""
+) -> torch.Tensor:
+    """Tune all adapters jointly: minimise KL(final-layer distribution || readout).
+
+    Returns the teacher vocabulary (the ids that carry the final layer's mass on this
+    corpus): a shallow exit can read out over those only (decoding/shallow_deep.py)."""
+    vocab = teacher_vocabulary(engine, states.final, config.vocab_top_k, config.vocab_size)
     if config.steps <= 0:
-        return
+        return vocab
     params = [p for adapter in adapters.values() for p in adapter.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     num_tokens = states.final.shape[0]
-    vocab = teacher_vocabulary(engine, states.final, config.vocab_top_k, config.vocab_size)
     engine.model.requires_grad_(False)
     bar = tqdm(range(config.steps), desc="distilling readouts", leave=False)
     for _ in bar:
@@ -185,6 +190,7 @@ def distill(
         optimizer.step()
         schedule.step()
         bar.set_postfix(kl=f"{total / max(1, len(adapters)):.3f}")
+    return vocab
 
 
 @torch.no_grad()
@@ -232,7 +238,7 @@ def train_readout(
     for layer, adapter in tqdm(adapters.items(), desc="least-squares fit", leave=False):
         if config.rank is None:
             fit_ridge(adapter, states.by_layer[layer], states.final, config.ridge)
-    distill(engine, adapters, states, config)
+    vocabulary = distill(engine, adapters, states, config)
     del states
     readout = ExitReadout(engine, adapters)
     if heldout_chunks is None:
@@ -244,4 +250,5 @@ def train_readout(
         )
     heldout = collect_hidden(engine, heldout_chunks, layers, desc="held-out hidden states")
     metrics = evaluate(engine, readout, heldout)
-    return TrainResult(readout, config, metrics, time.perf_counter() - began)
+    readout.vocabulary = vocabulary
+    return TrainResult(readout, config, metrics, time.perf_counter() - began, vocabulary.tolist())
