@@ -124,3 +124,21 @@ def test_calm_copies_states_and_differs_from_exact_catch_up(smol: LayerEngine) -
     some = decode_calm(smol, shallow, PROMPT, config, Threshold(0.2))
     assert 0 < some.shallow_fraction < 1
     assert some.layer_tokens < never.layer_tokens
+
+
+def test_calibrated_threshold_meets_tolerance(smol: LayerEngine) -> None:
+    from earlyexit.decoding.calibrate import calibrated_threshold, confidence_pairs
+
+    config = DecodeConfig(max_new_tokens=12, stop_at_eos=False)
+    confs, agreed = confidence_pairs(smol, _shallow(smol), [PROMPT], config)
+    assert len(confs) == 11 and confs.min() >= 0 and confs.max() <= 1
+    for tolerance in (0.0, 0.2, 0.5):
+        level = calibrated_threshold(confs, agreed, tolerance)
+        exits = confs >= level
+        if exits.any():
+            assert (~agreed[exits]).mean() <= tolerance
+    # by hand: sorted confidences 0.9 (ok), 0.8 (wrong), 0.7 (ok), 0.6 (ok)
+    confs = np.array([0.7, 0.9, 0.6, 0.8])
+    agreed = np.array([True, True, True, False])
+    assert calibrated_threshold(confs, agreed, 0.0) == 0.9
+    assert calibrated_threshold(confs, agreed, 0.25) == 0.6

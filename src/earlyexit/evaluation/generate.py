@@ -38,6 +38,8 @@ class GenConfig:
     max_new_tokens: int | None = None  # None: the task's own
     target: float = 0.9  # FREE's adaptive threshold: posterior agreement to reach
     initial_threshold: float = 0.9
+    calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
+    calibration_prompts: int = 8  # held-out instructions (tasks/generation.py) for `calm`
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
@@ -63,8 +65,8 @@ def build_decoder(
         return lambda prompt, cfg: decode_full(engine, prompt, cfg)
     if name == "static":
         return lambda prompt, cfg: decode_static(engine, shallow, prompt, cfg)
-    if name == "calm":  # CALM's thresholds are fixed (calibrated offline); default 0.9
-        level = fixed if fixed is not None else 0.9
+    if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
+        level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
     if name in ("free", "lossless"):
         lossless = name == "lossless"
@@ -72,6 +74,21 @@ def build_decoder(
             engine, shallow, prompt, cfg, threshold(), lossless=lossless
         )
     raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+
+
+def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> float:
+    """CALM's threshold, calibrated on held-out instructions (never evaluation items)."""
+    from earlyexit.decoding.calibrate import calibrated_threshold, confidence_pairs
+    from earlyexit.tasks.generation import self_distill_instructions
+
+    prompts = [
+        render_prompt(engine.tokenizer, text)
+        for text in self_distill_instructions(config.calibration_prompts)
+    ]
+    confs, agreed = confidence_pairs(
+        engine, shallow, prompts, DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+    )
+    return calibrated_threshold(confs, agreed, config.calm_tolerance)
 
 
 def bench_generation(
