@@ -362,13 +362,20 @@ def _custom_task(data: Path, text_column: str, label_column: str, labels: str | 
     return load_custom_task(data, text_column, label_column, label_words, seed=seed)
 
 
-def render_records(records: list[dict], title: str) -> Table:
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A results table: the first two columns (task, method) left-aligned, numbers right."""
     table = Table(title=title)
+    for index, col in enumerate(columns):
+        table.add_column(col, justify="left" if index < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def render_records(records: list[dict], title: str) -> Table:
     cols = ["task", "method", "n", "quality", "full", "avg exit", "saved", "speedup", "ideal"]
-    for col in [*cols, "decide"]:
-        table.add_column(col, justify="left" if col in ("task", "method") else "right")
-    for r in records:
-        table.add_row(
+    rows = [
+        [
             r["task"],
             r["method"],
             str(r["n"]),
@@ -379,8 +386,10 @@ def render_records(records: list[dict], title: str) -> Table:
             f"{r['speedup']:.2f}x",
             f"{r['ideal_speedup']:.2f}x",
             f"{r['decision_overhead']:.1%}",
-        )
-    return table
+        ]
+        for r in records
+    ]
+    return _table(title, [*cols, "decide"], rows)
 
 
 @raee_app.command("build")
@@ -543,12 +552,9 @@ def bench_generate(
             title = f"{engine.loaded.name} {t.name}: shallow exit at layer {shallow_layer}"
             png = plot_generation_sweep(task_records, title, plots / f"gen-sweep-{t.name}.png")
             console.print(f"wrote {png}")
-    table = Table(title=f"{engine.loaded.name}: early-exit generation (batch 1, greedy)")
     cols = ["task", "method", "n", "quality", "full", "agree", "shallow", "layers", "tok/s"]
-    for col in [*cols, "speedup"]:
-        table.add_column(col, justify="left" if col in ("task", "method") else "right")
-    for r in records:
-        table.add_row(
+    rows = [
+        [
             r["task"],
             r["method"],
             str(r["n"]),
@@ -559,7 +565,11 @@ def bench_generate(
             f"{r['avg_layers']:.1f}",
             f"{r['tokens_per_s']:.1f}",
             f"{r['speedup']:.2f}x",
-        )
+        ]
+        for r in records
+    ]
+    title = f"{engine.loaded.name}: early-exit generation (batch 1, greedy)"
+    table = _table(title, [*cols, "speedup"], rows)
     console.print(table)
     if json_path:
         write_json({"model": engine.loaded.name, "records": records}, json_path)

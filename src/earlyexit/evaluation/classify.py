@@ -34,20 +34,14 @@ def _batches(prompts: list[str], batch: int) -> list[list[str]]:
 
 
 @torch.inference_mode()
-def collect_states(
-    engine: LayerEngine, prompts: list[str], batch: int = 8, timing: list[float] | None = None
-) -> torch.Tensor:
+def collect_states(engine: LayerEngine, prompts: list[str], batch: int = 8) -> torch.Tensor:
     """The last position's output of every layer for every prompt: [N, L, H] (float32).
 
     One full-depth pass; any readout's per-layer traces follow from these states without
-    running the model again (`readout_traces`). It is also the full model's timed reference
-    run: with `timing`, the seconds spent in the forward passes (tokenisation excluded, the
-    same span `run_policy` times) are appended to it."""
+    running the model again (`readout_traces`)."""
     out = []
-    seconds = 0.0
     for chunk in tqdm(_batches(prompts, batch), desc="full-depth pass", leave=False):
         ids, pad = engine.encode(chunk)
-        began = time.perf_counter()
         cache = engine.new_cache(len(chunk), capacity=ids.shape[1], pad=pad)
         hidden = engine.embed(ids)
         per_layer = []
@@ -55,9 +49,6 @@ def collect_states(
             hidden = engine.run_layers(hidden, cache, layer, layer + 1)
             per_layer.append(hidden[:, -1])
         out.append(torch.stack(per_layer, dim=1).float())
-        seconds += time.perf_counter() - began
-    if timing is not None:
-        timing.append(seconds)
     return torch.cat(out)
 
 

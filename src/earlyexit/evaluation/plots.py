@@ -7,13 +7,31 @@ from pathlib import Path
 from earlyexit.paths import atomic_file
 
 
-def plot_sweep(points: list[dict], full_quality: float, title: str, path: Path) -> Path:
+def _figure():  # noqa: ANN202 - (Figure, Axes)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    return plt.subplots(figsize=(6.4, 4.4), dpi=120)
+
+
+def _save(fig, ax, title: str, path: Path) -> Path:  # noqa: ANN001
+    """Title, grid, legend; written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(points: list[dict], full_quality: float, title: str, path: Path) -> Path:
+    fig, ax = _figure()
     families = sorted({p["family"] for p in points}, key=[p["family"] for p in points].index)
     for family in families:
         rows = sorted((p for p in points if p["family"] == family), key=lambda p: p["layers_saved"])
@@ -29,25 +47,13 @@ def plot_sweep(points: list[dict], full_quality: float, title: str, path: Path) 
     ax.axhline(full_quality, color="black", linestyle="--", linewidth=1, label="full model")
     ax.set_xlabel("layers saved (fraction)")
     ax.set_ylabel(points[0].get("metric", "quality") if points else "quality")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, title, path)
 
 
 def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
     """Quality against measured speedup for each thresholded decoding family (calm:T,
     free:T), one point per threshold, with the full model at (1, full quality)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = _figure()
     families: dict[str, list[dict]] = {}
     for r in records:
         name, _, arg = r["method"].partition(":")
@@ -68,11 +74,4 @@ def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
         ax.scatter([1.0], [records[0]["full_quality"]], color="black", label="full model")
     ax.set_xlabel("speedup (tokens/s over full, same run)")
     ax.set_ylabel(records[0]["metric"] if records else "quality")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, title, path)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 
 from earlyexit.evaluation.runner import RAEE_SLACK, TaskEvaluation
-from earlyexit.policies.adainfer import first_exits, trace_features
+from earlyexit.policies.adainfer import (
+    calibrate_margin,
+    first_exits,
+    fit_adainfer,
+    trace_features,
+)
 from earlyexit.policies.base import readout_features
 from earlyexit.policies.raee import RAEEPolicy
 
@@ -66,8 +71,6 @@ def sweep_task(ev: TaskEvaluation, families: tuple[str, ...] | None = None) -> l
     for family, stopper in (("adainfer", "svm"), ("adainfer-crf", "crf")):
         if family not in families or cal is None:
             continue
-        from earlyexit.policies.adainfer import calibrate_margin, fit_adainfer
-
         policy = fit_adainfer(cal.traces, tolerance=None, stopper=stopper)
         cal_scores = policy.online_scores(trace_features(cal.traces))
         test_scores = policy.online_scores(trace_features(traces))

@@ -41,6 +41,19 @@ def layer_features(
     return feats if vocab is None else torch.cat([feats, vocab.float()], dim=-1)
 
 
+def stopper_features(
+    use_vocab: bool,
+    logits: torch.Tensor,
+    layer: int,
+    num_layers: int,
+    vocab: torch.Tensor | None,
+) -> torch.Tensor:
+    """A live reading's features for a stopper trained with (or without) vocab statistics."""
+    if use_vocab and vocab is None:
+        raise ValueError("this stopper needs full-vocabulary statistics")
+    return layer_features(logits, layer, num_layers, vocab if use_vocab else None)
+
+
 def trace_features(traces: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """[N, L, F] features of every layer from traces [N, L, C] (and vocab stats [N, L, 2])."""
     num_layers = traces.shape[1]
@@ -140,9 +153,7 @@ class AdaInferPolicy(ExitPolicy):
     def should_exit(
         self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.use_vocab and vocab is None:
-            raise ValueError("this stopper needs full-vocabulary statistics")
-        feats = layer_features(logits, layer, num_layers, vocab if self.use_vocab else None)
+        feats = stopper_features(self.use_vocab, logits, layer, num_layers, vocab)
         return self.decision(feats) > self.margin
 
     def describe(self) -> dict:

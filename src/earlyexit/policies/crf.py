@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.policies.adainfer import feature_names, layer_features
+from earlyexit.policies.adainfer import feature_names, stopper_features
 from earlyexit.policies.base import ExitPolicy
 
 BINS = 10
@@ -80,9 +80,7 @@ class CRFStopPolicy(ExitPolicy):
     def should_exit(
         self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.use_vocab and vocab is None:
-            raise ValueError("this stopper needs full-vocabulary statistics")
-        feats = layer_features(logits, layer, num_layers, vocab if self.use_vocab else None)
+        feats = stopper_features(self.use_vocab, logits, layer, num_layers, vocab)
         scores = []
         for prefix, row in zip(self._history, feats.tolist(), strict=True):
             prefix.append(item_features(row, self._names, num_layers))
