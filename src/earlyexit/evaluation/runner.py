@@ -53,7 +53,8 @@ METHODS = (
 # The `raee` method's default slack, chosen by leave-one-out on an SST-2 *training* database
 # (240 examples, k=12): accuracy 0.842 / 0.842 / 0.846 / 0.850 at slack 0 / .05 / .1 / .2
 # with 20% / 28% / 34% / 42% of layers saved; 0.1 sits inside the flat region. The paper
-# rule (`raee-paper`) keeps its argmax (slack 0).
+# rule (`raee-paper`) keeps its argmax (slack 0). The leave-one-out was a one-off script,
+# not part of the package.
 RAEE_SLACK = 0.1
 REFERENCE = "(full reference)"
 READOUTS = ("probe", "general")
