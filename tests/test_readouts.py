@@ -119,3 +119,26 @@ def test_cli_train_then_report(smol: LayerEngine, tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(readout_dir(smol, name), ignore_errors=True)
+
+
+def test_self_generated_text_is_cached(
+    smol: LayerEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from earlyexit.readouts import self_distill
+
+    monkeypatch.setenv("EARLYEXIT_HOME", str(tmp_path))
+    prompts = ["Say hello.", "Name a colour."]
+    first = self_distill.cached_self_generated_chunks(smol, prompts, 6, 8)
+    assert first.shape[1] == 8 and first.shape[0] >= 1
+    files = list((tmp_path / "self-distill").rglob("*.pt"))
+    assert len(files) == 1 and not list(files[0].parent.glob(".*"))
+
+    def regenerate(*args: object) -> torch.Tensor:
+        raise AssertionError("the cached text should have been reused")
+
+    monkeypatch.setattr(self_distill, "self_generated_chunks", regenerate)
+    assert torch.equal(self_distill.cached_self_generated_chunks(smol, prompts, 6, 8), first)
+    files[0].write_bytes(b"damaged")  # a damaged cache file is regenerated
+    monkeypatch.undo()
+    monkeypatch.setenv("EARLYEXIT_HOME", str(tmp_path))
+    assert torch.equal(self_distill.cached_self_generated_chunks(smol, prompts, 6, 8), first)

@@ -155,7 +155,7 @@ def heads_train(
     )
     chunks = heldout = None
     if self_distill:
-        from earlyexit.readouts.self_distill import self_generated_chunks
+        from earlyexit.readouts.self_distill import cached_self_generated_chunks
         from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
         prompts = [
@@ -163,8 +163,12 @@ def heads_train(
             for text in self_distill_instructions(self_distill)
         ]
         split = max(1, len(prompts) // 10)  # a tenth held out for the report
-        chunks = self_generated_chunks(engine, prompts[split:], max_new_tokens, config.seq_len)
-        heldout = self_generated_chunks(engine, prompts[:split], max_new_tokens, config.seq_len)
+        chunks = cached_self_generated_chunks(
+            engine, prompts[split:], max_new_tokens, config.seq_len
+        )
+        heldout = cached_self_generated_chunks(
+            engine, prompts[:split], max_new_tokens, config.seq_len
+        )
         config.corpus = config.heldout_corpus = f"self-generated ({self_distill} prompts)"
     result = train_readout(engine, config, chunks, heldout)
     path = save_readout(result.readout, readout_dir(engine, name), result.metadata())
@@ -458,6 +462,9 @@ def raee_inspect(
 
 
 SHALLOW_OPT = typer.Option(20, min=1, help="Shallow exit layer k (1..L-1).")
+TEMPERATURE_OPT = typer.Option(0.0, min=0.0, help="Sampling temperature (0: greedy).")
+TOP_P_OPT = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature).")
+SEED_OPT = typer.Option(0, help="Sampling seed (per prompt).")
 RESTRICT_OPT = typer.Option(
     False,
     "--restrict-vocab",
@@ -490,18 +497,26 @@ def generate_command(
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap (top1 - top2) or top1."),
     restrict: bool = RESTRICT_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: int = SEED_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
 ) -> None:
-    """Generate with early exit (greedy, batch 1) and say how many tokens exited shallow."""
+    """Generate with early exit (batch 1) and say how many tokens exited shallow."""
+    from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.decoding.shallow_deep import DecodeConfig
     from earlyexit.evaluation.generate import GenConfig, build_decoder
     from earlyexit.tasks.generation import render_prompt
 
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
-    decoder = build_decoder(method, engine, shallow, GenConfig())
+    sampling = SamplingConfig(temperature, top_p, seed)
+    # a few calibration prompts only: one answer does not repay the eight of `bench`
+    config = GenConfig(sampling=sampling, calibration_prompts=3)
+    decoder = build_decoder(method, engine, shallow, config)
     result = decoder(
-        render_prompt(engine.tokenizer, prompt), DecodeConfig(max_new_tokens=max_new_tokens)
+        render_prompt(engine.tokenizer, prompt),
+        DecodeConfig(max_new_tokens=max_new_tokens, sampling=sampling),
     )
     console.print(engine.tokenizer.decode(result.tokens, skip_special_tokens=True), highlight=False)
     console.print(
@@ -523,6 +538,9 @@ def bench_generate(
     target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
     restrict: bool = RESTRICT_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: int = SEED_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     sweep: str | None = typer.Option(
         None, help="Thresholds, e.g. 0.3,0.5,0.7,0.9: adds calm:T and free:T for each."
@@ -531,6 +549,7 @@ def bench_generate(
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
+    from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.evaluation.generate import GenConfig, bench_generation
     from earlyexit.reporting import write_json
     from earlyexit.tasks.generation import get_generation_task
@@ -541,7 +560,8 @@ def bench_generate(
         methods += [f"calm:{level}", f"free:{level}"]
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
-    config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target)
+    sampling = SamplingConfig(temperature, top_p, seed)
+    config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target, sampling=sampling)
     records = []
     for t in tasks:
         task_records = bench_generation(engine, shallow, t, methods, config)
@@ -565,11 +585,13 @@ def bench_generate(
             f"{r['avg_layers']:.1f}",
             f"{r['tokens_per_s']:.1f}",
             f"{r['speedup']:.2f}x",
+            f"{r['e2e_speedup']:.2f}x",
         ]
         for r in records
     ]
-    title = f"{engine.loaded.name}: early-exit generation (batch 1, greedy)"
-    table = _table(title, [*cols, "speedup"], rows)
+    how = "greedy" if sampling.greedy else f"sampled, T={temperature}, top-p={top_p}"
+    title = f"{engine.loaded.name}: early-exit generation (batch 1, {how})"
+    table = _table(title, [*cols, "speedup", "with prefill"], rows)
     console.print(table)
     if json_path:
         write_json({"model": engine.loaded.name, "records": records}, json_path)

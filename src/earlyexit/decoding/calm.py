@@ -1,5 +1,6 @@
 """CALM-style decoding (Schuster et al., 2022): per-token exit on confidence, with the
-skipped layers' keys/values filled by copying the exit state (batch 1, greedy).
+skipped layers' keys/values filled by copying the exit state (batch 1;
+greedy or sampled).
 
 The baseline FREE improves on: a token that exits at layer k is emitted at once and never
 revisited; later tokens attend, in layers k..L, to keys/values computed from its layer-k
@@ -13,6 +14,7 @@ import time
 
 import torch
 
+from earlyexit.decoding.sampling import Sampler
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     DecodeResult,
@@ -35,23 +37,25 @@ def decode_calm(
     ids = prompt_ids(engine, prompt)
     stopping = Stopping(engine, config)
     k, total = shallow.layer, engine.num_layers
+    sampler = Sampler(config.sampling)
     began = time.perf_counter()
     state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
     cache = state.cache
-    first = int(engine.logits(state.hidden[:, -1]).argmax(-1))
+    first = sampler.pick(engine.logits(state.hidden[:, -1]))
     result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
+    result.prefill_seconds = time.perf_counter() - began
     while not stopping.done(result.tokens):
         hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
-        conf, token = shallow.predict(hidden[:, -1])
-        if conf >= threshold.value:
+        guess = shallow.guess(hidden[:, -1], sampler)
+        if guess.confidence >= threshold.value:
             engine.copy_state_kv(hidden, cache, k, total)
             result.layer_tokens += k
-            result.tokens.append(token)
+            result.tokens.append(guess.token)
             result.exit_layers.append(k)
             continue
         hidden = engine.run_layers(hidden, cache, k, total)
         result.layer_tokens += total
-        result.tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
+        result.tokens.append(sampler.pick(engine.logits(hidden[:, -1])))
         result.exit_layers.append(total)
     result.seconds = time.perf_counter() - began
     return result

@@ -1,4 +1,4 @@
-"""Greedy early-exit decoding with a shallow-deep module (batch 1).
+"""Early-exit decoding with a shallow-deep module (batch 1; greedy or sampled).
 
 Every token runs the shallow layers [0, k) and is read out there. If the shallow readout
 is confident enough the token is emitted at once and its layer-k state is *stacked*; the
@@ -11,7 +11,13 @@ The same pass yields the deep prediction for every stacked token, which serves t
 - FREE's adaptive threshold learns from (shallow confidence, shallow == deep) pairs;
 - `lossless` mode compares them with what was emitted and rolls back from the first
   mismatch (self-speculative decoding with the shallow exit as the draft model), so the
-  output equals full-depth greedy decoding token for token.
+  output equals full-depth greedy decoding token for token; when sampling, drafts are
+  accepted by the speculative-sampling rule (decoding/sampling.py), so the output follows
+  the full model's sampling distribution exactly.
+
+Batch >= 2 is not offered: rows exit at different tokens, so their deep layers would hold
+different numbers of slots, and a catch-up for one row stalls the others; on this
+weight-bandwidth-bound CPU, batching already buys more than exits do (see BENCHMARKS).
 
 Methods: `full` (the reference), `static` (every token at layer k, the prompt too),
 `free` (fixed or adaptive threshold), `lossless`.
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit.decoding.sampling import Sampler, SamplingConfig
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout
@@ -36,19 +43,26 @@ class DecodeConfig:
     stop_strings: tuple[str, ...] = ()
     stop_at_eos: bool = True
     max_stack: int = 16  # at most this many shallow tokens before a deep pass is forced
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
 
 
 @dataclass
 class DecodeResult:
     tokens: list[int]
     exit_layers: list[int]  # the layer that produced each emitted token (k or L)
-    seconds: float
+    seconds: float  # wall time of the whole request, prefill included
     layer_tokens: int  # decoder-layer applications spent (token x layer)
     catchups: int = 0
     rollbacks: int = 0
     pairs: list[tuple[float, bool]] = field(default_factory=list)  # (confidence, agreed)
 
     num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
+    prefill_seconds: float = 0.0  # up to the first token: the same work for every method
+
+    @property
+    def decode_seconds(self) -> float:
+        """Time spent on tokens 2..n, the part early exit can speed up."""
+        return self.seconds - self.prefill_seconds
 
     @property
     def shallow_fraction(self) -> float:
@@ -61,6 +75,16 @@ def confidence(logits: torch.Tensor, measure: str = "gap") -> tuple[torch.Tensor
     top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
     value = top.values[..., 0] - top.values[..., 1] if measure == "gap" else top.values[..., 0]
     return value, top.indices[..., 0]
+
+
+@dataclass
+class Guess:
+    """What the shallow exit says about the next token."""
+
+    confidence: float  # of the untempered readout (the exit criterion)
+    top: int  # its argmax: what agreement with the deep layers is judged on
+    token: int  # the token to emit: `top` when greedy, else a draw
+    probs: torch.Tensor | None = None  # full-vocabulary draft distribution (sampling only)
 
 
 class ShallowExit:
@@ -95,11 +119,26 @@ class ShallowExit:
             ids.append(eos)
         return cls(readout, layer, torch.tensor(sorted(ids)), measure)
 
+    def _token(self, index: int) -> int:
+        return index if self.vocab is None else int(self.vocab[index])
+
     def predict(self, hidden: torch.Tensor) -> tuple[float, int]:
+        """(confidence, argmax token) of the readout on one state."""
+        guess = self.guess(hidden)
+        return guess.confidence, guess.top
+
+    def guess(self, hidden: torch.Tensor, sampler: Sampler | None = None) -> Guess:
         logits = self.readout.logits(hidden.reshape(1, -1), self.layer, self.vocab)[0]
         conf, index = confidence(logits, self.measure)
-        token = int(index) if self.vocab is None else int(self.vocab[index])
-        return float(conf), token
+        top = self._token(int(index))
+        if sampler is None or sampler.greedy:
+            return Guess(float(conf), top, top)
+        probs = sampler.probs(logits)
+        token = self._token(sampler.draw(probs))
+        if self.vocab is not None:  # zero outside the rows read: q must cover the vocabulary
+            vocab_size = self.readout.engine.vocab_size
+            probs = torch.zeros(vocab_size).index_copy_(0, self.vocab, probs)
+        return Guess(float(conf), top, token, probs)
 
 
 class Threshold:
@@ -142,18 +181,25 @@ def decode_full(
     """Full-depth greedy decoding: the reference for speed and for output identity."""
     ids = prompt_ids(engine, prompt)
     stopping = Stopping(engine, config)
+    sampler = Sampler(config.sampling)
     began = time.perf_counter()
     state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
-    tokens = [int(engine.logits(state.hidden[:, -1]).argmax(-1))]
+    tokens = [sampler.pick(engine.logits(state.hidden[:, -1]))]
+    prefill_seconds = time.perf_counter() - began
     total = engine.num_layers
     while not stopping.done(tokens):
         hidden = engine.run_layers(
             engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, total
         )
-        tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
+        tokens.append(sampler.pick(engine.logits(hidden[:, -1])))
     seconds = time.perf_counter() - began
     return DecodeResult(
-        tokens, [total] * len(tokens), seconds, total * (len(tokens) - 1), num_layers=total
+        tokens,
+        [total] * len(tokens),
+        seconds,
+        total * (len(tokens) - 1),
+        num_layers=total,
+        prefill_seconds=prefill_seconds,
     )
 
 
@@ -165,15 +211,22 @@ def decode_static(
     ids = prompt_ids(engine, prompt)
     stopping = Stopping(engine, config)
     k = shallow.layer
+    sampler = Sampler(config.sampling)
     began = time.perf_counter()
     state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1, upto=k)
-    tokens = [shallow.predict(state.hidden[:, -1])[1]]
+    tokens = [shallow.guess(state.hidden[:, -1], sampler).token]
+    prefill_seconds = time.perf_counter() - began
     while not stopping.done(tokens):
         hidden = engine.run_layers(engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, k)
-        tokens.append(shallow.predict(hidden[:, -1])[1])
+        tokens.append(shallow.guess(hidden[:, -1], sampler).token)
     seconds = time.perf_counter() - began
     return DecodeResult(
-        tokens, [k] * len(tokens), seconds, k * (len(tokens) - 1), num_layers=engine.num_layers
+        tokens,
+        [k] * len(tokens),
+        seconds,
+        k * (len(tokens) - 1),
+        num_layers=engine.num_layers,
+        prefill_seconds=prefill_seconds,
     )
 
 
@@ -188,55 +241,75 @@ def decode_shallow_deep(
     on_step: Callable[[DecodeResult], None] | None = None,
 ) -> DecodeResult:
     """FREE's synchronized parallel decoding; with `lossless`, verified against the deep
-    predictions and rolled back from the first mismatch (identical to greedy decoding)."""
+    layers and rolled back from the first rejected draft (identical to full decoding:
+    token for token when greedy, in distribution when sampling)."""
     ids = prompt_ids(engine, prompt)
     stopping = Stopping(engine, config)
+    sampler = Sampler(config.sampling)
     k, total = shallow.layer, engine.num_layers
     began = time.perf_counter()
     state = engine.prefill(
         ids, capacity=ids.shape[1] + config.max_new_tokens + config.max_stack + 2
     )
     cache = state.cache
-    first = int(engine.logits(state.hidden[:, -1]).argmax(-1))
+    first = sampler.pick(engine.logits(state.hidden[:, -1]))
     result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
+    result.prefill_seconds = time.perf_counter() - began
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
-    drafts: list[tuple[int, float]] = []  # (token emitted shallow, its confidence)
+    drafts: list[Guess] = []  # the shallow guesses emitted for them
 
-    def catch_up(
-        current: torch.Tensor | None, guess: tuple[int, float] | None = None
-    ) -> int | None:
+    def verify(logits: torch.Tensor) -> tuple[int | None, int | None]:
+        """(index of the first rejected draft, the token that replaces it), or (None, None)."""
+        if sampler.greedy:
+            predicted = logits.argmax(-1).tolist()
+            for i, draft in enumerate(drafts):
+                if draft.token != predicted[i]:
+                    return i, predicted[i]
+            return None, None
+        for i, draft in enumerate(drafts):
+            assert draft.probs is not None
+            p = sampler.probs(logits[i])
+            if not sampler.accept(p, draft.probs, draft.token):
+                return i, sampler.resample(p, draft.probs)
+        return None, None
+
+    def catch_up(current: torch.Tensor | None, guess: Guess | None = None) -> int | None:
         """Run layers [k, L) over the stacked states (and the current input's); returns
-        the deep prediction after the current input, or None when a lossless rollback
+        the deep token after the current input, or None when a lossless rollback
         replaced the tail of the output."""
         states = stack + ([current] if current is not None else [])
         deep_len = cache.lengths[k]
         hidden = engine.run_layers(torch.cat(states, dim=1), cache, k, total)
         result.layer_tokens += (total - k) * len(states)
         result.catchups += 1
-        predicted = engine.logits(hidden[0]).argmax(-1).tolist()
-        pairs = [(conf, tok == predicted[i]) for i, (tok, conf) in enumerate(drafts)]
-        mismatch = next((i for i, (_, agreed) in enumerate(pairs) if not agreed), None)
-        if lossless and mismatch is not None:
-            pairs = pairs[: mismatch + 1]  # later drafts followed a wrong token
+        logits = engine.logits(hidden[0])
+        tops = logits.argmax(-1).tolist()
+        # the threshold learns whether the shallow argmax matched the deep one
+        pairs = [(d.confidence, d.top == tops[i]) for i, d in enumerate(drafts)]
+        rejected, replacement = verify(logits) if lossless else (None, None)
+        if rejected is not None:
+            pairs = pairs[: rejected + 1]  # later drafts followed a rejected token
         elif guess is not None:  # the current token's shallow guess, below the threshold
-            pairs.append((guess[1], guess[0] == predicted[-1]))
+            pairs.append((guess.confidence, guess.top == tops[-1]))
         result.pairs += pairs
         threshold.observe(pairs)
         stacked = len(stack)
         stack.clear()
         drafts.clear()
-        if lossless and mismatch is not None:
-            # drafts[mismatch] was the token after stacked input `mismatch`: everything
-            # emitted from it on is replaced by the deep prediction, and the slots of
-            # the inputs after that one are forgotten in every layer
-            keep = len(result.tokens) - (stacked - mismatch)
+        if rejected is not None and replacement is not None:
+            # drafts[rejected] was the token after stacked input `rejected`: everything
+            # emitted from it on is replaced, and the slots of the inputs after that one
+            # are forgotten in every layer
+            keep = len(result.tokens) - (stacked - rejected)
             del result.tokens[keep:], result.exit_layers[keep:]
-            cache.truncate(deep_len + mismatch + 1)
-            result.tokens.append(predicted[mismatch])
+            cache.truncate(deep_len + rejected + 1)
+            result.tokens.append(replacement)
             result.exit_layers.append(total)
             result.rollbacks += 1
             return None
-        return predicted[-1] if current is not None else None
+        if current is None:
+            return None
+        return tops[-1] if sampler.greedy else sampler.pick(logits[-1])
 
     while True:
         if stopping.done(result.tokens):
@@ -246,14 +319,14 @@ def decode_shallow_deep(
             break
         hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
         result.layer_tokens += k
-        conf, token = shallow.predict(hidden[:, -1])
-        if conf >= threshold.value and len(stack) < config.max_stack:
+        guess = shallow.guess(hidden[:, -1], sampler)
+        if guess.confidence >= threshold.value and len(stack) < config.max_stack:
             stack.append(hidden)
-            drafts.append((token, conf))
-            result.tokens.append(token)
+            drafts.append(guess)
+            result.tokens.append(guess.token)
             result.exit_layers.append(k)
         else:
-            deep = catch_up(hidden, (token, conf))
+            deep = catch_up(hidden, guess)
             if deep is not None:
                 result.tokens.append(deep)
                 result.exit_layers.append(total)

@@ -1,19 +1,26 @@
 """`earlyexit bench generate`: decoding methods side by side on a generation task.
 
 Every method decodes the same prompts at batch 1 with the same threads, after one untimed
-warm-up decode, prompt by prompt in turn; tokens/s counts generated tokens over decode wall
-time (prefill included, tokenisation excluded), and speedup is a method's tokens/s over
-full's in the same run.
+warm-up decode, prompt by prompt in turn. Two rates, both over full's in the same run:
+- `tokens_per_s` / `speedup`: the decode phase, tokens 2..n over the time after the first
+  token. Prefill and the first token are full-depth work in every method (bar `static`),
+  so this is the part early exit changes, and what per-token latency papers report;
+- `e2e_tokens_per_s` / `e2e_speedup`: all tokens over the whole request, prefill
+  included (tokenisation excluded): what a user waiting on one answer sees, diluted by
+  the prompt's length.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.decoding.calm import decode_calm
+from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     DecodeResult,
@@ -39,7 +46,9 @@ class GenConfig:
     target: float = 0.9  # FREE's adaptive threshold: posterior agreement to reach
     initial_threshold: float = 0.9
     calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
-    calibration_prompts: int = 8  # held-out instructions (tasks/generation.py) for `calm`
+    # held-out instructions (tasks/generation.py) that calibrate `calm` and warm-start `free`
+    calibration_prompts: int = 8
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
@@ -56,10 +65,14 @@ def build_decoder(
     except ValueError:
         raise EarlyExitError(f"bad threshold in method '{spec}'") from None
 
-    def threshold() -> Threshold:  # a fresh one per prompt: FREE adapts within a sequence
-        if fixed is not None:
-            return Threshold(fixed)
-        return BetaMixtureThreshold(config.target, config.initial_threshold)
+    # one threshold per decoder, kept across prompts: FREE fits it online over the stream
+    # of requests (a 48-token answer alone holds too few disagreements to fit a mixture),
+    # warm-started from the same held-out calibration pairs `calm` is calibrated on
+    shared = Threshold(fixed) if fixed is not None else Threshold(config.initial_threshold)
+    if fixed is None and name in ("free", "lossless"):
+        shared = BetaMixtureThreshold(config.target, config.initial_threshold)
+        confs, agreed = calibration_pairs(engine, shallow, config)
+        shared.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
 
     if name == "full":
         return lambda prompt, cfg: decode_full(engine, prompt, cfg)
@@ -71,23 +84,40 @@ def build_decoder(
     if name in ("free", "lossless"):
         lossless = name == "lossless"
         return lambda prompt, cfg: decode_shallow_deep(
-            engine, shallow, prompt, cfg, threshold(), lossless=lossless
+            engine, shallow, prompt, cfg, shared, lossless=lossless
         )
     raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
 
 
-def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> float:
-    """CALM's threshold, calibrated on held-out instructions (never evaluation items)."""
-    from earlyexit.decoding.calibrate import calibrated_threshold, confidence_pairs
+# per shallow exit (weakly held: a discarded exit takes its pairs with it)
+_PAIRS: weakref.WeakKeyDictionary[ShallowExit, dict] = weakref.WeakKeyDictionary()
+
+
+def calibration_pairs(
+    engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, agreed) per token of full decoding of held-out instructions (never
+    evaluation items); computed once per shallow exit and setting."""
+    from earlyexit.decoding.calibrate import confidence_pairs
     from earlyexit.tasks.generation import self_distill_instructions
 
-    prompts = [
-        render_prompt(engine.tokenizer, text)
-        for text in self_distill_instructions(config.calibration_prompts)
-    ]
-    confs, agreed = confidence_pairs(
-        engine, shallow, prompts, DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
-    )
+    cached = _PAIRS.setdefault(shallow, {})
+    key = (config.calibration_prompts, config.max_new_tokens)
+    if key not in cached:
+        prompts = [
+            render_prompt(engine.tokenizer, text)
+            for text in self_distill_instructions(config.calibration_prompts)
+        ]
+        decode = DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+        cached[key] = confidence_pairs(engine, shallow, prompts, decode)
+    return cached[key]
+
+
+def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> float:
+    """CALM's threshold: at most `calm_tolerance` disagreement on the calibration pairs."""
+    from earlyexit.decoding.calibrate import calibrated_threshold
+
+    confs, agreed = calibration_pairs(engine, shallow, config)
     return calibrated_threshold(confs, agreed, config.calm_tolerance)
 
 
@@ -103,7 +133,9 @@ def bench_generation(
         raise EarlyExitError(f"generation task '{task.name}' has no items")
     prompts = [render_prompt(engine.tokenizer, item.instruction) for item in items]
     references = [item.references for item in items]
-    decode_config = DecodeConfig(max_new_tokens=config.max_new_tokens or task.max_new_tokens)
+    decode_config = DecodeConfig(
+        max_new_tokens=config.max_new_tokens or task.max_new_tokens, sampling=config.sampling
+    )
     decoders = {spec: build_decoder(spec, engine, shallow, config) for spec in methods}
     if "full" not in decoders:
         decoders = {"full": build_decoder("full", engine, shallow, config), **decoders}
@@ -122,7 +154,8 @@ def bench_generation(
         ]
 
     full_texts = texts(runs["full"])
-    full_rate = _tokens_per_s(runs["full"])
+    full_rate = _decode_rate(runs["full"])
+    full_e2e_rate = _tokens_per_s(runs["full"])
     full_scores = task_scores(task.metric, full_texts, references)
     records = []
     for spec in methods:
@@ -130,7 +163,8 @@ def bench_generation(
         outputs = texts(results)
         scores = task_scores(task.metric, outputs, references)
         generated = sum(len(r.tokens) for r in results)
-        rate = _tokens_per_s(results)
+        rate = _decode_rate(results)
+        e2e_rate = _tokens_per_s(results)
         records.append(
             {
                 "task": task.name,
@@ -152,6 +186,10 @@ def bench_generation(
                 "tokens": generated,
                 "tokens_per_s": rate,
                 "speedup": rate / full_rate,
+                "e2e_tokens_per_s": e2e_rate,
+                "e2e_speedup": e2e_rate / full_e2e_rate,
+                "prefill_share": sum(r.prefill_seconds for r in results)
+                / max(1e-9, sum(r.seconds for r in results)),
                 "rollbacks": sum(r.rollbacks for r in results),
                 "seconds": sum(r.seconds for r in results),
             }
@@ -161,3 +199,8 @@ def bench_generation(
 
 def _tokens_per_s(results: list[DecodeResult]) -> float:
     return sum(len(r.tokens) for r in results) / max(1e-9, sum(r.seconds for r in results))
+
+
+def _decode_rate(results: list[DecodeResult]) -> float:
+    tokens = sum(len(r.tokens) - 1 for r in results)
+    return tokens / max(1e-9, sum(r.decode_seconds for r in results))

@@ -9,10 +9,14 @@ final layer's distributions on exactly the kind of text it will decode.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from tqdm.auto import tqdm
 
 from earlyexit.engine.engine import LayerEngine
+from earlyexit.paths import atomic_file, home
 
 
 @torch.inference_mode()
@@ -36,3 +40,23 @@ def self_generated_chunks(
             stream += ids[row, int(pad[row]) :].tolist() + answer
     rows = len(stream) // seq_len
     return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def cached_self_generated_chunks(
+    engine: LayerEngine, prompts: list[str], max_new_tokens: int, seq_len: int
+) -> torch.Tensor:
+    """`self_generated_chunks`, kept on disk: generating is most of a shallow exit's
+    training time (minutes on 2 cores), and the text depends only on these arguments."""
+    key = json.dumps([engine.fingerprint, prompts, max_new_tokens, seq_len])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = home() / "self-distill" / engine.loaded.name / f"{digest}.pt"
+    if path.exists():
+        try:
+            return torch.load(path)
+        except Exception:  # a damaged cache file is regenerated, not fatal  # noqa: BLE001
+            pass
+    chunks = self_generated_chunks(engine, prompts, max_new_tokens, seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save(chunks, tmp)
+    return chunks

@@ -1,0 +1,48 @@
+"""`earlyexit generate` and `earlyexit bench generate` end to end on real weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from earlyexit.cli.main import app
+
+runner = CliRunner()
+PROMPT = "Summarize: Anna wants to meet Tom at the station at five, but her train is late."
+
+
+def _generate(*args: str) -> str:
+    result = runner.invoke(app, ["generate", PROMPT, "--max-new-tokens", "8", *args])
+    assert result.exit_code == 0, result.output
+    *text, stats = result.stdout.strip().splitlines()  # the text, then a stats line
+    assert "tokens/s" in stats
+    return "\n".join(text).strip()
+
+
+def test_generate_methods_from_the_cli() -> None:
+    full = _generate("--method", "full")
+    assert full
+    assert _generate("--method", "lossless:0.0") == full  # drafts every token, still exact
+    for method in ("free", "calm:0.5", "static"):
+        _generate("--method", method)
+    sampled = ["--method", "free:0.3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
+    assert _generate(*sampled) == _generate(*sampled)
+    bad = runner.invoke(app, ["generate", PROMPT, "--method", "fastest"])
+    assert bad.exit_code != 0 and "unknown generation method 'fastest'" in bad.output
+
+
+def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
+    out = tmp_path / "gen.json"
+    args = ["bench", "generate", "--task", "squad", "--limit", "2", "--max-new-tokens", "6"]
+    methods = "full,static,calm:0.5,free,lossless"
+    result = runner.invoke(app, [*args, "--method", methods, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert list(records) == methods.split(",")
+    keys = {"task", "method", "n", "quality", "full_quality", "agreement", "shallow_fraction"}
+    assert all(keys | {"avg_layers", "tokens_per_s", "speedup"} <= set(r) for r in records.values())
+    assert records["lossless"]["token_agreement"] == 1.0
+    assert records["static"]["shallow_fraction"] == 1.0 and records["full"]["avg_layers"] == 30
+    assert all(r["n"] == 2 and r["task"] == "squad" for r in records.values())
