@@ -258,13 +258,13 @@ def decode_shallow_deep(
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
     drafts: list[Guess] = []  # the shallow guesses emitted for them
 
-    def verify(logits: torch.Tensor) -> tuple[int | None, int | None]:
-        """(index of the first rejected draft, the token that replaces it), or (None, None)."""
+    def verify(logits: torch.Tensor, tops: list[int]) -> tuple[int | None, int | None]:
+        """(index of the first rejected draft, the token that replaces it), or (None, None);
+        `tops` are the deep argmaxes of `logits`."""
         if sampler.greedy:
-            predicted = logits.argmax(-1).tolist()
             for i, draft in enumerate(drafts):
-                if draft.token != predicted[i]:
-                    return i, predicted[i]
+                if draft.token != tops[i]:
+                    return i, tops[i]
             return None, None
         for i, draft in enumerate(drafts):
             assert draft.probs is not None
@@ -286,7 +286,7 @@ def decode_shallow_deep(
         tops = logits.argmax(-1).tolist()
         # the threshold learns whether the shallow argmax matched the deep one
         pairs = [(d.confidence, d.top == tops[i]) for i, d in enumerate(drafts)]
-        rejected, replacement = verify(logits) if lossless else (None, None)
+        rejected, replacement = verify(logits, tops) if lossless else (None, None)
         if rejected is not None:
             pairs = pairs[: rejected + 1]  # later drafts followed a rejected token
         elif guess is not None:  # the current token's shallow guess, below the threshold

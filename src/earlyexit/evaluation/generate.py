@@ -65,15 +65,6 @@ def build_decoder(
     except ValueError:
         raise EarlyExitError(f"bad threshold in method '{spec}'") from None
 
-    # one threshold per decoder, kept across prompts: FREE fits it online over the stream
-    # of requests (a 48-token answer alone holds too few disagreements to fit a mixture),
-    # warm-started from the same held-out calibration pairs `calm` is calibrated on
-    shared = Threshold(fixed) if fixed is not None else Threshold(config.initial_threshold)
-    if fixed is None and name in ("free", "lossless"):
-        shared = BetaMixtureThreshold(config.target, config.initial_threshold)
-        confs, agreed = calibration_pairs(engine, shallow, config)
-        shared.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
-
     if name == "full":
         return lambda prompt, cfg: decode_full(engine, prompt, cfg)
     if name == "static":
@@ -83,10 +74,21 @@ def build_decoder(
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
     if name in ("free", "lossless"):
         lossless = name == "lossless"
+        # one threshold per decoder, kept across prompts: FREE fits it online over the
+        # stream of requests (one 48-token answer holds too few disagreements to fit a
+        # mixture), warm-started from the held-out calibration pairs `calm` uses
+        shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
         return lambda prompt, cfg: decode_shallow_deep(
             engine, shallow, prompt, cfg, shared, lossless=lossless
         )
     raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+
+
+def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
+    threshold = BetaMixtureThreshold(config.target, config.initial_threshold)
+    confs, agreed = calibration_pairs(engine, shallow, config)
+    threshold.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
+    return threshold
 
 
 # per shallow exit (weakly held: a discarded exit takes its pairs with it)
