@@ -26,9 +26,10 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     assert result["threads"] == 1 and result["new_tokens"] == 4 and result["warmup"]
     records = result["records"]
     assert {(r["path"], r["batch"]) for r in records} == {
-        (path, batch) for path in ("hf", "engine") for batch in (1, 2)
+        (path, batch) for path in ("hf", "engine", "engine-plain") for batch in (1, 2)
     }
     for r in records:
+        assert r["path"] == "hf" or r["matches_hf"]  # F.linear or not, the same tokens
         assert r["dtype"] == "float32" and r["tokens_per_s"] > 0 and r["seconds"] > 0
     assert isinstance(result["engine_overhead"], float)
     costs = result["layer_costs"]["float32"]

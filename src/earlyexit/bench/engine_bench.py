@@ -19,6 +19,7 @@ import torch
 from rich.table import Table
 
 from earlyexit.engine import LayerEngine
+from earlyexit.engine.skinny import plain_linear
 from earlyexit.models import load_model
 from earlyexit.readouts.readout import ExitReadout
 
@@ -42,7 +43,7 @@ WARMUP = (
 
 @dataclass
 class DecodeRecord:
-    path: str  # "hf" or "engine"
+    path: str  # "hf", "engine" or "engine-plain" (engine/skinny.py off)
     dtype: str
     batch: int
     tokens_per_s: float  # decoded tokens per second, summed over the batch
@@ -91,7 +92,15 @@ def _decoders(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor) -> dict
             )
         return out[:, ids.shape[1] :]
 
-    return {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
+    def engine_plain(n: int) -> torch.Tensor:  # the engine with F.linear everywhere
+        with plain_linear(engine.model):
+            return engine.greedy(ids, n, pad)
+
+    return {
+        "hf": hf,
+        "engine": lambda n: engine.greedy(ids, n, pad),
+        "engine-plain": engine_plain,
+    }
 
 
 def _same_until_eos(engine_ids: torch.Tensor, hf_ids: torch.Tensor, eos: int | None) -> bool:
@@ -127,7 +136,7 @@ def _decode_records(
         decode = max(total - prefill, 1e-9)
         match = (
             _same_until_eos(outputs["engine"], outputs["hf"], engine.tokenizer.eos_token_id)
-            if path == "engine"
+            if path.startswith("engine")
             else None
         )
         records.append(
@@ -232,7 +241,8 @@ def render_table(result: dict[str, Any]) -> Table:
         title=f"{result['model']}: greedy decode of {result['new_tokens']} tokens "
         f"(prefill excluded), {result['threads']} threads"
     )
-    for col in ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens"):
+    cols = ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens")
+    for col in (*cols, "plain-linear engine tok/s", "skinny gain"):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     rows: dict[tuple[str, int], dict[str, dict]] = {}
     for r in result["records"]:
@@ -240,7 +250,17 @@ def render_table(result: dict[str, Any]) -> Table:
     for (dtype, batch), pair in rows.items():
         hf, eng = pair["hf"]["tokens_per_s"], pair["engine"]["tokens_per_s"]
         same = "yes" if pair["engine"]["matches_hf"] else "no"
-        table.add_row(dtype, str(batch), f"{hf:.1f}", f"{eng:.1f}", f"{eng / hf:.3f}", same)
+        plain = pair["engine-plain"]["tokens_per_s"]
+        table.add_row(
+            dtype,
+            str(batch),
+            f"{hf:.1f}",
+            f"{eng:.1f}",
+            f"{eng / hf:.3f}",
+            same,
+            f"{plain:.1f}",
+            f"{eng / plain:.2f}x",
+        )
     return table
 
 

@@ -16,6 +16,7 @@ import torch
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.masks import attention_mask
+from earlyexit.engine.skinny import skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
 
@@ -46,7 +47,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 class LayerEngine:
     """Layer-by-layer execution of a Hugging Face decoder-only model."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, skinny: bool = True) -> None:
+        """`skinny`: few-row fp32 CPU matmuls via the faster kernel (engine/skinny.py);
+        this changes the model's own linear layers, so its `generate` gains too."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -55,6 +58,10 @@ class LayerEngine:
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.arch.head.weight.shape[0])
         self.fingerprint = model_fingerprint(self.model)
+        if skinny:
+            use_skinny_linear(self.model)
+        # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
+        self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,12 +186,21 @@ class LayerEngine:
         if token_ids is None:
             logits = self.arch.head(normed)
         else:
-            weight = self.arch.head.weight.index_select(0, token_ids)
-            logits = normed @ weight.T
+            logits = skinny_linear(normed, self._restricted_head(token_ids))
         if self.arch.logit_softcap is not None:
             cap = self.arch.logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _restricted_head(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The head's rows for `token_ids`, kept while the same id tensor comes back (a
+        shallow exit reads the same few thousand rows every token: no copy each time)."""
+        weight = self.arch.head.weight
+        if not torch.is_inference_mode_enabled():  # training: no inference tensors kept
+            return weight.index_select(0, token_ids)
+        if self._head_rows is None or self._head_rows[0] is not token_ids:
+            self._head_rows = (token_ids, weight.index_select(0, token_ids))
+        return self._head_rows[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
