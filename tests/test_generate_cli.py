@@ -46,3 +46,4 @@ def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     assert records["lossless"]["token_agreement"] == 1.0
     assert records["static"]["shallow_fraction"] == 1.0 and records["full"]["avg_layers"] == 30
     assert all(r["n"] == 2 and r["task"] == "squad" for r in records.values())
+    assert all(r["shallow_layer"] == 24 for r in records.values())  # default: 4/5 of 30

@@ -20,7 +20,7 @@ from earlyexit.engine.skinny import (
 def test_skinny_linear_equals_f_linear(shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
-    weight, bias = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    weight, bias = torch.randn(1100, 64, generator=g), torch.randn(1100, generator=g)
     want = nn.functional.linear(x, weight, bias)
     got = skinny_linear(x, weight, bias)
     assert got.shape == want.shape and got.is_contiguous()
@@ -31,12 +31,13 @@ def test_skinny_linear_equals_f_linear(shape: tuple[int, ...]) -> None:
 
 
 def test_swap_is_undone_in_a_block_and_skips_other_dtypes() -> None:
-    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    model = nn.Sequential(nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 2, bias=False))
     assert use_skinny_linear(model) == 2
     assert all(type(m) is SkinnyLinear for m in (model[0], model[2]))
-    x = torch.randn(1, 8)
-    torch.testing.assert_close(model(x), model[2](torch.relu(model[0](x))))
-    bf16 = torch.randn(2, 4, dtype=torch.bfloat16)  # not fp32: plain F.linear
+    x = torch.randn(1, 256)
+    hidden = torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias))
+    torch.testing.assert_close(model(x), nn.functional.linear(hidden, model[2].weight))
+    bf16 = torch.randn(2, 300, dtype=torch.bfloat16)  # not fp32: plain F.linear
     assert skinny_linear(bf16, model[2].weight.bfloat16()).dtype == torch.bfloat16
     with plain_linear(model):
         assert all(type(m) is nn.Linear for m in (model[0], model[2]))

@@ -23,11 +23,14 @@ from torch import nn
 from torch.nn import functional
 
 MAX_ROWS = 8  # beyond this the matrix-matrix kernel is as good via F.linear
+MIN_WEIGHT = 1 << 16  # smaller weights stay in cache: the extra copies would cost more
 
 
-def _few_rows(x: torch.Tensor) -> int:
-    """How many rows x has if the skinny path applies to it, else 0."""
+def _few_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many rows x has if the skinny path applies to x @ weight^T, else 0."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.numel():
+        return 0
+    if weight.numel() < MIN_WEIGHT:
         return 0
     rows = x.numel() // x.shape[-1]
     return rows if rows <= MAX_ROWS else 0
@@ -37,7 +40,7 @@ def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`F.linear`, through the matrix-matrix kernel when x has few fp32 CPU rows."""
-    rows = _few_rows(x)
+    rows = _few_rows(x, weight)
     if not rows:
         return functional.linear(x, weight, bias)
     # x^T must be a transposed view of row-major rows: MKL takes its fast path only so

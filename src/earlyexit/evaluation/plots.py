@@ -70,8 +70,13 @@ def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
         )
         for r in rows:
             ax.annotate(r["method"].partition(":")[2], (r["speedup"], r["quality"]), fontsize=6)
+    single = {"free": "free (adaptive)", "lossless": "lossless (adaptive)"}
+    single |= {"calm": "calm (calibrated)", "static": "static"}
+    for r in records:  # the methods without a threshold knob: one marker each
+        if r["method"] in single:
+            ax.scatter([r["speedup"]], [r["quality"]], marker="*", s=70, label=single[r["method"]])
     if records:
         ax.scatter([1.0], [records[0]["full_quality"]], color="black", label="full model")
-    ax.set_xlabel("speedup (tokens/s over full, same run)")
+    ax.set_xlabel("speedup (decode-phase tokens/s over full, same run)")
     ax.set_ylabel(records[0]["metric"] if records else "quality")
     return _save(fig, ax, title, path)
