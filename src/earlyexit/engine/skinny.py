@@ -4,7 +4,7 @@
 measure on reads weights at about a third of the memory bandwidth that its matrix-matrix
 kernel reaches, and 2-8 rows are slower still. Computing the same product as
 `W @ x^T` with at least two columns takes the matrix-matrix path: full-depth decoding of
-smollm2-135m gets about 2x faster, and a FREE catch-up over a few stacked tokens costs
+smollm2-135m gets 1.6-1.8x faster, and a FREE catch-up over a few stacked tokens costs
 about what one token does (numbers in BENCHMARKS.md, `bench engine`). Results agree with
 `F.linear` to float rounding, not bit for bit.
 
