@@ -131,6 +131,10 @@ def test_candidate_readout_equals_full_readout_columns(smol: LayerEngine) -> Non
     candidates = torch.tensor([5, 100, 4000, 49151])
     full = smol.logits(hidden)
     assert torch.allclose(smol.logits(hidden, candidates), full[..., candidates], atol=1e-5)
+    # the head rows are cached per id tensor: other ids, then the first ones again
+    wide = torch.arange(0, 49152, 7)  # large enough for the skinny path
+    for ids_now in (wide, candidates, wide):
+        assert torch.allclose(smol.logits(hidden, ids_now), full[..., ids_now], atol=1e-4)
 
 
 def test_dropping_rows_keeps_the_rest_decoding_exactly(smol: LayerEngine) -> None:
