@@ -258,20 +258,20 @@ def decode_shallow_deep(
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
     drafts: list[Guess] = []  # the shallow guesses emitted for them
 
-    def verify(logits: torch.Tensor, tops: list[int]) -> tuple[int | None, int | None]:
-        """(index of the first rejected draft, the token that replaces it), or (None, None);
-        `tops` are the deep argmaxes of `logits`."""
+    def verify(logits: torch.Tensor, tops: list[int]) -> tuple[int, int] | None:
+        """(index of the first rejected draft, the token that replaces it), or None when
+        every draft stands; `tops` are the deep argmaxes of `logits`."""
         if sampler.greedy:
             for i, draft in enumerate(drafts):
                 if draft.token != tops[i]:
                     return i, tops[i]
-            return None, None
+            return None
         for i, draft in enumerate(drafts):
             assert draft.probs is not None
             p = sampler.probs(logits[i])
             if not sampler.accept(p, draft.probs, draft.token):
                 return i, sampler.resample(p, draft.probs)
-        return None, None
+        return None
 
     def catch_up(current: torch.Tensor | None, guess: Guess | None = None) -> int | None:
         """Run layers [k, L) over the stacked states (and the current input's); returns
@@ -286,9 +286,9 @@ def decode_shallow_deep(
         tops = logits.argmax(-1).tolist()
         # the threshold learns whether the shallow argmax matched the deep one
         pairs = [(d.confidence, d.top == tops[i]) for i, d in enumerate(drafts)]
-        rejected, replacement = verify(logits, tops) if lossless else (None, None)
-        if rejected is not None:
-            pairs = pairs[: rejected + 1]  # later drafts followed a rejected token
+        rejection = verify(logits, tops) if lossless else None
+        if rejection is not None:
+            pairs = pairs[: rejection[0] + 1]  # later drafts followed a rejected token
         elif guess is not None:  # the current token's shallow guess, below the threshold
             pairs.append((guess.confidence, guess.top == tops[-1]))
         result.pairs += pairs
@@ -296,7 +296,8 @@ def decode_shallow_deep(
         stacked = len(stack)
         stack.clear()
         drafts.clear()
-        if rejected is not None and replacement is not None:
+        if rejection is not None:
+            rejected, replacement = rejection
             # drafts[rejected] was the token after stacked input `rejected`: everything
             # emitted from it on is replaced, and the slots of the inputs after that one
             # are forgotten in every layer
