@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from earlyexit.bench import engine_bench
 from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
 from earlyexit.reporting import write_json
 
@@ -26,12 +28,16 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     assert result["threads"] == 1 and result["new_tokens"] == 4 and result["warmup"]
     records = result["records"]
     assert {(r["path"], r["batch"]) for r in records} == {
-        (path, batch) for path in ("hf", "engine", "engine-plain") for batch in (1, 2)
+        (path, batch)
+        for path in ("hf", "engine", "engine-plain", "engine-skinny")
+        for batch in (1, 2)
     }
     for r in records:
         assert r["path"] == "hf" or r["matches_hf"]  # F.linear or not, the same tokens
         assert r["dtype"] == "float32" and r["tokens_per_s"] > 0 and r["seconds"] > 0
-    assert isinstance(result["engine_overhead"], float)
+    assert isinstance(result["engine_overhead"], float) and result["cpu"]
+    choice = result["kernels"]["float32"]
+    assert choice["mode"] == "auto" and set(choice["skinny_rows"]) == set(choice["timings"])
     costs = result["layer_costs"]["float32"]
     numbers = [costs["ms_per_layer"], costs["ms_full_readout"], costs["full_readout_over_layer"]]
     numbers += list(costs["ms_candidate_readout"].values())
@@ -44,3 +50,26 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     with path.open() as f:
         assert json.load(f) == result
     assert [p.name for p in path.parent.iterdir()] == ["engine.json"]  # no temp file left
+
+
+def test_each_engine_path_is_checked_against_hf_on_its_own_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A path whose tokens diverge is reported as such, whatever the other paths decode."""
+    real = engine_bench._decoders
+
+    def with_a_broken_plain_path(engine, ids, pad):  # noqa: ANN001, ANN202
+        paths = real(engine, ids, pad)
+        plain = paths["engine-plain"]
+        paths["engine-plain"] = lambda n: (plain(n) + 1) % engine.vocab_size
+        return paths
+
+    monkeypatch.setattr(engine_bench, "_decoders", with_a_broken_plain_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_engine_bench(new_tokens=3, batches=(1,), dtypes=("float32",), repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    match = {r["path"]: r["matches_hf"] for r in result["records"]}
+    assert match == {"hf": None, "engine": True, "engine-plain": False, "engine-skinny": True}

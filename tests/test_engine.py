@@ -115,14 +115,23 @@ def test_sliding_window_layers_past_the_window(gemma: LayerEngine) -> None:
     assert ids.shape[1] > window
     pad = torch.zeros(1, dtype=torch.long)
     # Prefill the first part, then feed the rest in chunks: every chunk straddles the window.
+    head = window - 8
     expected = model_logits(gemma, ids, pad)
-    state = gemma.prefill(ids[:, : window - 8], pad)
+    state = gemma.prefill(ids[:, :head], pad)
+    # the prefill is the model's own forward over the same rows (measured: bit for bit)
+    prefix = gemma.logits(state.hidden)
+    assert (prefix - model_logits(gemma, ids[:, :head], pad)).abs().max().item() <= TOL
     outputs = [state.hidden]
-    for start in range(window - 8, ids.shape[1], 16):
+    for start in range(head, ids.shape[1], 16):
         chunk = ids[:, start : start + 16]
         outputs.append(gemma.run_layers(gemma.embed(chunk), state.cache, 0, gemma.num_layers))
     got = gemma.logits(torch.cat(outputs, dim=1))
-    assert (got - expected).abs().max().item() <= TOL
+    # Against one forward over all rows the error is relative: the model's own forward over
+    # 504 rows differs from its forward over 552 by 1.5e-5 of the position's largest |logit|
+    # (3.8e-4 at logits up to 30; products over other row counts round differently).
+    # Ignoring the window is off by 0.13 of it.
+    error = (got - expected).abs().amax(-1) / expected.abs().amax(-1)
+    assert error.max().item() <= 1e-4
 
 
 def test_candidate_readout_equals_full_readout_columns(smol: LayerEngine) -> None:

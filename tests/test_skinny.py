@@ -1,4 +1,5 @@
-"""The few-row matmul path agrees with F.linear, and decoding with it matches plain layers."""
+"""The few-row matmul path agrees with F.linear, runs only inside the engine's scope and only
+for the row counts chosen for it, and decoding with it matches plain layers."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from earlyexit.engine import LayerEngine
+from earlyexit.engine import LayerEngine, skinny
 from earlyexit.engine.skinny import (
     MAX_ROWS,
     SkinnyLinear,
+    engine_scope,
     plain_linear,
     skinny_linear,
     use_skinny_linear,
@@ -30,32 +32,56 @@ def test_skinny_linear_equals_f_linear(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(skinny_linear(xt, weight), nn.functional.linear(x, weight))
 
 
-def test_swap_is_undone_in_a_block_and_skips_other_dtypes() -> None:
+def test_skinny_kernel_only_in_engine_scope_and_for_chosen_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = nn.Sequential(nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 2, bias=False))
-    assert use_skinny_linear(model) == 2
-    assert all(type(m) is SkinnyLinear for m in (model[0], model[2]))
-    x = torch.randn(1, 256)
-    hidden = torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias))
-    torch.testing.assert_close(model(x), nn.functional.linear(hidden, model[2].weight))
+    # rows 2 only, for the first layer; the second gets none and stays plain nn.Linear
+    assert (
+        use_skinny_linear(model, lambda w: frozenset({2}) if w.shape[0] == 300 else frozenset())
+        == 1
+    )
+    assert type(model[0]) is SkinnyLinear and type(model[2]) is nn.Linear
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        calls.append(x.numel() // x.shape[-1])
+        return nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setattr(skinny, "skinny_linear", counting)
+    x = torch.randn(2, 256)
+    want = nn.functional.linear(
+        torch.relu(nn.functional.linear(x, *model[0].parameters())), model[2].weight
+    )
+    torch.testing.assert_close(model(x), want)
+    assert calls == []  # outside the engine: the model multiplies as without earlyexit
+    with engine_scope():
+        model(x)
+        model(x[:1])  # 1 row: not chosen
+    assert calls == [2]
+    with plain_linear(model):
+        assert type(model[0]) is nn.Linear
+    assert type(model[0]) is SkinnyLinear
     bf16 = torch.randn(2, 300, dtype=torch.bfloat16)  # not fp32: plain F.linear
     assert skinny_linear(bf16, model[2].weight.bfloat16()).dtype == torch.bfloat16
-    with plain_linear(model):
-        assert all(type(m) is nn.Linear for m in (model[0], model[2]))
-    assert all(type(m) is SkinnyLinear for m in (model[0], model[2]))
 
 
 def test_decoding_with_skinny_layers_matches_plain_layers(smol: LayerEngine) -> None:
     ids, pad = smol.encode(["Write one sentence about the sea."])
-    with torch.inference_mode():
-        skinny = smol.greedy(ids, 24, pad)
+    with smol.kernels_as("skinny") as choice:
+        assert choice.uses_skinny and type(smol.model.model.layers[0].mlp.up_proj) is SkinnyLinear
+        skinny_ids = smol.greedy(ids, 24, pad)
         step = smol.prefill(ids, pad, capacity=ids.shape[1] + 4)
-        hidden = smol.run_layers(smol.embed(skinny[:, :3]), step.cache, 0, smol.num_layers)
-        logits = smol.logits(hidden)
-        with plain_linear(smol.model):
-            plain = smol.greedy(ids, 24, pad)
-            again = smol.prefill(ids, pad, capacity=ids.shape[1] + 4)
-            ref = smol.logits(
-                smol.run_layers(smol.embed(skinny[:, :3]), again.cache, 0, smol.num_layers)
-            )
-    assert skinny.tolist() == plain.tolist()
+        logits = smol.logits(
+            smol.run_layers(smol.embed(skinny_ids[:, :3]), step.cache, 0, smol.num_layers)
+        )
+    with smol.kernels_as("plain") as choice:
+        assert not choice.uses_skinny and type(smol.model.model.layers[0].mlp.up_proj) is nn.Linear
+        plain = smol.greedy(ids, 24, pad)
+        again = smol.prefill(ids, pad, capacity=ids.shape[1] + 4)
+        ref = smol.logits(
+            smol.run_layers(smol.embed(skinny_ids[:, :3]), again.cache, 0, smol.num_layers)
+        )
+    assert skinny_ids.tolist() == plain.tolist()
+    # measured 2e-5 over 30 layers (logits up to ~25); a wrong product is off by whole units
     assert (logits - ref).abs().max().item() <= 1e-3

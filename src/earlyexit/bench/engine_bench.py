@@ -19,7 +19,7 @@ import torch
 from rich.table import Table
 
 from earlyexit.engine import LayerEngine
-from earlyexit.engine.skinny import plain_linear
+from earlyexit.engine.kernels import cpu_model
 from earlyexit.models import load_model
 from earlyexit.readouts.readout import ExitReadout
 
@@ -43,7 +43,7 @@ WARMUP = (
 
 @dataclass
 class DecodeRecord:
-    path: str  # "hf", "engine" or "engine-plain" (engine/skinny.py off)
+    path: str  # "hf", "engine" (kernels chosen by timing), "engine-plain", "engine-skinny"
     dtype: str
     batch: int
     tokens_per_s: float  # decoded tokens per second, summed over the batch
@@ -92,14 +92,18 @@ def _decoders(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor) -> dict
             )
         return out[:, ids.shape[1] :]
 
-    def engine_plain(n: int) -> torch.Tensor:  # the engine with F.linear everywhere
-        with plain_linear(engine.model):
-            return engine.greedy(ids, n, pad)
+    def forced(mode: str) -> Callable[[int], torch.Tensor]:
+        def run(n: int) -> torch.Tensor:  # the engine with one kernel for every product
+            with engine.kernels_as(mode):
+                return engine.greedy(ids, n, pad)
+
+        return run
 
     return {
         "hf": hf,
         "engine": lambda n: engine.greedy(ids, n, pad),
-        "engine-plain": engine_plain,
+        "engine-plain": forced("plain"),
+        "engine-skinny": forced("skinny"),
     }
 
 
@@ -135,7 +139,7 @@ def _decode_records(
         prefill = statistics.median(times[path, 1])
         decode = max(total - prefill, 1e-9)
         match = (
-            _same_until_eos(outputs["engine"], outputs["hf"], engine.tokenizer.eos_token_id)
+            _same_until_eos(outputs[path], outputs["hf"], engine.tokenizer.eos_token_id)
             if path.startswith("engine")
             else None
         )
@@ -210,8 +214,10 @@ def run_engine_bench(
     load_before = os.getloadavg()[0]  # other processes on the cores distort every number
     records: list[DecodeRecord] = []
     costs: dict[str, Any] = {}
+    kernels: dict[str, Any] = {}
     for dtype in dtypes:
         engine = LayerEngine(load_model(model, dtype=dtype))
+        kernels[dtype] = asdict(engine.kernels)
         for batch in batches:
             records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats))
         costs[dtype] = layer_costs(engine, layer_iters)
@@ -221,6 +227,7 @@ def run_engine_bench(
     overhead = {d: 1 - rate["engine", d] / rate["hf", d] for d in dtypes}
     return {
         "model": model,
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "new_tokens": new_tokens,
@@ -231,6 +238,7 @@ def run_engine_bench(
         "engine_overhead_batch": small,
         "engine_overhead_by_dtype": overhead,
         "layer_costs": costs,
+        "kernels": kernels,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
@@ -239,18 +247,18 @@ def render_table(result: dict[str, Any]) -> Table:
     """Decode throughput of both paths side by side, one row per (dtype, batch)."""
     table = Table(
         title=f"{result['model']}: greedy decode of {result['new_tokens']} tokens "
-        f"(prefill excluded), {result['threads']} threads"
+        f"(prefill excluded), {result['threads']} threads, {result['cpu']}"
     )
     cols = ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens")
-    for col in (*cols, "plain-linear engine tok/s", "skinny gain"):
+    for col in (*cols, "all-plain tok/s", "all-skinny tok/s"):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     rows: dict[tuple[str, int], dict[str, dict]] = {}
     for r in result["records"]:
         rows.setdefault((r["dtype"], r["batch"]), {})[r["path"]] = r
     for (dtype, batch), pair in rows.items():
         hf, eng = pair["hf"]["tokens_per_s"], pair["engine"]["tokens_per_s"]
-        same = "yes" if pair["engine"]["matches_hf"] else "no"
-        plain = pair["engine-plain"]["tokens_per_s"]
+        paths = ("engine", "engine-plain", "engine-skinny")
+        same = "yes" if all(pair[p]["matches_hf"] for p in paths) else "no"
         table.add_row(
             dtype,
             str(batch),
@@ -258,8 +266,8 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{eng:.1f}",
             f"{eng / hf:.3f}",
             same,
-            f"{plain:.1f}",
-            f"{eng / plain:.2f}x",
+            f"{pair['engine-plain']['tokens_per_s']:.1f}",
+            f"{pair['engine-skinny']['tokens_per_s']:.1f}",
         )
     return table
 

@@ -218,6 +218,7 @@ def bench_engine(
 ) -> None:
     """Decode tokens/s of the model's own generate vs the engine, and layer/readout costs."""
     from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
+    from earlyexit.engine.kernels import KernelChoice
     from earlyexit.models.load import parse_dtype
     from earlyexit.reporting import write_json
 
@@ -235,6 +236,10 @@ def bench_engine(
     except ValueError as err:
         raise EarlyExitError(str(err)) from None
     console.print(render_table(result))
+    for dtype, choice in result["kernels"].items():
+        how = "cached timings" if choice["cached"] else "timed now"
+        console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")
+        console.print(KernelChoice(**choice).summary(), highlight=False)
     console.print(render_cost_table(result))
     console.print(
         f"engine overhead at batch {result['engine_overhead_batch']}: "

@@ -8,15 +8,20 @@ with newer ones, with correct positions and masks in every case.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
+from earlyexit.engine.kernels import KernelChoice, choose_kernels
 from earlyexit.engine.masks import attention_mask
-from earlyexit.engine.skinny import skinny_linear, use_skinny_linear
+from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
 
@@ -44,12 +49,27 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+F = TypeVar("F", bound=Callable)
+
+
+def _in_engine_scope(method: F) -> F:
+    """Run the method with the engine's chosen matmul kernels (engine/kernels.py)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with engine_scope():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class LayerEngine:
     """Layer-by-layer execution of a Hugging Face decoder-only model."""
 
-    def __init__(self, loaded: LoadedModel, skinny: bool = True) -> None:
-        """`skinny`: few-row fp32 CPU matmuls via the faster kernel (engine/skinny.py);
-        this changes the model's own linear layers, so its `generate` gains too."""
+    def __init__(self, loaded: LoadedModel, kernels: str = "auto") -> None:
+        """`kernels`: how few-row products are multiplied inside the engine (`auto`: the
+        faster of F.linear and the skinny kernel per weight shape and row count, timed once
+        per machine; `plain`; `skinny`). The model's own forward/generate are unaffected."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -58,10 +78,29 @@ class LayerEngine:
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.arch.head.weight.shape[0])
         self.fingerprint = model_fingerprint(self.model)
-        if skinny:
-            use_skinny_linear(self.model)
         # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kernels = self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: str | KernelChoice) -> KernelChoice:
+        """Choose (a mode) or reapply (a choice) the few-row matmul kernels."""
+        if isinstance(kernels, KernelChoice):
+            choice = kernels
+        else:
+            choice = choose_kernels(self.model, kernels)
+        use_skinny_linear(self.model, choice.rows_for)
+        self._head_skinny_rows = choice.rows_for(self.arch.head.weight)
+        self.kernels = choice
+        return choice
+
+    @contextmanager
+    def kernels_as(self, mode: str) -> Iterator[KernelChoice]:
+        """Within the block the engine uses `mode`'s kernels (side-by-side measurements)."""
+        chosen = self.kernels
+        try:
+            yield self.set_kernels(mode)
+        finally:
+            self.set_kernels(chosen)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,6 +128,7 @@ class LayerEngine:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.arch.embed(input_ids)
 
+    @_in_engine_scope
     @torch.inference_mode()
     def run_layers(
         self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
@@ -141,6 +181,7 @@ class LayerEngine:
         slots = torch.arange(offset, offset + num_new, device=device)
         return (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)
 
+    @_in_engine_scope
     @torch.inference_mode()
     def copy_state_kv(
         self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
@@ -184,9 +225,15 @@ class LayerEngine:
     ) -> torch.Tensor:
         """LM head on normalised states; with `token_ids`, only those vocabulary rows."""
         if token_ids is None:
-            logits = self.arch.head(normed)
+            with engine_scope():
+                logits = self.arch.head(normed)
         else:
-            logits = skinny_linear(normed, self._restricted_head(token_ids))
+            weight = self._restricted_head(token_ids)
+            rows = normed.numel() // normed.shape[-1]
+            if rows in self._head_skinny_rows:  # the full head's choice, same layout
+                logits = skinny_linear(normed, weight)
+            else:
+                logits = torch.nn.functional.linear(normed, weight)
         if self.arch.logit_softcap is not None:
             cap = self.arch.logit_softcap
             logits = torch.tanh(logits / cap) * cap

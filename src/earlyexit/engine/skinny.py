@@ -1,22 +1,24 @@
-"""Faster fp32 linear layers for the few-row products of batch-1 decoding on CPU.
+"""A second kernel for the few-row fp32 products of batch-1 decoding on CPU.
 
-`F.linear` on one row goes to MKL's matrix-vector kernel, which on the 2-core machines we
-measure on reads weights at about a third of the memory bandwidth that its matrix-matrix
-kernel reaches, and 2-8 rows are slower still. Computing the same product as
-`W @ x^T` with at least two columns takes the matrix-matrix path: full-depth decoding of
-smollm2-135m gets 1.6-1.8x faster, and a FREE catch-up over a few stacked tokens costs
-about what one token does (numbers in BENCHMARKS.md, `bench engine`). Results agree with
+`F.linear` on one row goes to MKL's matrix-vector kernel. Computing the same product as
+`W @ x^T` with at least two columns takes the matrix-matrix path instead. On an AMD EPYC
+that read weights at about twice the bandwidth (full-depth decoding 1.6-1.8x faster); on an
+Intel Xeon of the same machine kind it was 1.7x *slower*. So it is never used blindly:
+engine/kernels.py times both kernels per weight shape and row count on the machine at
+hand, and a module goes skinny only for the row counts where it won. Results agree with
 `F.linear` to float rounding, not bit for bit.
 
 Written here because no library offers a per-shape dispatch for this; it swaps the class of
-the model's own `nn.Linear` modules (weights untouched) and only changes how few-row fp32
-CPU inputs are multiplied; everything else goes to `F.linear` as before.
+the model's own `nn.Linear` modules (weights untouched), and the skinny kernel only runs
+inside the engine's scope (`engine_scope`): the model's own `forward` / `generate`, called
+outside the engine, multiply exactly as without earlyexit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -24,6 +26,18 @@ from torch.nn import functional
 
 MAX_ROWS = 8  # beyond this the matrix-matrix kernel is as good via F.linear
 MIN_WEIGHT = 1 << 16  # smaller weights stay in cache: the extra copies would cost more
+
+_IN_ENGINE: ContextVar[bool] = ContextVar("earlyexit_in_engine", default=False)
+
+
+@contextmanager
+def engine_scope() -> Iterator[None]:
+    """Within the block, SkinnyLinear modules use the skinny kernel where it was chosen."""
+    token = _IN_ENGINE.set(True)
+    try:
+        yield
+    finally:
+        _IN_ENGINE.reset(token)
 
 
 def _few_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -54,19 +68,34 @@ def skinny_linear(
 
 
 class SkinnyLinear(nn.Linear):
-    """`nn.Linear` whose few-row fp32 CPU products go through `skinny_linear`."""
+    """`nn.Linear` whose products over `skinny_rows` rows go through `skinny_linear`
+    inside the engine's scope; every other product is plain `F.linear`."""
+
+    skinny_rows: frozenset[int] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return skinny_linear(x, self.weight, self.bias)
+        if _IN_ENGINE.get() and _few_rows(x, self.weight) in self.skinny_rows:
+            return skinny_linear(x, self.weight, self.bias)
+        return functional.linear(x, self.weight, self.bias)
 
 
-def use_skinny_linear(model: nn.Module) -> int:
-    """Make every plain `nn.Linear` of `model` a SkinnyLinear; returns how many changed."""
+def use_skinny_linear(
+    model: nn.Module, rows_for: Callable[[torch.Tensor], frozenset[int]] | None = None
+) -> int:
+    """Make `model`'s linear modules SkinnyLinear where `rows_for(weight)` names row counts
+    (default: every few-row count) and plain `nn.Linear` elsewhere; returns how many are
+    skinny now."""
     changed = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) not in (nn.Linear, SkinnyLinear):
+            continue
+        rows = rows_for(module.weight) if rows_for else frozenset(range(1, MAX_ROWS + 1))
+        if rows:
             module.__class__ = SkinnyLinear
+            module.skinny_rows = rows
             changed += 1
+        else:
+            module.__class__ = nn.Linear
     return changed
 
 

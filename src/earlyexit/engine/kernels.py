@@ -1,0 +1,190 @@
+"""Which matmul kernel serves each few-row product: chosen by timing on the machine at hand.
+
+Batch-1 decoding multiplies 1-8 rows by every weight; which kernel streams the weights
+fastest depends on the CPU and on MKL's dispatch for it. `F.linear` (plain) and
+`skinny_linear` (the matrix-matrix kernel, engine/skinny.py) were measured 1.6-1.8x apart
+in *opposite* directions on an AMD EPYC and an Intel Xeon of the same machine kind, so no
+choice is hard-coded: for every distinct weight shape of the model and every row count
+1..MAX_ROWS both kernels are timed, interleaved, in sweeps over all of the model's weights
+in module order (so they stream from memory as in decoding, not from cache), and the skinny
+kernel is used only where it wins by more than the noise margin. Products over more rows
+(prefill) always go to `F.linear`.
+
+The timings are cached under `EARLYEXIT_HOME/kernels/`, keyed by CPU model, torch version,
+thread count, dtype and the shapes, so one machine measures once (about a second or two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from earlyexit.engine.skinny import MAX_ROWS, MIN_WEIGHT, skinny_linear
+from earlyexit.paths import atomic_file, home
+
+MARGIN = 0.95  # skinny must take at most this fraction of plain's time to be chosen
+MODES = ("auto", "plain", "skinny")
+PROCEDURE = 2  # part of the cache key: timings from an older procedure are measured again
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what every speed figure is reported next to)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+@dataclass
+class KernelChoice:
+    """Per weight shape ("out x in"): the row counts served by the skinny kernel, and the
+    timings (microseconds per product, median over rounds) that chose them."""
+
+    mode: str  # "auto" (measured), "plain" or "skinny" (forced by the caller)
+    cpu: str
+    torch: str
+    threads: int
+    dtype: str
+    skinny_rows: dict[str, list[int]] = field(default_factory=dict)
+    timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    cached: bool = False  # read from EARLYEXIT_HOME rather than measured now
+
+    def rows_for(self, weight: torch.Tensor) -> frozenset[int]:
+        return frozenset(self.skinny_rows.get(shape_key(weight), ()))
+
+    @property
+    def uses_skinny(self) -> bool:
+        return any(self.skinny_rows.values())
+
+    def summary(self) -> str:
+        """One line per shape: rows that go skinny, and the time ratio behind it."""
+        lines = []
+        for shape, by_rows in self.timings.items():
+            ratios = ", ".join(
+                f"{rows}:{t['skinny'] / t['plain']:.2f}" for rows, t in sorted(by_rows.items())
+            )
+            chosen = self.skinny_rows.get(shape) or "none"
+            lines.append(f"{shape}: skinny rows {chosen} (skinny/plain time by rows {ratios})")
+        if not lines:
+            lines.append(f"{self.mode}: skinny rows {self.skinny_rows or 'none'} (not measured)")
+        return "\n".join(lines)
+
+
+def shape_key(weight: torch.Tensor) -> str:
+    return "x".join(str(d) for d in weight.shape)
+
+
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The model's linear weights big enough for the skinny path, in module order."""
+    return [
+        module.weight.detach()
+        for module in model.modules()
+        if isinstance(module, nn.Linear) and module.weight.numel() >= MIN_WEIGHT
+    ]
+
+
+def _sweep(kernel: str, weights: list[torch.Tensor], rows: int) -> list[float]:
+    """Seconds of one product of `rows` rows with each weight, all weights in model order
+    (as a decode step streams them: the model is larger than a cache, one shape's weights
+    alone may not be)."""
+    fn = functional.linear if kernel == "plain" else skinny_linear
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    seconds = []
+    with torch.inference_mode():
+        for weight in weights:
+            x = inputs[weight.shape[1]]
+            start = time.perf_counter()
+            fn(x, weight)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+Sweep = Callable[[str, list[torch.Tensor], int], list[float]]
+
+
+def measure(
+    weights: list[torch.Tensor], repeats: int = 3, sweep: Sweep = _sweep
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Microseconds per product for every shape, row count and kernel: the median over
+    `repeats` sweeps of the shape's mean; the kernels alternate sweep by sweep so that
+    machine drift hits both alike."""
+    keys = [shape_key(w) for w in weights]
+    timings: dict[str, dict[str, dict[str, float]]] = {key: {} for key in keys}
+    for rows in range(1, MAX_ROWS + 1):
+        for kernel in ("plain", "skinny"):  # warm-up
+            sweep(kernel, weights, rows)
+        per_shape: dict[tuple[str, str], list[float]] = {}
+        for _ in range(repeats):
+            for kernel in ("plain", "skinny"):
+                totals: dict[str, list[float]] = {}
+                for key, seconds in zip(keys, sweep(kernel, weights, rows), strict=True):
+                    totals.setdefault(key, []).append(seconds)
+                for key, values in totals.items():
+                    per_shape.setdefault((key, kernel), []).append(sum(values) / len(values))
+        for (key, kernel), means in per_shape.items():
+            timings[key].setdefault(str(rows), {})[kernel] = statistics.median(means) * 1e6
+    return timings
+
+
+def decide(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[int]]:
+    """Row counts per shape where the skinny kernel is clearly faster."""
+    return {
+        shape: sorted(
+            int(rows) for rows, t in by_rows.items() if t["skinny"] <= MARGIN * t["plain"]
+        )
+        for shape, by_rows in timings.items()
+    }
+
+
+def _cache_key(cpu: str, dtype: str, shapes: list[str]) -> str:
+    text = repr((PROCEDURE, cpu, torch.__version__, torch.get_num_threads(), dtype, sorted(shapes)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def choose_kernels(
+    model: nn.Module, mode: str = "auto", use_cache: bool = True, sweep: Sweep = _sweep
+) -> KernelChoice:
+    """The kernel per (shape, rows) for `model` on this machine.
+
+    `auto` times both kernels (or reads the cached timings of this CPU, torch, thread
+    count and shapes); `plain` uses F.linear everywhere; `skinny` forces the matrix-matrix
+    kernel for every few-row product (for measurements). Only fp32 CPU weights can go
+    skinny; any other model gets `plain`. `sweep` times one kernel (tests pass a fake).
+    """
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {', '.join(MODES)}, not {mode!r}")
+    weights = linear_weights(model)
+    shapes = sorted({shape_key(w) for w in weights})
+    weight = weights[0] if weights else torch.empty(0)
+    dtype = str(weight.dtype).removeprefix("torch.")
+    choice = KernelChoice(mode, cpu_model(), torch.__version__, torch.get_num_threads(), dtype)
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or mode == "plain":
+        return choice
+    if mode == "skinny":
+        choice.skinny_rows = {shape: list(range(1, MAX_ROWS + 1)) for shape in shapes}
+        return choice
+    path = home() / "kernels" / f"{_cache_key(choice.cpu, dtype, shapes)}.json"
+    if use_cache and path.exists():
+        saved = json.loads(path.read_text())
+        choice.timings, choice.skinny_rows = saved["timings"], saved["skinny_rows"]
+        choice.cached = True
+        return choice
+    choice.timings = measure(weights, sweep=sweep)
+    choice.skinny_rows = decide(choice.timings)
+    if use_cache:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(asdict(choice), indent=1))
+    return choice
