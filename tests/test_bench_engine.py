@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from earlyexit.bench import engine_bench
-from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
+from earlyexit.bench.engine_bench import (
+    render_cost_table,
+    render_pass_table,
+    render_table,
+    run_engine_bench,
+)
 from earlyexit.reporting import write_json
 
 
@@ -42,7 +47,10 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     numbers = [costs["ms_per_layer"], costs["ms_full_readout"], costs["full_readout_over_layer"]]
     numbers += list(costs["ms_candidate_readout"].values())
     numbers += list(costs["candidate_readout_over_layer"].values())
+    numbers += list(costs["ms_per_pass_by_rows"].values())
+    assert list(costs["ms_per_pass_by_rows"]) == [str(n) for n in range(1, 9)]
     assert numbers and all(n > 0 for n in numbers)
+    assert render_pass_table(result).row_count == 1
     assert render_table(result).row_count == 2 and render_cost_table(result).row_count == 1
 
     path = tmp_path / "bench" / "engine.json"

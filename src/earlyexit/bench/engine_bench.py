@@ -198,6 +198,27 @@ def layer_costs(
     }
 
 
+@torch.inference_mode()
+def pass_costs(engine: LayerEngine, iters: int = 20, max_rows: int = 8) -> dict[str, float]:
+    """ms of one full-depth pass (all layers + the full head) over 1..max_rows new tokens at
+    batch 1: what a verify pass over a draft costs, next to one decoded token."""
+    ids, pad = engine.encode(PROMPTS[1:2])
+    state = engine.prefill(ids, pad, capacity=ids.shape[1] + max_rows + 1)
+    length = state.cache.lengths[0]
+    rows = ids[:, -1:].repeat(1, max_rows)
+    costs = {}
+    for n in range(1, max_rows + 1):
+        hidden = engine.embed(rows[:, :n])
+
+        def one_pass(hidden: torch.Tensor = hidden) -> None:
+            out = engine.run_layers(hidden, state.cache, 0, engine.num_layers)
+            engine.logits(out)
+            state.cache.truncate(length)
+
+        costs[str(n)] = _per_call(one_pass, iters) * 1e3
+    return costs
+
+
 def run_engine_bench(
     model: str = "smollm2-135m",
     new_tokens: int = 32,
@@ -221,6 +242,7 @@ def run_engine_bench(
         for batch in batches:
             records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats))
         costs[dtype] = layer_costs(engine, layer_iters)
+        costs[dtype]["ms_per_pass_by_rows"] = pass_costs(engine, max(layer_iters // 10, 2))
         del engine
     small = min(batches)  # batch 1 when measured
     rate = {(r.path, r.dtype): r.tokens_per_s for r in records if r.batch == small}
@@ -269,6 +291,18 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{pair['engine-plain']['tokens_per_s']:.1f}",
             f"{pair['engine-skinny']['tokens_per_s']:.1f}",
         )
+    return table
+
+
+def render_pass_table(result: dict[str, Any]) -> Table:
+    """A full-depth pass over n tokens, in ms and in multiples of a one-token pass."""
+    table = Table(title="one full-depth pass (layers + head) over n tokens at batch 1: ms (x n=1)")
+    first = next(iter(result["layer_costs"].values()))["ms_per_pass_by_rows"]
+    for col in ["dtype", *(f"n={n}" for n in first)]:
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for dtype, c in result["layer_costs"].items():
+        ms = c["ms_per_pass_by_rows"]
+        table.add_row(dtype, *(f"{v:.1f} ({v / ms['1']:.2f}x)" for v in ms.values()))
     return table
 
 

@@ -217,7 +217,12 @@ def bench_engine(
     json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
 ) -> None:
     """Decode tokens/s of the model's own generate vs the engine, and layer/readout costs."""
-    from earlyexit.bench.engine_bench import render_cost_table, render_table, run_engine_bench
+    from earlyexit.bench.engine_bench import (
+        render_cost_table,
+        render_pass_table,
+        render_table,
+        run_engine_bench,
+    )
     from earlyexit.engine.kernels import KernelChoice
     from earlyexit.models.load import parse_dtype
     from earlyexit.reporting import write_json
@@ -241,6 +246,7 @@ def bench_engine(
         console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")
         console.print(KernelChoice(**choice).summary(), highlight=False)
     console.print(render_cost_table(result))
+    console.print(render_pass_table(result))
     console.print(
         f"engine overhead at batch {result['engine_overhead_batch']}: "
         f"{result['engine_overhead']:+.1%} (negative: engine faster)"
@@ -503,7 +509,11 @@ def _shallow_exit(engine, layer: int | None, measure: str, restrict: bool = Fals
 def generate_command(
     prompt: str = typer.Argument(..., help="The user message (chat template applied)."),
     model: str = MODEL_OPT,
-    method: str = typer.Option("free", help="full, static, calm[:T], free[:T], lossless[:T]."),
+    method: str = typer.Option(
+        "free",
+        help="full, static, calm[:T], free[:T], lossless[:ngram|shallow|composite][:T], hf, "
+        "hf-pld[:N].",
+    ),
     shallow_layer: int | None = SHALLOW_OPT,
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap (top1 - top2) or top1."),
@@ -533,7 +543,13 @@ def generate_command(
     console.print(
         f"[dim]{len(result.tokens)} tokens, {result.shallow_fraction:.0%} at layer "
         f"{shallow.layer}, {len(result.tokens) / result.seconds:.1f} tokens/s, "
-        f"{result.rollbacks} rollbacks[/]"
+        f"{result.rollbacks} rollbacks"
+        + (
+            f", {result.accepted}/{result.drafted} drafts accepted in {result.passes} passes"
+            if result.drafted
+            else ""
+        )
+        + "[/]"
     )
 
 
@@ -597,16 +613,39 @@ def bench_generate(
             f"{r['tokens_per_s']:.1f}",
             f"{r['speedup']:.2f}x",
             f"{r['e2e_speedup']:.2f}x",
+            "-" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}",
+            "-" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.0%}",
         ]
         for r in records
     ]
+    from earlyexit.engine.kernels import cpu_model
+
     how = "greedy" if sampling.greedy else f"sampled, T={temperature}, top-p={top_p}"
-    title = f"{engine.loaded.name}: early-exit generation (batch 1, {how})"
-    table = _table(title, [*cols, "speedup", "with prefill"], rows)
+    threads = torch_threads()
+    title = (
+        f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
+        f"{cpu_model()})"
+    )
+    table = _table(title, [*cols, "speedup", "with prefill", "tok/pass", "accepted"], rows)
     console.print(table)
     if json_path:
-        write_json({"model": engine.loaded.name, "records": records}, json_path)
+        write_json(
+            {
+                "model": engine.loaded.name,
+                "cpu": cpu_model(),
+                "threads": threads,
+                "kernels": engine.kernels.skinny_rows,
+                "records": records,
+            },
+            json_path,
+        )
         console.print(f"wrote {json_path}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:  # pragma: no cover - console entry point

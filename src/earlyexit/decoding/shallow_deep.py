@@ -54,6 +54,9 @@ class DecodeResult:
     layer_tokens: int  # decoder-layer applications spent (token x layer)
     catchups: int = 0
     rollbacks: int = 0
+    passes: int = 0  # verify passes of draft-and-verify decoding (decoding/speculative.py)
+    drafted: int = 0  # tokens proposed by its drafter
+    accepted: int = 0  # of those, kept
     pairs: list[tuple[float, bool]] = field(default_factory=list)  # (confidence, agreed)
 
     num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
@@ -198,6 +201,7 @@ def decode_full(
         [total] * len(tokens),
         seconds,
         total * (len(tokens) - 1),
+        passes=len(tokens) - 1,
         num_layers=total,
         prefill_seconds=prefill_seconds,
     )

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.decoding.calm import decode_calm
+from earlyexit.decoding.drafters import CompositeDrafter, Drafter, NgramDrafter, ShallowDrafter
 from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
@@ -30,13 +31,25 @@ from earlyexit.decoding.shallow_deep import (
     decode_shallow_deep,
     decode_static,
 )
+from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.peers import decode_hf
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
 from earlyexit.tasks.generation import GenerationTask, render_prompt
 
-GEN_METHODS = ("full", "static", "calm[:T]", "free[:T]", "lossless[:T]")
+GEN_METHODS = (
+    "full",
+    "static",
+    "calm[:T]",
+    "free[:T]",
+    "lossless[:ngram|shallow|composite][:T]",
+    "hf",
+    "hf-pld[:N]",
+)
+DRAFTERS = ("ngram", "shallow", "composite")
+DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
 
 
 @dataclass
@@ -48,6 +61,7 @@ class GenConfig:
     calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
     # held-out instructions (tasks/generation.py) that calibrate `calm` and warm-start `free`
     calibration_prompts: int = 8
+    draft_tokens: int = 4  # n-gram drafts: tokens proposed per verify pass at most
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
 
 
@@ -58,8 +72,15 @@ def build_decoder(
     spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> Decoder:
     """`full`, `static`, `calm[:T]`, `free` (adaptive Beta-mixture threshold), `free:T`,
-    `lossless` / `lossless:T` (verified; the threshold only sets how much is drafted)."""
+    `lossless[:drafter][:T]` (draft and verify: identical to `full` up to float rounding; T
+    is the shallow drafter's confidence threshold, calibrated when not given), and the
+    peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup, N
+    tokens, default 4)."""
     name, _, arg = spec.partition(":")
+    if name == "lossless":
+        return _lossless(spec, arg, engine, shallow, config)
+    if name in ("hf", "hf-pld"):
+        return _peer(spec, name, arg, engine)
     try:
         fixed = float(arg) if arg else None
     except ValueError:
@@ -72,16 +93,53 @@ def build_decoder(
     if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
         level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
-    if name in ("free", "lossless"):
-        lossless = name == "lossless"
+    if name == "free":
         # one threshold per decoder, kept across prompts: FREE fits it online over the
         # stream of requests (one 48-token answer holds too few disagreements to fit a
         # mixture), warm-started from the held-out calibration pairs `calm` uses
         shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
-        return lambda prompt, cfg: decode_shallow_deep(
-            engine, shallow, prompt, cfg, shared, lossless=lossless
-        )
+        return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
     raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+
+
+def _lossless(
+    spec: str, arg: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> Decoder:
+    parts = arg.split(":") if arg else []
+    kind = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
+    try:
+        level = float(parts[0]) if parts else None
+    except ValueError:
+        raise EarlyExitError(
+            f"bad method '{spec}': use lossless[:{'|'.join(DRAFTERS)}][:threshold]"
+        ) from None
+    if len(parts) > 1 or (level is not None and kind == "ngram"):
+        raise EarlyExitError(f"bad method '{spec}': only shallow drafts take a threshold")
+    if kind != "ngram" and level is None:
+        level = calm_threshold(engine, shallow, config)
+
+    def drafter() -> Drafter:  # a fresh one per request: the n-gram index is per context
+        ngram = NgramDrafter(max_tokens=config.draft_tokens)
+        if kind == "ngram":
+            return ngram
+        deep = ShallowDrafter(shallow, threshold=level)
+        return deep if kind == "shallow" else CompositeDrafter(ngram, deep)
+
+    return lambda prompt, cfg: decode_speculative(engine, drafter(), prompt, cfg)
+
+
+def _peer(spec: str, name: str, arg: str, engine: LayerEngine) -> Decoder:
+    if name == "hf" and arg:
+        raise EarlyExitError(f"bad method '{spec}': `hf` takes no argument")
+    try:
+        lookup = int(arg) if arg else 4
+    except ValueError:
+        raise EarlyExitError(f"bad method '{spec}': use hf-pld[:N], N tokens to look up") from None
+    if lookup < 1:
+        raise EarlyExitError(f"bad method '{spec}': N must be at least 1")
+    if name == "hf":
+        return lambda prompt, cfg: decode_hf(engine, prompt, cfg)
+    return lambda prompt, cfg: decode_hf(engine, prompt, cfg, prompt_lookup=lookup)
 
 
 def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
@@ -193,6 +251,8 @@ def bench_generation(
                 "prefill_share": sum(r.prefill_seconds for r in results)
                 / max(1e-9, sum(r.seconds for r in results)),
                 "rollbacks": sum(r.rollbacks for r in results),
+                "tokens_per_pass": _tokens_per_pass(results),
+                "draft_acceptance": _acceptance(results),
                 "seconds": sum(r.seconds for r in results),
             }
         )
@@ -206,3 +266,14 @@ def _tokens_per_s(results: list[DecodeResult]) -> float:
 def _decode_rate(results: list[DecodeResult]) -> float:
     tokens = sum(len(r.tokens) - 1 for r in results)
     return tokens / max(1e-9, sum(r.decode_seconds for r in results))
+
+
+def _tokens_per_pass(results: list[DecodeResult]) -> float | None:
+    """Decode-phase tokens per full-model pass (verify or catch-up); None when unknown."""
+    passes = sum(r.passes or r.catchups for r in results)
+    return sum(len(r.tokens) - 1 for r in results) / passes if passes else None
+
+
+def _acceptance(results: list[DecodeResult]) -> float | None:
+    drafted = sum(r.drafted for r in results)
+    return sum(r.accepted for r in results) / drafted if drafted else None

@@ -1,0 +1,176 @@
+"""Drafters: cheap guesses of the next few tokens, which the full model then verifies in one
+pass (decoding/speculative.py).
+
+- `NgramDrafter` (prompt lookup): the tokens that followed the most recent earlier
+  occurrence of the context's last 3-, 2- or 1-gram (longest first). Free to compute and
+  often right where the answer copies from the prompt (summaries, extractive QA).
+- `ShallowDrafter`: the shallow exit drafts token by token through layers [0, E) and its
+  readout, and stops as soon as its confidence falls below a threshold (Kangaroo's dynamic
+  draft length). Its layer-[0, E) states and KV are kept, so the verify pass runs only
+  layers [E, L) over them.
+- `CompositeDrafter`: the n-gram drafter when the context has a match, else the shallow one.
+
+Written here because transformers keeps prompt lookup inside `generate` (a rescan of the
+whole context per step, no draft probabilities): this index is O(1) per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from earlyexit.decoding.sampling import Sampler
+from earlyexit.decoding.shallow_deep import ShallowExit
+from earlyexit.engine.cache import LayerKVCache
+from earlyexit.engine.engine import LayerEngine
+
+
+@dataclass
+class Draft:
+    """Proposed tokens after the last emitted one.
+
+    `states`, for a shallow draft: the layer-`layer` outputs of the last emitted token and of
+    every draft but the last (their layers [0, layer) are already in the cache); the verify
+    pass runs only the layers above. An n-gram draft has no states: verify runs every layer.
+    `probs`: the draft distribution of each token when sampling (None: a point guess).
+    """
+
+    tokens: list[int]
+    layer: int = 0
+    states: torch.Tensor | None = None
+    probs: list[torch.Tensor] | None = None
+    source: str = ""
+
+
+class NgramIndex:
+    """For every 1..`max_n`-gram of a growing token list, where it last ended with at least
+    one token after it; O(max_n) per appended token, O(max_n) per lookup."""
+
+    def __init__(self, max_n: int = 3) -> None:
+        self.max_n = max_n
+        self.tokens: list[int] = []
+        self.last_end: dict[tuple[int, ...], int] = {}
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens) - 1  # grams ending here now have a token after them
+            for n in range(1, self.max_n + 1):
+                if end - n + 1 >= 0:
+                    self.last_end[tuple(self.tokens[end - n + 1 : end + 1])] = end
+            self.tokens.append(token)
+
+    def continuation(self, count: int) -> list[int]:
+        """Up to `count` tokens that followed the latest earlier occurrence of the longest
+        suffix n-gram that occurred before; [] when none did."""
+        size = len(self.tokens)
+        for n in range(min(self.max_n, size), 0, -1):
+            end = self.last_end.get(tuple(self.tokens[size - n :]))
+            if end is not None:
+                return self.tokens[end + 1 : end + 1 + count]
+        return []
+
+
+@dataclass
+class NgramDrafter:
+    """Prompt lookup over prompt + output."""
+
+    max_tokens: int = 4
+    max_n: int = 3
+    name: str = "ngram"
+    index: NgramIndex = field(init=False)
+
+    def start(self, prompt: list[int]) -> None:
+        self.index = NgramIndex(self.max_n)
+        self.index.extend(prompt)
+
+    def accept(self, tokens: list[int]) -> None:
+        """Tokens emitted (verified) since the last call."""
+        self.index.extend(tokens)
+
+    def propose(
+        self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
+    ) -> Draft:
+        tokens = self.index.continuation(min(self.max_tokens, budget))
+        probs = None
+        if not sampler.greedy:  # a point guess: q is one-hot on the drafted token
+            probs = [_one_hot(t, engine.vocab_size) for t in tokens]
+        return Draft(tokens, probs=probs, source=self.name)
+
+
+def _one_hot(token: int, size: int) -> torch.Tensor:
+    q = torch.zeros(size)
+    q[token] = 1.0
+    return q
+
+
+@dataclass
+class ShallowDrafter:
+    """The shallow exit drafting autoregressively until its confidence drops below
+    `threshold` (or `max_tokens` drafts)."""
+
+    shallow: ShallowExit
+    threshold: float = 0.3
+    max_tokens: int = 8
+    name: str = "shallow"
+    last: int = field(init=False, default=-1)
+
+    def start(self, prompt: list[int]) -> None:
+        self.last = prompt[-1]
+
+    def accept(self, tokens: list[int]) -> None:
+        if tokens:
+            self.last = tokens[-1]
+
+    def propose(
+        self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
+    ) -> Draft:
+        """Runs layers [0, E) over the last emitted token and each draft but the last."""
+        k = self.shallow.layer
+        token, states, tokens, probs = self.last, [], [], []
+        while len(tokens) < min(self.max_tokens, budget):
+            ids = torch.tensor([[token]], device=engine.device)
+            hidden = engine.run_layers(engine.embed(ids), cache, 0, k)
+            states.append(hidden)
+            guess = self.shallow.guess(hidden[:, -1], sampler)
+            if guess.confidence < self.threshold:
+                break
+            tokens.append(guess.token)
+            if guess.probs is not None:
+                probs.append(guess.probs)
+            token = guess.token
+        return Draft(
+            tokens,
+            layer=k,
+            states=torch.cat(states, dim=1),
+            probs=probs if not sampler.greedy else None,
+            source=self.name,
+        )
+
+
+@dataclass
+class CompositeDrafter:
+    """N-gram drafts when the context has a match, else shallow drafts."""
+
+    ngram: NgramDrafter
+    shallow: ShallowDrafter
+    name: str = "composite"
+
+    def start(self, prompt: list[int]) -> None:
+        self.ngram.start(prompt)
+        self.shallow.start(prompt)
+
+    def accept(self, tokens: list[int]) -> None:
+        self.ngram.accept(tokens)
+        self.shallow.accept(tokens)
+
+    def propose(
+        self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
+    ) -> Draft:
+        draft = self.ngram.propose(engine, cache, budget, sampler)
+        if draft.tokens:
+            return draft
+        return self.shallow.propose(engine, cache, budget, sampler)
+
+
+Drafter = NgramDrafter | ShallowDrafter | CompositeDrafter

@@ -1,0 +1,76 @@
+"""The peers a user would try first, timed like our decoders: transformers' own `generate`
+(greedy) and its prompt lookup (`prompt_lookup_num_tokens`), batch 1.
+
+They run the model's own forward, outside the engine's scope, so they multiply exactly as
+they would without earlyexit loaded. The first token's time comes from a streamer (called
+with the prompt, then with each new token), so their decode-phase rate is measured as ours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, prompt_ids
+from earlyexit.engine.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Notes when `generate` hands over its first new token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def decode_hf(
+    engine: LayerEngine,
+    prompt: str | torch.Tensor,
+    config: DecodeConfig,
+    prompt_lookup: int | None = None,
+) -> DecodeResult:
+    """`model.generate`, greedy; with `prompt_lookup`, transformers' prompt-lookup decoding."""
+    if not config.sampling.greedy:
+        raise EarlyExitError("the hf peers are measured greedy only; drop --temperature")
+    ids = prompt_ids(engine, prompt)
+    tok = engine.tokenizer
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id if config.stop_at_eos else None,
+        prompt_lookup_num_tokens=prompt_lookup,
+    )
+    clock = _FirstTokenClock()
+    began = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=generation,
+            streamer=clock,
+        )
+    seconds = time.perf_counter() - began
+    tokens = out[0, ids.shape[1] :].tolist()
+    total = engine.num_layers
+    first = clock.first_token_at if clock.first_token_at is not None else began + seconds
+    return DecodeResult(
+        tokens,
+        [total] * len(tokens),
+        seconds,
+        total * max(0, len(tokens) - 1),
+        num_layers=total,
+        prefill_seconds=first - began,
+    )
