@@ -24,26 +24,43 @@ def _generate(*args: str) -> str:
 def test_generate_methods_from_the_cli() -> None:
     full = _generate("--method", "full")
     assert full
-    assert _generate("--method", "lossless:0.0") == full  # drafts every token, still exact
+    assert _generate("--method", "lossless:shallow:0.0") == full  # drafts all, still exact
+    assert _generate("--method", "lossless") == full  # n-gram drafts
+    assert _generate("--method", "hf") == full  # transformers' own generate
     for method in ("free", "calm:0.5", "static"):
         _generate("--method", method)
     sampled = ["--method", "free:0.3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
     assert _generate(*sampled) == _generate(*sampled)
     bad = runner.invoke(app, ["generate", PROMPT, "--method", "fastest"])
     assert bad.exit_code != 0 and "unknown generation method 'fastest'" in bad.output
+    for method, message in [
+        ("lossless:ngram:9", "N: 1..7"),
+        ("lossless:ngram:0.5", "N: 1..7"),
+        ("lossless:fast", "use lossless[:ngram[:N]"),
+        ("hf:3", "`hf` takes no argument"),
+        ("hf-pld:x", "use hf-pld[:N]"),
+    ]:
+        bad = runner.invoke(app, ["generate", PROMPT, "--method", method])
+        assert bad.exit_code == 2 and message in bad.output, (method, bad.output)
 
 
 def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     out = tmp_path / "gen.json"
     args = ["bench", "generate", "--task", "squad", "--limit", "2", "--max-new-tokens", "6"]
-    methods = "full,static,calm:0.5,free,lossless"
+    methods = "full,static,calm:0.5,free,lossless,lossless:ngram:3,hf,hf-pld"
     result = runner.invoke(app, [*args, "--method", methods, "--json", str(out)])
     assert result.exit_code == 0, result.output
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
     assert list(records) == methods.split(",")
     keys = {"task", "method", "n", "quality", "full_quality", "agreement", "shallow_fraction"}
     assert all(keys | {"avg_layers", "tokens_per_s", "speedup"} <= set(r) for r in records.values())
-    assert records["lossless"]["token_agreement"] == 1.0
+    for exact in ("lossless", "lossless:ngram:3", "hf", "hf-pld"):
+        assert records[exact]["token_agreement"] == 1.0, exact
+    assert records["full"]["tokens_per_pass"] == 1.0
+    assert records["lossless:ngram:3"]["draft_acceptance"] is not None
+    assert (
+        records["hf"]["draft_acceptance"] is None and records["static"]["tokens_per_pass"] is None
+    )
     assert records["static"]["shallow_fraction"] == 1.0 and records["full"]["avg_layers"] == 30
     assert all(r["n"] == 2 and r["task"] == "squad" for r in records.values())
     assert all(r["shallow_layer"] == 24 for r in records.values())  # default: 4/5 of 30

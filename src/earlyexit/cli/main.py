@@ -486,6 +486,15 @@ RESTRICT_OPT = typer.Option(
 )
 
 
+DRAFT_TOKENS_OPT = typer.Option(
+    None,
+    min=1,
+    max=7,
+    help="lossless n-gram drafts per verify pass; default: chosen per match length from "
+    "this machine's measured verify-pass costs.",
+)
+
+
 def _shallow_exit(engine, layer: int | None, measure: str, restrict: bool = False):  # noqa: ANN001, ANN202
     from earlyexit.decoding.shallow_deep import ShallowExit
     from earlyexit.readouts.store import META, default_readout, readout_dir
@@ -522,18 +531,20 @@ def generate_command(
     top_p: float = TOP_P_OPT,
     seed: int = SEED_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    draft_tokens: int | None = DRAFT_TOKENS_OPT,
 ) -> None:
     """Generate with early exit (batch 1) and say how many tokens exited shallow."""
     from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.decoding.shallow_deep import DecodeConfig
-    from earlyexit.evaluation.generate import GenConfig, build_decoder
+    from earlyexit.evaluation.generate import GenConfig, build_decoder, parse_method
     from earlyexit.tasks.generation import render_prompt
 
+    parse_method(method)  # a bad method fails before the model loads
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
     sampling = SamplingConfig(temperature, top_p, seed)
     # a few calibration prompts only: one answer does not repay the eight of `bench`
-    config = GenConfig(sampling=sampling, calibration_prompts=3)
+    config = GenConfig(sampling=sampling, calibration_prompts=3, draft_tokens=draft_tokens)
     decoder = build_decoder(method, engine, shallow, config)
     result = decoder(
         render_prompt(engine.tokenizer, prompt),
@@ -573,11 +584,12 @@ def bench_generate(
         None, help="Thresholds, e.g. 0.3,0.5,0.7,0.9: adds calm:T and free:T for each."
     ),
     plots: Path | None = typer.Option(None, help="With --sweep: one PNG per task here."),
+    draft_tokens: int | None = DRAFT_TOKENS_OPT,
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
     from earlyexit.decoding.sampling import SamplingConfig
-    from earlyexit.evaluation.generate import GenConfig, bench_generation
+    from earlyexit.evaluation.generate import GenConfig, bench_generation, parse_method
     from earlyexit.reporting import write_json
     from earlyexit.tasks.generation import get_generation_task
 
@@ -585,10 +597,18 @@ def bench_generate(
     methods = [m.strip() for m in method.split(",") if m.strip()]
     for level in _float_list(sweep, "--sweep") if sweep else []:
         methods += [f"calm:{level}", f"free:{level}"]
+    for spec in methods:
+        parse_method(spec)  # a bad method fails before the model loads
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
     sampling = SamplingConfig(temperature, top_p, seed)
-    config = GenConfig(limit=limit, max_new_tokens=max_new_tokens, target=target, sampling=sampling)
+    config = GenConfig(
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        target=target,
+        sampling=sampling,
+        draft_tokens=draft_tokens,
+    )
     records = []
     for t in tasks:
         task_records = bench_generation(engine, shallow, t, methods, config)

@@ -60,23 +60,28 @@ class NgramIndex:
                     self.last_end[tuple(self.tokens[end - n + 1 : end + 1])] = end
             self.tokens.append(token)
 
-    def continuation(self, count: int) -> list[int]:
-        """Up to `count` tokens that followed the latest earlier occurrence of the longest
-        suffix n-gram that occurred before; [] when none did."""
+    def lookup(self, count: int) -> tuple[int, list[int]]:
+        """(n, up to `count` tokens that followed the latest earlier occurrence of the
+        longest suffix n-gram that occurred before); (0, []) when none did."""
         size = len(self.tokens)
         for n in range(min(self.max_n, size), 0, -1):
             end = self.last_end.get(tuple(self.tokens[size - n :]))
             if end is not None:
-                return self.tokens[end + 1 : end + 1 + count]
-        return []
+                return n, self.tokens[end + 1 : end + 1 + count]
+        return 0, []
+
+    def continuation(self, count: int) -> list[int]:
+        return self.lookup(count)[1]
 
 
 @dataclass
 class NgramDrafter:
-    """Prompt lookup over prompt + output."""
+    """Prompt lookup over prompt + output. `lengths`: tokens to draft per match length
+    (decoding/draft_length.py chooses them from the machine's pass costs); else `max_tokens`."""
 
     max_tokens: int = 4
     max_n: int = 3
+    lengths: dict[int, int] | None = None
     name: str = "ngram"
     index: NgramIndex = field(init=False)
 
@@ -91,7 +96,9 @@ class NgramDrafter:
     def propose(
         self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
     ) -> Draft:
-        tokens = self.index.continuation(min(self.max_tokens, budget))
+        match, tokens = self.index.lookup(min(self.max_tokens, budget))
+        if self.lengths is not None:
+            tokens = tokens[: self.lengths.get(match, 0)]
         probs = None
         if not sampler.greedy:  # a point guess: q is one-hot on the drafted token
             probs = [_one_hot(t, engine.vocab_size) for t in tokens]

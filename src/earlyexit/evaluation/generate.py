@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.decoding.calm import decode_calm
+from earlyexit.decoding.draft_length import MAX_DRAFT, draft_lengths, measure_pass_costs
 from earlyexit.decoding.drafters import CompositeDrafter, Drafter, NgramDrafter, ShallowDrafter
 from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import (
@@ -44,7 +45,7 @@ GEN_METHODS = (
     "static",
     "calm[:T]",
     "free[:T]",
-    "lossless[:ngram|shallow|composite][:T]",
+    "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]",
     "hf",
     "hf-pld[:N]",
 )
@@ -61,31 +62,72 @@ class GenConfig:
     calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
     # held-out instructions (tasks/generation.py) that calibrate `calm` and warm-start `free`
     calibration_prompts: int = 8
-    draft_tokens: int = 4  # n-gram drafts: tokens proposed per verify pass at most
+    # n-gram drafts per verify pass; None: chosen per match length from measured pass costs
+    draft_tokens: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
 
 
+@dataclass(frozen=True)
+class GenMethod:
+    """A parsed generation method: `name[:drafter][:value]`."""
+
+    spec: str
+    name: str  # full | static | calm | free | lossless | hf | hf-pld
+    drafter: str | None = None  # lossless only
+    value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
+
+
+def parse_method(spec: str) -> GenMethod:
+    """Check a method name and its arguments without any model (the CLI does it first).
+
+    `full`, `static`, `calm[:T]`, `free[:T]` (no T: FREE's adaptive threshold),
+    `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]` (draft and verify; N fixes the n-gram
+    drafts per pass, else they are chosen per match length from this machine's verify-pass
+    costs; T is the shallow drafter's confidence threshold, calibrated when not given), and
+    the peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup).
+    """
+    name, _, arg = spec.partition(":")
+    parts = arg.split(":") if arg else []
+    drafter = None
+    if name == "lossless":
+        drafter = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
+        usage = f"bad method '{spec}': use lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]"
+    elif name in ("full", "static", "hf"):
+        usage = f"bad method '{spec}': `{name}` takes no argument"
+    elif name in ("calm", "free"):
+        usage = f"bad threshold in method '{spec}': use {name}[:T]"
+    elif name == "hf-pld":
+        usage = f"bad method '{spec}': use hf-pld[:N], N tokens to look up"
+    else:
+        raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+    if len(parts) > (0 if name in ("full", "static", "hf") else 1):
+        raise EarlyExitError(usage)
+    try:
+        value = float(parts[0]) if parts else None
+    except ValueError:
+        raise EarlyExitError(usage) from None
+    counts = name == "hf-pld" or drafter == "ngram"
+    if counts and value is not None and (value != int(value) or not 1 <= value <= MAX_DRAFT):
+        raise EarlyExitError(f"{usage} (N: 1..{MAX_DRAFT} tokens)")
+    return GenMethod(spec, name, drafter, value)
+
+
 def build_decoder(
     spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> Decoder:
-    """`full`, `static`, `calm[:T]`, `free` (adaptive Beta-mixture threshold), `free:T`,
-    `lossless[:drafter][:T]` (draft and verify: identical to `full` up to float rounding; T
-    is the shallow drafter's confidence threshold, calibrated when not given), and the
-    peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup, N
-    tokens, default 4)."""
-    name, _, arg = spec.partition(":")
+    """The decoder for a method (`parse_method` lists them)."""
+    method = parse_method(spec)
+    name, fixed = method.name, method.value
     if name == "lossless":
-        return _lossless(spec, arg, engine, shallow, config)
-    if name in ("hf", "hf-pld"):
-        return _peer(spec, name, arg, engine)
-    try:
-        fixed = float(arg) if arg else None
-    except ValueError:
-        raise EarlyExitError(f"bad threshold in method '{spec}'") from None
-
+        return _lossless(method, engine, shallow, config)
+    if name == "hf":
+        return lambda prompt, cfg: decode_hf(engine, prompt, cfg)
+    if name == "hf-pld":
+        lookup = int(fixed or 4)
+        return lambda prompt, cfg: decode_hf(engine, prompt, cfg, prompt_lookup=lookup)
     if name == "full":
         return lambda prompt, cfg: decode_full(engine, prompt, cfg)
     if name == "static":
@@ -93,53 +135,32 @@ def build_decoder(
     if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
         level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
-    if name == "free":
-        # one threshold per decoder, kept across prompts: FREE fits it online over the
-        # stream of requests (one 48-token answer holds too few disagreements to fit a
-        # mixture), warm-started from the held-out calibration pairs `calm` uses
-        shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
-        return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
-    raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+    # free: one threshold per decoder, kept across prompts: FREE fits it online over the
+    # stream of requests (one 48-token answer holds too few disagreements to fit a
+    # mixture), warm-started from the held-out calibration pairs `calm` uses
+    shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
+    return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
 
 
 def _lossless(
-    spec: str, arg: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+    method: GenMethod, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> Decoder:
-    parts = arg.split(":") if arg else []
-    kind = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
-    try:
-        level = float(parts[0]) if parts else None
-    except ValueError:
-        raise EarlyExitError(
-            f"bad method '{spec}': use lossless[:{'|'.join(DRAFTERS)}][:threshold]"
-        ) from None
-    if len(parts) > 1 or (level is not None and kind == "ngram"):
-        raise EarlyExitError(f"bad method '{spec}': only shallow drafts take a threshold")
+    kind = method.drafter
+    fixed = int(method.value) if kind == "ngram" and method.value else config.draft_tokens
+    level = method.value if kind != "ngram" else None
     if kind != "ngram" and level is None:
         level = calm_threshold(engine, shallow, config)
+    # draft lengths per match length from this machine's verify-pass costs
+    lengths = None if fixed else draft_lengths(measure_pass_costs(engine))
 
     def drafter() -> Drafter:  # a fresh one per request: the n-gram index is per context
-        ngram = NgramDrafter(max_tokens=config.draft_tokens)
+        ngram = NgramDrafter(max_tokens=fixed or MAX_DRAFT, lengths=lengths)
         if kind == "ngram":
             return ngram
         deep = ShallowDrafter(shallow, threshold=level)
         return deep if kind == "shallow" else CompositeDrafter(ngram, deep)
 
     return lambda prompt, cfg: decode_speculative(engine, drafter(), prompt, cfg)
-
-
-def _peer(spec: str, name: str, arg: str, engine: LayerEngine) -> Decoder:
-    if name == "hf" and arg:
-        raise EarlyExitError(f"bad method '{spec}': `hf` takes no argument")
-    try:
-        lookup = int(arg) if arg else 4
-    except ValueError:
-        raise EarlyExitError(f"bad method '{spec}': use hf-pld[:N], N tokens to look up") from None
-    if lookup < 1:
-        raise EarlyExitError(f"bad method '{spec}': N must be at least 1")
-    if name == "hf":
-        return lambda prompt, cfg: decode_hf(engine, prompt, cfg)
-    return lambda prompt, cfg: decode_hf(engine, prompt, cfg, prompt_lookup=lookup)
 
 
 def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
