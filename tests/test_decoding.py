@@ -1,6 +1,6 @@
-"""Shallow-deep decoding on real weights: lossless mode is exactly greedy decoding, FREE's
-catch-up passes leave the deep layers as a full-depth run would, the Beta-mixture threshold
-separates agreeing from disagreeing confidences."""
+"""Shallow-deep decoding on real weights: lossless shallow drafts give exactly greedy
+decoding, FREE's catch-up passes leave the deep layers as a full-depth run would, the
+Beta-mixture threshold separates agreeing from disagreeing confidences."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from earlyexit.decoding.drafters import ShallowDrafter
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     ShallowExit,
@@ -16,6 +17,7 @@ from earlyexit.decoding.shallow_deep import (
     decode_shallow_deep,
     decode_static,
 )
+from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold, mixture_threshold
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
@@ -31,18 +33,19 @@ def _shallow(engine: LayerEngine) -> ShallowExit:
 
 
 @pytest.mark.parametrize(
-    ("threshold", "max_stack"), [(0.0, 4), (0.3, 16)], ids=["always-draft", "threshold"]
+    ("threshold", "max_tokens"), [(0.0, 4), (0.3, 16)], ids=["always-draft", "threshold"]
 )
-def test_lossless_equals_greedy(engine: LayerEngine, threshold: float, max_stack: int) -> None:
-    config = DecodeConfig(max_new_tokens=24, max_stack=max_stack, stop_at_eos=False)
+def test_lossless_shallow_drafts_equal_greedy(
+    engine: LayerEngine, threshold: float, max_tokens: int
+) -> None:
+    config = DecodeConfig(max_new_tokens=24, stop_at_eos=False)
     reference = decode_full(engine, PROMPT, config)
     ids, _ = engine.encode([PROMPT])
     assert reference.tokens == engine.greedy(ids, 24)[0].tolist()
-    result = decode_shallow_deep(
-        engine, _shallow(engine), PROMPT, config, Threshold(threshold), lossless=True
-    )
+    drafter = ShallowDrafter(_shallow(engine), threshold=threshold, max_tokens=max_tokens)
+    result = decode_speculative(engine, drafter, PROMPT, config)
     assert result.tokens == reference.tokens
-    assert result.catchups > 0
+    assert result.passes > 0 and result.drafted > 0
     if threshold == 0.0:
         assert result.rollbacks > 0  # the lens drafts badly: rollbacks were exercised
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from earlyexit.decoding.drafters import ShallowDrafter
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
@@ -14,6 +15,7 @@ from earlyexit.decoding.shallow_deep import (
     decode_full,
     decode_shallow_deep,
 )
+from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout
@@ -67,9 +69,10 @@ def test_lossless_sampling_emits_only_what_the_full_model_could(smol: LayerEngin
     # draft outside them has p = 0 and must be rejected, however confident the shallow exit
     top_p = 0.3
     sampling = SamplingConfig(temperature=1.0, top_p=top_p, seed=0)
-    config = DecodeConfig(max_new_tokens=24, max_stack=4, stop_at_eos=False, sampling=sampling)
+    config = DecodeConfig(max_new_tokens=24, stop_at_eos=False, sampling=sampling)
     shallow = ShallowExit(ExitReadout(smol), 20)  # the plain lens: drafts badly
-    result = decode_shallow_deep(smol, shallow, PROMPT, config, Threshold(0.0), lossless=True)
+    drafter = ShallowDrafter(shallow, threshold=0.0, max_tokens=4)
+    result = decode_speculative(smol, drafter, PROMPT, config)
     assert result.rollbacks > 0 and len(result.tokens) == 24
     ids, _ = smol.encode([PROMPT])
     sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]

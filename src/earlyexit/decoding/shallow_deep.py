@@ -7,20 +7,17 @@ pass (FREE's synchronized parallel decoding), which fills the stacked tokens' de
 exactly as a full-depth run would have, at about the cost of one token on a
 weight-bandwidth-bound machine. No state is copied and nothing is approximated.
 
-The same pass yields the deep prediction for every stacked token, which serves two ends:
-- FREE's adaptive threshold learns from (shallow confidence, shallow == deep) pairs;
-- `lossless` mode compares them with what was emitted and rolls back from the first
-  mismatch (self-speculative decoding with the shallow exit as the draft model), so the
-  output equals full-depth greedy decoding token for token; when sampling, drafts are
-  accepted by the speculative-sampling rule (decoding/sampling.py), so the output follows
-  the full model's sampling distribution exactly.
+The same pass yields the deep prediction for every stacked token: FREE's adaptive
+threshold learns from (shallow confidence, shallow == deep) pairs. (Verifying the shallow
+tokens and rolling back instead is `lossless` with the shallow drafter:
+decoding/speculative.py.)
 
 Batch >= 2 is not offered: rows exit at different tokens, so their deep layers would hold
 different numbers of slots, and a catch-up for one row stalls the others; on this
 weight-bandwidth-bound CPU, batching already buys more than exits do (see BENCHMARKS).
 
 Methods: `full` (the reference), `static` (every token at layer k, the prompt too),
-`free` (fixed or adaptive threshold), `lossless`.
+`free` (fixed or adaptive threshold).
 """
 
 from __future__ import annotations
@@ -241,12 +238,9 @@ def decode_shallow_deep(
     prompt: str | torch.Tensor,
     config: DecodeConfig,
     threshold: Threshold,
-    lossless: bool = False,
     on_step: Callable[[DecodeResult], None] | None = None,
 ) -> DecodeResult:
-    """FREE's synchronized parallel decoding; with `lossless`, verified against the deep
-    layers and rolled back from the first rejected draft (identical to full decoding:
-    token for token when greedy, in distribution when sampling)."""
+    """FREE's synchronized parallel decoding (lossy: shallow tokens are never revised)."""
     ids = prompt_ids(engine, prompt)
     stopping = Stopping(engine, config)
     sampler = Sampler(config.sampling)
@@ -262,27 +256,10 @@ def decode_shallow_deep(
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
     drafts: list[Guess] = []  # the shallow guesses emitted for them
 
-    def verify(logits: torch.Tensor, tops: list[int]) -> tuple[int, int] | None:
-        """(index of the first rejected draft, the token that replaces it), or None when
-        every draft stands; `tops` are the deep argmaxes of `logits`."""
-        if sampler.greedy:
-            for i, draft in enumerate(drafts):
-                if draft.token != tops[i]:
-                    return i, tops[i]
-            return None
-        for i, draft in enumerate(drafts):
-            assert draft.probs is not None
-            p = sampler.probs(logits[i])
-            if not sampler.accept(p, draft.probs, draft.token):
-                return i, sampler.resample(p, draft.probs)
-        return None
-
-    def catch_up(current: torch.Tensor | None, guess: Guess | None = None) -> int | None:
-        """Run layers [k, L) over the stacked states (and the current input's); returns
-        the deep token after the current input, or None when a lossless rollback
-        replaced the tail of the output."""
-        states = stack + ([current] if current is not None else [])
-        deep_len = cache.lengths[k]
+    def catch_up(current: torch.Tensor, guess: Guess) -> int:
+        """Run layers [k, L) over the stacked states and the current input's; returns the
+        deep token after the current input."""
+        states = [*stack, current]
         hidden = engine.run_layers(torch.cat(states, dim=1), cache, k, total)
         result.layer_tokens += (total - k) * len(states)
         result.catchups += 1
@@ -290,38 +267,14 @@ def decode_shallow_deep(
         tops = logits.argmax(-1).tolist()
         # the threshold learns whether the shallow argmax matched the deep one
         pairs = [(d.confidence, d.top == tops[i]) for i, d in enumerate(drafts)]
-        rejection = verify(logits, tops) if lossless else None
-        if rejection is not None:
-            pairs = pairs[: rejection[0] + 1]  # later drafts followed a rejected token
-        elif guess is not None:  # the current token's shallow guess, below the threshold
-            pairs.append((guess.confidence, guess.top == tops[-1]))
+        pairs.append((guess.confidence, guess.top == tops[-1]))  # below the threshold
         result.pairs += pairs
         threshold.observe(pairs)
-        stacked = len(stack)
         stack.clear()
         drafts.clear()
-        if rejection is not None:
-            rejected, replacement = rejection
-            # drafts[rejected] was the token after stacked input `rejected`: everything
-            # emitted from it on is replaced, and the slots of the inputs after that one
-            # are forgotten in every layer
-            keep = len(result.tokens) - (stacked - rejected)
-            del result.tokens[keep:], result.exit_layers[keep:]
-            cache.truncate(deep_len + rejected + 1)
-            result.tokens.append(replacement)
-            result.exit_layers.append(total)
-            result.rollbacks += 1
-            return None
-        if current is None:
-            return None
         return tops[-1] if sampler.greedy else sampler.pick(logits[-1])
 
-    while True:
-        if stopping.done(result.tokens):
-            if lossless and stack:  # unverified drafts: verify before stopping
-                catch_up(None)
-                continue
-            break
+    while not stopping.done(result.tokens):
         hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
         result.layer_tokens += k
         guess = shallow.guess(hidden[:, -1], sampler)
@@ -331,10 +284,8 @@ def decode_shallow_deep(
             result.tokens.append(guess.token)
             result.exit_layers.append(k)
         else:
-            deep = catch_up(hidden, guess)
-            if deep is not None:
-                result.tokens.append(deep)
-                result.exit_layers.append(total)
+            result.tokens.append(catch_up(hidden, guess))
+            result.exit_layers.append(total)
         if on_step is not None:
             on_step(result)
     result.seconds = time.perf_counter() - began

@@ -70,7 +70,7 @@ def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
         )
         for r in rows:
             ax.annotate(r["method"].partition(":")[2], (r["speedup"], r["quality"]), fontsize=6)
-    single = {"free": "free (adaptive)", "lossless": "lossless (adaptive)"}
+    single = {"free": "free (adaptive)", "lossless": "lossless (n-gram drafts)"}
     single |= {"calm": "calm (calibrated)", "static": "static"}
     for r in records:  # the methods without a threshold knob: one marker each
         if r["method"] in single:
