@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.decoding.drafters import ShallowDrafter
+from earlyexit.decoding.drafters import NgramDrafter, ShallowDrafter
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     ShallowExit,
@@ -68,6 +68,43 @@ def test_free_catch_up_fills_deep_layers_exactly(smol: LayerEngine) -> None:
     assert len(result.pairs) >= result.catchups - 1
 
 
+COPYING = (
+    "Summarize this dialogue in one sentence.\n\nAnna: Tom, my train is late, I will be at "
+    "the station at six, not at five.\nTom: OK Anna, I will wait for you at the station at "
+    "six then.\nAnna: Thanks Tom!"
+)
+
+
+def test_free_with_ngram_drafts_never_exiting_equals_greedy(engine: LayerEngine) -> None:
+    """A threshold no confidence reaches: every token comes from an n-gram verify pass or
+    a catch-up, so the output is the full model's and the verify passes' KV is exact."""
+    config = DecodeConfig(max_new_tokens=40, stop_at_eos=False)
+    reference = decode_full(engine, COPYING, config)
+    result = decode_shallow_deep(
+        engine, _shallow(engine), COPYING, config, Threshold(2.0), ngram=NgramDrafter()
+    )
+    assert result.tokens == reference.tokens and result.shallow_fraction == 0
+    assert result.accepted > 0 and result.drafted > result.accepted  # kept and rejected
+
+
+def test_free_with_ngram_drafts_catches_up_the_stack_exactly(smol: LayerEngine) -> None:
+    config = DecodeConfig(max_new_tokens=40, stop_at_eos=False)
+    result = decode_shallow_deep(
+        smol, _shallow(smol), COPYING, config, Threshold(0.2), ngram=NgramDrafter()
+    )
+    assert 0 < result.shallow_fraction < 1 and result.accepted > 0
+    # tokens emitted deep (verified drafts, catch-ups) are the full model's prediction after
+    # the emitted prefix, shallow tokens included: stacked tokens got their exact deep KV
+    ids, _ = smol.encode([COPYING])
+    sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
+    with torch.no_grad():
+        logits = smol.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    full_argmax = logits.argmax(-1).tolist()
+    deep = [i for i, layer in enumerate(result.exit_layers) if layer == smol.num_layers]
+    assert len(deep) >= 10
+    assert [result.tokens[i] for i in deep] == [full_argmax[i] for i in deep]
+
+
 def test_static_reads_out_at_k(smol: LayerEngine) -> None:
     shallow = _shallow(smol)
     config = DecodeConfig(max_new_tokens=6, stop_at_eos=False)
@@ -103,6 +140,14 @@ def test_beta_mixture_threshold_separates_groups() -> None:
     online = BetaMixtureThreshold(target=0.9, initial=0.5, refit_every=50)
     online.observe(list(zip(conf.tolist(), agreed.tolist(), strict=True)))
     assert online.value == mixture_threshold(conf, agreed, 0.9, 0.5)
+    # never 0 or 1: all-agreeing-at-any-confidence or never-agreeing streams stay in bounds
+    eager = BetaMixtureThreshold(target=0.5, initial=0.0, refit_every=1)
+    assert eager.value == 0.05
+    eager.observe([(c, c > 0.02) for c in np.linspace(0.0, 1.0, 50).tolist()])
+    assert 0.05 <= eager.value < 0.2
+    stuck = BetaMixtureThreshold(target=0.999, initial=0.9, refit_every=1)
+    stuck.observe([(c, i % 2 == 0) for i, c in enumerate(np.linspace(0, 1, 50).tolist())])
+    assert stuck.value == 0.95
 
 
 def test_copy_state_kv_equals_the_layers_own_keys_values(engine: LayerEngine) -> None:

@@ -58,6 +58,7 @@ def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
         assert records[exact]["token_agreement"] == 1.0, exact
     assert records["full"]["tokens_per_pass"] == 1.0
     assert records["lossless:ngram:3"]["draft_acceptance"] is not None
+    assert 0 <= records["lossless:ngram:3"]["draft_cost"] < 0.1  # a dictionary look-up
     assert (
         records["hf"]["draft_acceptance"] is None and records["static"]["tokens_per_pass"] is None
     )

@@ -8,14 +8,14 @@ import torch
 
 from earlyexit.decoding.drafters import (
     CompositeDrafter,
-    Draft,
     NgramDrafter,
     NgramIndex,
     ShallowDrafter,
 )
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
 from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, decode_full
-from earlyexit.decoding.speculative import decode_speculative, verify, verify_pass
+from earlyexit.decoding.speculative import decode_speculative, verify_pass
+from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine import LayerEngine
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.tasks.generation import render_prompt

@@ -520,8 +520,8 @@ def generate_command(
     model: str = MODEL_OPT,
     method: str = typer.Option(
         "free",
-        help="full, static, calm[:T], free[:T], lossless[:ngram|shallow|composite][:T], hf, "
-        "hf-pld[:N].",
+        help="full, static, calm[:T], free[:plain][:T], "
+        "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]], hf, hf-pld[:N].",
     ),
     shallow_layer: int | None = SHALLOW_OPT,
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
@@ -635,6 +635,7 @@ def bench_generate(
             f"{r['e2e_speedup']:.2f}x",
             "-" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}",
             "-" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.0%}",
+            "-" if r["draft_cost"] is None else f"{r['draft_cost']:.2f}",
         ]
         for r in records
     ]
@@ -646,7 +647,9 @@ def bench_generate(
         f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
         f"{cpu_model()})"
     )
-    table = _table(title, [*cols, "speedup", "with prefill", "tok/pass", "accepted"], rows)
+    table = _table(
+        title, [*cols, "speedup", "with prefill", "tok/pass", "accepted", "draft cost"], rows
+    )
     console.print(table)
     if json_path:
         write_json(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, Stopping, prompt_ids
+from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, begin, next_input
 from earlyexit.engine.engine import LayerEngine
 
 
@@ -26,16 +26,12 @@ def confidence_pairs(
     confs: list[float] = []
     agreed: list[bool] = []
     for prompt in prompts:
-        ids = prompt_ids(engine, prompt)
-        stopping = Stopping(engine, config)
-        state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
-        tokens = [int(engine.logits(state.hidden[:, -1]).argmax(-1))]
-        while not stopping.done(tokens):
-            hidden = engine.run_layers(
-                engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, k
-            )
+        run = begin(engine, prompt, config)
+        tokens = run.result.tokens
+        while not run.stopping.done(tokens):
+            hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, k)
             conf, guess = shallow.predict(hidden[:, -1])
-            hidden = engine.run_layers(hidden, state.cache, k, total)
+            hidden = engine.run_layers(hidden, run.cache, k, total)
             tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
             confs.append(conf)
             agreed.append(guess == tokens[-1])

@@ -10,18 +10,15 @@ approximation that compounds; FREE's catch-up computes those states exactly inst
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from earlyexit.decoding.sampling import Sampler
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     DecodeResult,
     ShallowExit,
-    Stopping,
     Threshold,
-    prompt_ids,
+    begin,
+    next_input,
 )
 from earlyexit.engine.engine import LayerEngine
 
@@ -34,18 +31,11 @@ def decode_calm(
     config: DecodeConfig,
     threshold: Threshold,
 ) -> DecodeResult:
-    ids = prompt_ids(engine, prompt)
-    stopping = Stopping(engine, config)
+    run = begin(engine, prompt, config)
+    cache, sampler, result = run.cache, run.sampler, run.result
     k, total = shallow.layer, engine.num_layers
-    sampler = Sampler(config.sampling)
-    began = time.perf_counter()
-    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
-    cache = state.cache
-    first = sampler.pick(engine.logits(state.hidden[:, -1]))
-    result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
-    result.prefill_seconds = time.perf_counter() - began
-    while not stopping.done(result.tokens):
-        hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
+    while not run.stopping.done(result.tokens):
+        hidden = engine.run_layers(next_input(engine, result.tokens[-1]), cache, 0, k)
         guess = shallow.guess(hidden[:, -1], sampler)
         if guess.confidence >= threshold.value:
             engine.copy_state_kv(hidden, cache, k, total)
@@ -57,5 +47,4 @@ def decode_calm(
         result.layer_tokens += total
         result.tokens.append(sampler.pick(engine.logits(hidden[:, -1])))
         result.exit_layers.append(total)
-    result.seconds = time.perf_counter() - began
-    return result
+    return run.finish()

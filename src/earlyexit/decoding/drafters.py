@@ -22,25 +22,9 @@ import torch
 
 from earlyexit.decoding.sampling import Sampler
 from earlyexit.decoding.shallow_deep import ShallowExit
+from earlyexit.decoding.verify import Draft
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
-
-
-@dataclass
-class Draft:
-    """Proposed tokens after the last emitted one.
-
-    `states`, for a shallow draft: the layer-`layer` outputs of the last emitted token and of
-    every draft but the last (their layers [0, layer) are already in the cache); the verify
-    pass runs only the layers above. An n-gram draft has no states: verify runs every layer.
-    `probs`: the draft distribution of each token when sampling (None: a point guess).
-    """
-
-    tokens: list[int]
-    layer: int = 0
-    states: torch.Tensor | None = None
-    probs: list[torch.Tensor] | None = None
-    source: str = ""
 
 
 class NgramIndex:

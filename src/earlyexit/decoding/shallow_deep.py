@@ -25,13 +25,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
+from earlyexit.decoding.verify import Draft, until_stop, verify
+from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout
+
+if TYPE_CHECKING:  # drafters.py builds on this module's ShallowExit
+    from earlyexit.decoding.drafters import NgramDrafter
 
 
 @dataclass
@@ -54,6 +61,7 @@ class DecodeResult:
     passes: int = 0  # verify passes of draft-and-verify decoding (decoding/speculative.py)
     drafted: int = 0  # tokens proposed by its drafter
     accepted: int = 0  # of those, kept
+    draft_seconds: float = 0.0  # time spent drafting
     pairs: list[tuple[float, bool]] = field(default_factory=list)  # (confidence, agreed)
 
     num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
@@ -174,34 +182,66 @@ def prompt_ids(engine: LayerEngine, prompt: str | torch.Tensor) -> torch.Tensor:
     return prompt.reshape(1, -1)
 
 
+@dataclass
+class Begun:
+    """A request after its prefill and first token: what every decode loop starts from."""
+
+    ids: torch.Tensor  # the prompt's ids [1, T]
+    cache: LayerKVCache
+    result: DecodeResult  # holds the first token; prefill_seconds set
+    stopping: Stopping
+    sampler: Sampler
+    began: float  # perf_counter at the start (the request's clock)
+
+    def finish(self) -> DecodeResult:
+        self.result.seconds = time.perf_counter() - self.began
+        return self.result
+
+
+def begin(
+    engine: LayerEngine,
+    prompt: str | torch.Tensor,
+    config: DecodeConfig,
+    spare_slots: int = 1,
+    shallow: ShallowExit | None = None,
+) -> Begun:
+    """Prefill the prompt and pick the first token: through every layer and the model's
+    head, or (`shallow`, for `static`) through the shallow layers and the shallow exit.
+    `spare_slots`: cache slots beyond prompt + max_new_tokens (drafts, stacked tokens)."""
+    ids = prompt_ids(engine, prompt)
+    sampler = Sampler(config.sampling)
+    began = time.perf_counter()
+    capacity = ids.shape[1] + config.max_new_tokens + spare_slots
+    upto = shallow.layer if shallow is not None else None
+    state = engine.prefill(ids, capacity=capacity, upto=upto)
+    if shallow is None:
+        first, layer = sampler.pick(engine.logits(state.hidden[:, -1])), engine.num_layers
+    else:
+        first, layer = shallow.guess(state.hidden[:, -1], sampler).token, shallow.layer
+    result = DecodeResult([first], [layer], 0.0, 0, num_layers=engine.num_layers)
+    result.prefill_seconds = time.perf_counter() - began
+    return Begun(ids, state.cache, result, Stopping(engine, config), sampler, began)
+
+
+def next_input(engine: LayerEngine, token: int) -> torch.Tensor:
+    """The embedding of one token as a [1, 1, H] input."""
+    return engine.embed(torch.tensor([[token]], device=engine.device))
+
+
 @torch.inference_mode()
 def decode_full(
     engine: LayerEngine, prompt: str | torch.Tensor, config: DecodeConfig
 ) -> DecodeResult:
     """Full-depth greedy decoding: the reference for speed and for output identity."""
-    ids = prompt_ids(engine, prompt)
-    stopping = Stopping(engine, config)
-    sampler = Sampler(config.sampling)
-    began = time.perf_counter()
-    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1)
-    tokens = [sampler.pick(engine.logits(state.hidden[:, -1]))]
-    prefill_seconds = time.perf_counter() - began
-    total = engine.num_layers
-    while not stopping.done(tokens):
-        hidden = engine.run_layers(
-            engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, total
-        )
-        tokens.append(sampler.pick(engine.logits(hidden[:, -1])))
-    seconds = time.perf_counter() - began
-    return DecodeResult(
-        tokens,
-        [total] * len(tokens),
-        seconds,
-        total * (len(tokens) - 1),
-        passes=len(tokens) - 1,
-        num_layers=total,
-        prefill_seconds=prefill_seconds,
-    )
+    run = begin(engine, prompt, config)
+    tokens, total = run.result.tokens, engine.num_layers
+    while not run.stopping.done(tokens):
+        hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, total)
+        tokens.append(run.sampler.pick(engine.logits(hidden[:, -1])))
+        run.result.exit_layers.append(total)
+        run.result.layer_tokens += total
+        run.result.passes += 1
+    return run.finish()
 
 
 @torch.inference_mode()
@@ -209,26 +249,14 @@ def decode_static(
     engine: LayerEngine, shallow: ShallowExit, prompt: str | torch.Tensor, config: DecodeConfig
 ) -> DecodeResult:
     """Every token, prompt included, runs layers [0, k) only and is read out at k."""
-    ids = prompt_ids(engine, prompt)
-    stopping = Stopping(engine, config)
-    k = shallow.layer
-    sampler = Sampler(config.sampling)
-    began = time.perf_counter()
-    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + 1, upto=k)
-    tokens = [shallow.guess(state.hidden[:, -1], sampler).token]
-    prefill_seconds = time.perf_counter() - began
-    while not stopping.done(tokens):
-        hidden = engine.run_layers(engine.embed(torch.tensor([[tokens[-1]]])), state.cache, 0, k)
-        tokens.append(shallow.guess(hidden[:, -1], sampler).token)
-    seconds = time.perf_counter() - began
-    return DecodeResult(
-        tokens,
-        [k] * len(tokens),
-        seconds,
-        k * (len(tokens) - 1),
-        num_layers=engine.num_layers,
-        prefill_seconds=prefill_seconds,
-    )
+    run = begin(engine, prompt, config, shallow=shallow)
+    tokens, k = run.result.tokens, shallow.layer
+    while not run.stopping.done(tokens):
+        hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, k)
+        tokens.append(shallow.guess(hidden[:, -1], run.sampler).token)
+        run.result.exit_layers.append(k)
+        run.result.layer_tokens += k
+    return run.finish()
 
 
 @torch.inference_mode()
@@ -239,20 +267,20 @@ def decode_shallow_deep(
     config: DecodeConfig,
     threshold: Threshold,
     on_step: Callable[[DecodeResult], None] | None = None,
+    ngram: NgramDrafter | None = None,
 ) -> DecodeResult:
-    """FREE's synchronized parallel decoding (lossy: shallow tokens are never revised)."""
-    ids = prompt_ids(engine, prompt)
-    stopping = Stopping(engine, config)
-    sampler = Sampler(config.sampling)
+    """FREE's synchronized parallel decoding (lossy: shallow tokens are never revised).
+
+    With `ngram`, a step whose context has an n-gram match verifies the looked-up tokens
+    instead of exiting: layers [0, k) run over the last token and the drafts, then layers
+    [k, L) over the stacked states and theirs in one pass (the catch-up), and the agreeing
+    drafts plus the full model's next token are emitted (decoding/verify.py)."""
+    run = begin(engine, prompt, config, spare_slots=config.max_stack + MAX_DRAFT + 2)
+    cache, sampler, result = run.cache, run.sampler, run.result
     k, total = shallow.layer, engine.num_layers
-    began = time.perf_counter()
-    state = engine.prefill(
-        ids, capacity=ids.shape[1] + config.max_new_tokens + config.max_stack + 2
-    )
-    cache = state.cache
-    first = sampler.pick(engine.logits(state.hidden[:, -1]))
-    result = DecodeResult([first], [total], 0.0, 0, num_layers=total)
-    result.prefill_seconds = time.perf_counter() - began
+    if ngram is not None:
+        ngram.start(run.ids[0].tolist())
+    fed = 0  # emitted tokens the n-gram index has seen
     stack: list[torch.Tensor] = []  # layer-k states of inputs whose next token exited shallow
     drafts: list[Guess] = []  # the shallow guesses emitted for them
 
@@ -274,8 +302,41 @@ def decode_shallow_deep(
         drafts.clear()
         return tops[-1] if sampler.greedy else sampler.pick(logits[-1])
 
-    while not stopping.done(result.tokens):
-        hidden = engine.run_layers(engine.embed(torch.tensor([[result.tokens[-1]]])), cache, 0, k)
+    def verify_ngram(draft: Draft) -> list[int]:
+        """One pass over the stack and the n-gram draft; returns the tokens to emit."""
+        inputs = torch.tensor([[result.tokens[-1], *draft.tokens]], device=engine.device)
+        rows = inputs.shape[1]
+        deep_len = cache.lengths[total - 1]
+        fresh = engine.run_layers(engine.embed(inputs), cache, 0, k)
+        hidden = engine.run_layers(torch.cat([*stack, fresh], dim=1), cache, k, total)
+        result.layer_tokens += k * rows + (total - k) * (len(stack) + rows)
+        result.catchups += 1
+        logits = engine.logits(hidden[0])
+        tops = logits[: len(stack)].argmax(-1).tolist()
+        pairs = [(d.confidence, d.top == tops[i]) for i, d in enumerate(drafts)]
+        result.pairs += pairs
+        threshold.observe(pairs)
+        verdict = verify(draft, logits[len(stack) :], sampler)
+        cache.truncate(deep_len + len(stack) + 1 + verdict.accepted)
+        stack.clear()
+        drafts.clear()
+        result.drafted += len(draft.tokens)
+        result.accepted += verdict.accepted
+        assert verdict.next_token is not None  # an n-gram pass reaches past its drafts
+        return [*draft.tokens[: verdict.accepted], verdict.next_token]
+
+    while not run.stopping.done(result.tokens):
+        if ngram is not None:
+            ngram.accept(result.tokens[fed:])
+            fed = len(result.tokens)
+            budget = config.max_new_tokens - len(result.tokens)
+            draft = ngram.propose(engine, cache, budget, sampler)
+            if draft.tokens:
+                new = until_stop(verify_ngram(draft), budget, run.stopping.eos)
+                result.tokens += new
+                result.exit_layers += [total] * len(new)
+                continue
+        hidden = engine.run_layers(next_input(engine, result.tokens[-1]), cache, 0, k)
         result.layer_tokens += k
         guess = shallow.guess(hidden[:, -1], sampler)
         if guess.confidence >= threshold.value and len(stack) < config.max_stack:
@@ -288,5 +349,4 @@ def decode_shallow_deep(
             result.exit_layers.append(total)
         if on_step is not None:
             on_step(result)
-    result.seconds = time.perf_counter() - began
-    return result
+    return run.finish()

@@ -13,41 +13,15 @@ over one row, which can flip a near-tie argmax (BENCHMARKS.md measures how often
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from earlyexit.decoding.drafters import Draft, Drafter
-from earlyexit.decoding.sampling import Sampler
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, Stopping, prompt_ids
+from earlyexit.decoding.draft_length import MAX_DRAFT
+from earlyexit.decoding.drafters import Drafter
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, begin, prompt_ids
+from earlyexit.decoding.verify import Draft, until_stop, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
-
-
-@dataclass
-class Verdict:
-    accepted: int  # drafts kept
-    next_token: int | None  # the full model's token after them (None: none computed)
-
-
-def verify(draft: Draft, logits: torch.Tensor, sampler: Sampler) -> Verdict:
-    """Judge `draft` against the full model's logits after each verified input (row i
-    follows the i-th input: the last emitted token, then the drafts)."""
-    rows = logits.shape[0]
-    for i, token in enumerate(draft.tokens[:rows]):
-        if sampler.greedy:
-            top = int(logits[i].argmax())
-            if token != top:
-                return Verdict(i, top)
-            continue
-        assert draft.probs is not None
-        p = sampler.probs(logits[i])
-        if not sampler.accept(p, draft.probs[i], token):
-            return Verdict(i, sampler.resample(p, draft.probs[i]))
-    accepted = min(len(draft.tokens), rows)
-    if accepted < rows:  # every draft stood and the pass reaches one token further
-        return Verdict(accepted, sampler.pick(logits[accepted]))
-    return Verdict(accepted, None)
 
 
 def verify_pass(engine: LayerEngine, cache: LayerKVCache, last: int, draft: Draft) -> torch.Tensor:
@@ -67,21 +41,16 @@ def decode_speculative(
 ) -> DecodeResult:
     """Lossless draft-and-verify decoding; the result counts passes, drafts and acceptances."""
     ids = prompt_ids(engine, prompt)
-    stopping = Stopping(engine, config)
-    sampler = Sampler(config.sampling)
-    total = engine.num_layers
-    began = time.perf_counter()
-    extra = getattr(drafter, "max_tokens", 8) + 2
-    state = engine.prefill(ids, capacity=ids.shape[1] + config.max_new_tokens + extra)
-    cache = state.cache
-    tokens = [sampler.pick(engine.logits(state.hidden[:, -1]))]
-    result = DecodeResult(tokens, [total], 0.0, 0, num_layers=total)
-    result.prefill_seconds = time.perf_counter() - began
+    run = begin(engine, ids, config, spare_slots=MAX_DRAFT + 2)
+    cache, sampler, result, stopping = run.cache, run.sampler, run.result, run.stopping
+    tokens, total = result.tokens, engine.num_layers
     drafter.start(ids[0].tolist() + tokens)
     while not stopping.done(tokens):
         base = cache.lengths[total - 1]
         budget = config.max_new_tokens - len(tokens)
+        drafting = time.perf_counter()
         draft = drafter.propose(engine, cache, budget, sampler)
+        result.draft_seconds += time.perf_counter() - drafting
         logits = verify_pass(engine, cache, tokens[-1], draft)
         rows = logits.shape[0]
         result.layer_tokens += rows * total  # a shallow draft ran [0, E) of these rows
@@ -91,7 +60,7 @@ def decode_speculative(
             new = [*new, verdict.next_token]
         # keep the KV of the inputs whose successors stood: the last token and accepted drafts
         cache.truncate(base + min(rows, verdict.accepted + 1))
-        new = _until_stop(new, budget, stopping.eos)
+        new = until_stop(new, budget, stopping.eos)
         tokens += new
         result.exit_layers += [total] * len(new)
         result.passes += 1
@@ -99,12 +68,4 @@ def decode_speculative(
         result.accepted += verdict.accepted
         result.rollbacks += int(verdict.accepted < len(draft.tokens))
         drafter.accept(new)
-    result.seconds = time.perf_counter() - began
-    return result
-
-
-def _until_stop(new: list[int], budget: int, eos: int | None) -> list[int]:
-    new = new[:budget]
-    if eos is not None and eos in new:
-        new = new[: new.index(eos) + 1]
-    return new
+    return run.finish()

@@ -53,7 +53,9 @@ def mixture_threshold(
 
 class BetaMixtureThreshold(Threshold):
     """Starts at `initial`; refits after every `refit_every` new pairs, from a sliding
-    window of the most recent `window` pairs (the distribution drifts with the text)."""
+    window of the most recent `window` pairs (the distribution drifts with the text).
+    The value stays within `bounds`: at 0 every token would exit unchecked until the stack
+    fills, at 1 none would exit and the mixture would stop seeing shallow exits."""
 
     def __init__(
         self,
@@ -61,9 +63,11 @@ class BetaMixtureThreshold(Threshold):
         initial: float = 0.9,
         refit_every: int = 8,
         window: int = 512,
+        bounds: tuple[float, float] = (0.05, 0.95),
     ) -> None:
-        super().__init__(initial)
+        super().__init__(min(max(initial, bounds[0]), bounds[1]))
         self.target, self.refit_every, self.window = target, refit_every, window
+        self.bounds = bounds
         self.confidences: list[float] = []
         self.agreed: list[bool] = []
         self._pending = 0
@@ -76,6 +80,7 @@ class BetaMixtureThreshold(Threshold):
         self._pending += len(pairs)
         if self._pending >= self.refit_every:
             self._pending = 0
-            self.value = mixture_threshold(
+            value = mixture_threshold(
                 np.array(self.confidences), np.array(self.agreed), self.target, self.value
             )
+            self.value = min(max(value, self.bounds[0]), self.bounds[1])

@@ -44,7 +44,7 @@ GEN_METHODS = (
     "full",
     "static",
     "calm[:T]",
-    "free[:T]",
+    "free[:plain][:T]",
     "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]",
     "hf",
     "hf-pld[:N]",
@@ -83,7 +83,8 @@ class GenMethod:
 def parse_method(spec: str) -> GenMethod:
     """Check a method name and its arguments without any model (the CLI does it first).
 
-    `full`, `static`, `calm[:T]`, `free[:T]` (no T: FREE's adaptive threshold),
+    `full`, `static`, `calm[:T]`, `free[:plain][:T]` (no T: FREE's adaptive threshold;
+    n-gram drafts verified at its catch-ups unless `plain`, the paper's FREE),
     `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]` (draft and verify; N fixes the n-gram
     drafts per pass, else they are chosen per match length from this machine's verify-pass
     costs; T is the shallow drafter's confidence threshold, calibrated when not given), and
@@ -95,9 +96,12 @@ def parse_method(spec: str) -> GenMethod:
     if name == "lossless":
         drafter = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
         usage = f"bad method '{spec}': use lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]"
+    elif name == "free":
+        drafter = parts.pop(0) if parts and parts[0] == "plain" else "ngram"
+        usage = f"bad threshold in method '{spec}': use free[:plain][:T]"
     elif name in ("full", "static", "hf"):
         usage = f"bad method '{spec}': `{name}` takes no argument"
-    elif name in ("calm", "free"):
+    elif name == "calm":
         usage = f"bad threshold in method '{spec}': use {name}[:T]"
     elif name == "hf-pld":
         usage = f"bad method '{spec}': use hf-pld[:N], N tokens to look up"
@@ -109,7 +113,7 @@ def parse_method(spec: str) -> GenMethod:
         value = float(parts[0]) if parts else None
     except ValueError:
         raise EarlyExitError(usage) from None
-    counts = name == "hf-pld" or drafter == "ngram"
+    counts = name == "hf-pld" or (name == "lossless" and drafter == "ngram")
     if counts and value is not None and (value != int(value) or not 1 <= value <= MAX_DRAFT):
         raise EarlyExitError(f"{usage} (N: 1..{MAX_DRAFT} tokens)")
     return GenMethod(spec, name, drafter, value)
@@ -139,7 +143,19 @@ def build_decoder(
     # stream of requests (one 48-token answer holds too few disagreements to fit a
     # mixture), warm-started from the held-out calibration pairs `calm` uses
     shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
-    return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
+    if method.drafter == "plain":
+        return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
+    new_ngram = _ngram_factory(engine, config.draft_tokens)
+    return lambda prompt, cfg: decode_shallow_deep(
+        engine, shallow, prompt, cfg, shared, ngram=new_ngram()
+    )
+
+
+def _ngram_factory(engine: LayerEngine, fixed: int | None) -> Callable[[], NgramDrafter]:
+    """Fresh n-gram drafters (one per request: the index is per context); draft lengths per
+    match length from this machine's verify-pass costs unless `fixed`."""
+    lengths = None if fixed else draft_lengths(measure_pass_costs(engine))
+    return lambda: NgramDrafter(max_tokens=fixed or MAX_DRAFT, lengths=lengths)
 
 
 def _lossless(
@@ -150,11 +166,10 @@ def _lossless(
     level = method.value if kind != "ngram" else None
     if kind != "ngram" and level is None:
         level = calm_threshold(engine, shallow, config)
-    # draft lengths per match length from this machine's verify-pass costs
-    lengths = None if fixed else draft_lengths(measure_pass_costs(engine))
+    new_ngram = _ngram_factory(engine, fixed)
 
-    def drafter() -> Drafter:  # a fresh one per request: the n-gram index is per context
-        ngram = NgramDrafter(max_tokens=fixed or MAX_DRAFT, lengths=lengths)
+    def drafter() -> Drafter:
+        ngram = new_ngram()
         if kind == "ngram":
             return ngram
         deep = ShallowDrafter(shallow, threshold=level)
@@ -274,6 +289,8 @@ def bench_generation(
                 "rollbacks": sum(r.rollbacks for r in results),
                 "tokens_per_pass": _tokens_per_pass(results),
                 "draft_acceptance": _acceptance(results),
+                # seconds per drafted token, in decode-phase tokens of `full`
+                "draft_cost": _draft_cost(results, full_rate),
                 "seconds": sum(r.seconds for r in results),
             }
         )
@@ -293,6 +310,12 @@ def _tokens_per_pass(results: list[DecodeResult]) -> float | None:
     """Decode-phase tokens per full-model pass (verify or catch-up); None when unknown."""
     passes = sum(r.passes or r.catchups for r in results)
     return sum(len(r.tokens) - 1 for r in results) / passes if passes else None
+
+
+def _draft_cost(results: list[DecodeResult], full_rate: float) -> float | None:
+    """Seconds per drafted token, as a fraction of a full-depth decoded token."""
+    drafted = sum(r.drafted for r in results)
+    return sum(r.draft_seconds for r in results) / drafted * full_rate if drafted else None
 
 
 def _acceptance(results: list[DecodeResult]) -> float | None:

@@ -62,12 +62,30 @@ METHOD_NAMES = {m.split("[")[0] for m in METHODS}
 
 
 def check_methods(methods: list[str]) -> None:
-    """Fail on an unknown method name before any model pass is spent."""
+    """Fail on an unknown method or a bad argument before any model pass is spent."""
     if not methods:
         raise EarlyExitError(f"no method given: use {', '.join(METHODS)}")
     for spec in methods:
-        if spec.partition(":")[0] not in METHOD_NAMES:
-            raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
+        method_args(spec)
+
+
+def method_args(spec: str) -> tuple[str, list[float]]:
+    """(name, numeric arguments) of `name[:a[:b]]`; integers where the method counts."""
+    name, _, arg = spec.partition(":")
+    if name not in METHOD_NAMES:
+        raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
+    parts = arg.split(":") if arg else []
+    most = 2 if name in ("raee", "raee-paper") else (0 if name == "full" else 1)
+    try:
+        if len(parts) > most:
+            raise ValueError
+        values: list[float] = [float(p) for p in parts]
+        counts = name in ("static", "raee", "raee-paper")  # a layer / neighbour count
+        if counts and values and (values[0] != int(values[0]) or values[0] < 1):
+            raise ValueError
+    except ValueError:
+        raise EarlyExitError(f"bad argument in method '{spec}': use {', '.join(METHODS)}") from None
+    return name, values
 
 
 @dataclass
@@ -140,28 +158,22 @@ class MethodBuilder:
         self._database: ExitDatabase | None = None
 
     def build(self, spec: str) -> ExitPolicy:
-        name, _, arg = spec.partition(":")
-        try:
-            if name == "full":
-                return FullPolicy()
-            if name == "static":
-                return StaticPolicy(int(arg) if arg else (2 * self.engine.num_layers) // 3)
-            if name == "confidence":
-                return ConfidencePolicy(float(arg) if arg else 0.9)
-            if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
-                tolerance = float(arg) if arg else 0.01
-                stopper = "crf" if name == "adainfer-crf" else "svm"
-                return self.adainfer(tolerance, stopper, vocab=name == "adainfer-vocab")
-            if name in ("raee", "raee-paper"):  # raee[:k[:slack]]
-                rule = "paper" if name == "raee-paper" else "reliable"
-                k, _, slack = arg.partition(":")
-                default_slack = RAEE_SLACK if rule == "reliable" else 0.0
-                return self.raee(
-                    int(k) if k else 12, rule, float(slack) if slack else default_slack
-                )
-        except ValueError:
-            raise EarlyExitError(f"bad argument in method '{spec}'") from None
-        raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
+        name, args = method_args(spec)
+        if name == "full":
+            return FullPolicy()
+        if name == "static":
+            return StaticPolicy(int(args[0]) if args else (2 * self.engine.num_layers) // 3)
+        if name == "confidence":
+            return ConfidencePolicy(args[0] if args else 0.9)
+        if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
+            tolerance = args[0] if args else 0.01
+            stopper = "crf" if name == "adainfer-crf" else "svm"
+            return self.adainfer(tolerance, stopper, vocab=name == "adainfer-vocab")
+        # raee[:k[:slack]]
+        rule = "paper" if name == "raee-paper" else "reliable"
+        default_slack = RAEE_SLACK if rule == "reliable" else 0.0
+        k = int(args[0]) if args else 12
+        return self.raee(k, rule, args[1] if len(args) > 1 else default_slack)
 
     def _calibration(self) -> Calibration:
         if self.calibration is None:
