@@ -24,3 +24,17 @@ def gemma() -> LayerEngine:
 @pytest.fixture(params=["smol", "gemma"])
 def engine(request: pytest.FixtureRequest) -> LayerEngine:
     return request.getfixturevalue(request.param)
+
+
+def logits_after_each_token(engine: LayerEngine, prompt: str, tokens: list[int]) -> torch.Tensor:
+    """The model's own logits (plain forward) for every emitted token, given the prompt and
+    the tokens before it: what a decoding loop's choices are checked against."""
+    ids, _ = engine.encode([prompt])
+    sequence = torch.cat([ids[0], torch.tensor(tokens[:-1], dtype=ids.dtype)])[None]
+    with torch.no_grad():
+        return engine.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+
+
+@pytest.fixture
+def teacher_forced():  # noqa: ANN201 - the function above, for tests
+    return logits_after_each_token

@@ -4,6 +4,8 @@ Beta-mixture threshold separates agreeing from disagreeing confidences."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -50,17 +52,16 @@ def test_lossless_shallow_drafts_equal_greedy(
         assert result.rollbacks > 0  # the lens drafts badly: rollbacks were exercised
 
 
-def test_free_catch_up_fills_deep_layers_exactly(smol: LayerEngine) -> None:
+def test_free_catch_up_fills_deep_layers_exactly(
+    smol: LayerEngine, teacher_forced: Callable
+) -> None:
     config = DecodeConfig(max_new_tokens=24, stop_at_eos=False)
     shallow = _shallow(smol)
     result = decode_shallow_deep(smol, shallow, PROMPT, config, Threshold(0.2))
     assert 0 < result.shallow_fraction < 1
     # every token emitted deep must be what the full model predicts after the emitted
     # prefix: wrong deep KV for the stacked tokens would change those predictions
-    ids, _ = smol.encode([PROMPT])
-    sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
-    with torch.no_grad():
-        logits = smol.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    logits = teacher_forced(smol, PROMPT, result.tokens)
     full_argmax = logits.argmax(-1).tolist()
     deep = [i for i, layer in enumerate(result.exit_layers) if layer == smol.num_layers]
     assert len(deep) >= 3
@@ -87,7 +88,9 @@ def test_free_with_ngram_drafts_never_exiting_equals_greedy(engine: LayerEngine)
     assert result.accepted > 0 and result.drafted > result.accepted  # kept and rejected
 
 
-def test_free_with_ngram_drafts_catches_up_the_stack_exactly(smol: LayerEngine) -> None:
+def test_free_with_ngram_drafts_catches_up_the_stack_exactly(
+    smol: LayerEngine, teacher_forced: Callable
+) -> None:
     config = DecodeConfig(max_new_tokens=40, stop_at_eos=False)
     result = decode_shallow_deep(
         smol, _shallow(smol), COPYING, config, Threshold(0.2), ngram=NgramDrafter()
@@ -95,10 +98,7 @@ def test_free_with_ngram_drafts_catches_up_the_stack_exactly(smol: LayerEngine) 
     assert 0 < result.shallow_fraction < 1 and result.accepted > 0
     # tokens emitted deep (verified drafts, catch-ups) are the full model's prediction after
     # the emitted prefix, shallow tokens included: stacked tokens got their exact deep KV
-    ids, _ = smol.encode([COPYING])
-    sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
-    with torch.no_grad():
-        logits = smol.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    logits = teacher_forced(smol, COPYING, result.tokens)
     full_argmax = logits.argmax(-1).tolist()
     deep = [i for i, layer in enumerate(result.exit_layers) if layer == smol.num_layers]
     assert len(deep) >= 10

@@ -3,6 +3,8 @@ every drafter equal to greedy full-depth decoding on real weights (rollbacks exe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -100,17 +102,34 @@ def test_lossless_equals_greedy_with_every_drafter(engine: LayerEngine, kind: st
     assert result.rollbacks > 0 and result.passes < len(result.tokens) - 1
 
 
-def test_lossless_ngram_sampling_emits_only_what_the_full_model_could(smol: LayerEngine) -> None:
+def test_lossless_ngram_sampling_emits_only_what_the_full_model_could(
+    smol: LayerEngine, teacher_forced: Callable
+) -> None:
     sampling = SamplingConfig(temperature=1.0, top_p=0.3, seed=0)
     config = DecodeConfig(max_new_tokens=32, stop_at_eos=False, sampling=sampling)
     result = decode_speculative(smol, NgramDrafter(), PROMPT, config)
     again = decode_speculative(smol, NgramDrafter(), PROMPT, config)
     assert result.tokens == again.tokens and len(result.tokens) == 32
     assert result.drafted > 0 and result.rollbacks > 0
-    ids, _ = smol.encode([PROMPT])
-    sequence = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
-    with torch.no_grad():
-        logits = smol.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    logits = teacher_forced(smol, PROMPT, result.tokens)
     nucleus = Sampler(sampling).probs(logits)
     chosen = nucleus[torch.arange(len(result.tokens)), torch.tensor(result.tokens)]
     assert bool((chosen > 0).all())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodeConfig(max_new_tokens=40, stop_strings=("station",), stop_at_eos=False),
+        DecodeConfig(max_new_tokens=5, stop_at_eos=False),
+    ],
+    ids=["stop-string", "budget"],
+)
+def test_lossless_stops_where_one_token_decoding_stops(
+    smol: LayerEngine, config: DecodeConfig
+) -> None:
+    # a repetitive prompt: accepted drafts run past the stop string or the budget
+    prompt = "Repeat: the station, the station, the station, the station"
+    result = decode_speculative(smol, NgramDrafter(max_tokens=7), prompt, config)
+    assert result.tokens == decode_full(smol, prompt, config).tokens
+    assert result.accepted > 0

@@ -31,7 +31,7 @@ import torch
 
 from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
-from earlyexit.decoding.verify import Draft, until_stop, verify
+from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
@@ -223,6 +223,19 @@ def begin(
     return Begun(ids, state.cache, result, Stopping(engine, config), sampler, began)
 
 
+def emit(result: DecodeResult, tokens: list[int], layer: int, stopping: Stopping) -> list[int]:
+    """Append several tokens (a verified draft) one at a time, up to where decoding them
+    one by one would have stopped (budget, EOS, stop string); returns those appended."""
+    appended = []
+    for token in tokens:
+        if stopping.done(result.tokens):
+            break
+        result.tokens.append(token)
+        result.exit_layers.append(layer)
+        appended.append(token)
+    return appended
+
+
 def next_input(engine: LayerEngine, token: int) -> torch.Tensor:
     """The embedding of one token as a [1, 1, H] input."""
     return engine.embed(torch.tensor([[token]], device=engine.device))
@@ -332,9 +345,7 @@ def decode_shallow_deep(
             budget = config.max_new_tokens - len(result.tokens)
             draft = ngram.propose(engine, cache, budget, sampler)
             if draft.tokens:
-                new = until_stop(verify_ngram(draft), budget, run.stopping.eos)
-                result.tokens += new
-                result.exit_layers += [total] * len(new)
+                emit(result, verify_ngram(draft), total, run.stopping)
                 continue
         hidden = engine.run_layers(next_input(engine, result.tokens[-1]), cache, 0, k)
         result.layer_tokens += k

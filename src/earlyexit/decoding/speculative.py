@@ -18,8 +18,8 @@ import torch
 
 from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.drafters import Drafter
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, begin, prompt_ids
-from earlyexit.decoding.verify import Draft, until_stop, verify
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, begin, emit, prompt_ids
+from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 
@@ -60,9 +60,7 @@ def decode_speculative(
             new = [*new, verdict.next_token]
         # keep the KV of the inputs whose successors stood: the last token and accepted drafts
         cache.truncate(base + min(rows, verdict.accepted + 1))
-        new = until_stop(new, budget, stopping.eos)
-        tokens += new
-        result.exit_layers += [total] * len(new)
+        new = emit(result, new, total, stopping)
         result.passes += 1
         result.drafted += len(draft.tokens)
         result.accepted += verdict.accepted

@@ -58,11 +58,3 @@ def verify(draft: Draft, logits: torch.Tensor, sampler: Sampler) -> Verdict:
     if accepted < rows:  # every draft stood and the pass reaches one token further
         return Verdict(accepted, sampler.pick(logits[accepted]))
     return Verdict(accepted, None)
-
-
-def until_stop(new: list[int], budget: int, eos: int | None) -> list[int]:
-    """`new` cut to the token budget and after the first EOS."""
-    new = new[:budget]
-    if eos is not None and eos in new:
-        new = new[: new.index(eos) + 1]
-    return new

@@ -37,15 +37,24 @@ PROCEDURE = 2  # part of the cache key: timings from an older procedure are meas
 
 
 def cpu_model() -> str:
-    """The CPU's model name (what every speed figure is reported next to)."""
+    """The CPU's model name, with its family/model numbers (virtual machines often report
+    a bare "Intel(R) Xeon(R) Processor"): what every speed figure is reported next to."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 @dataclass
