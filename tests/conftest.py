@@ -1,14 +1,40 @@
-"""Shared fixtures: real pretrained weights, loaded once per test session (fp32)."""
+"""Shared fixtures: real pretrained weights, loaded once per test session (fp32).
+
+Hermetic: the run gets a fresh EARLYEXIT_HOME, so nothing a user trained, calibrated or
+timed (readouts, RAEE databases, self-distillation text, kernel timings) leaks into a test;
+only the model cache is shared with the user's (weights are fetched and verified by sha256).
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from earlyexit import paths
 from earlyexit.engine import LayerEngine
 from earlyexit.models import load_model
 
 torch.manual_seed(0)
+_RUN_HOME: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _RUN_HOME
+    models = paths.home() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    _RUN_HOME = Path(tempfile.mkdtemp(prefix="earlyexit-test-home-"))
+    (_RUN_HOME / "models").symlink_to(models.resolve(), target_is_directory=True)
+    os.environ["EARLYEXIT_HOME"] = str(_RUN_HOME)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_HOME is not None:
+        shutil.rmtree(_RUN_HOME, ignore_errors=True)  # unlinks the models link, not its target
 
 
 @pytest.fixture(scope="session")
