@@ -34,22 +34,19 @@ def _shallow(engine: LayerEngine) -> ShallowExit:
     return ShallowExit(ExitReadout(engine), (2 * engine.num_layers) // 3)
 
 
-@pytest.mark.parametrize(
-    ("threshold", "max_tokens"), [(0.0, 4), (0.3, 16)], ids=["always-draft", "threshold"]
-)
-def test_lossless_shallow_drafts_equal_greedy(
-    engine: LayerEngine, threshold: float, max_tokens: int
-) -> None:
+def test_lossless_shallow_drafts_equal_greedy(engine: LayerEngine) -> None:
     config = DecodeConfig(max_new_tokens=24, stop_at_eos=False)
     reference = decode_full(engine, PROMPT, config)
     ids, _ = engine.encode([PROMPT])
     assert reference.tokens == engine.greedy(ids, 24)[0].tolist()
-    drafter = ShallowDrafter(_shallow(engine), threshold=threshold, max_tokens=max_tokens)
-    result = decode_speculative(engine, drafter, PROMPT, config)
+    # always drafting 4 (stopping at the token limit) and drafting while confident
+    eager = ShallowDrafter(_shallow(engine), threshold=0.0, max_tokens=4)
+    result = decode_speculative(engine, eager, PROMPT, config)
     assert result.tokens == reference.tokens
-    assert result.passes > 0 and result.drafted > 0
-    if threshold == 0.0:
-        assert result.rollbacks > 0  # the lens drafts badly: rollbacks were exercised
+    assert result.rollbacks > 0 and result.accepted > 0  # the lens drafts badly, not always
+    careful = ShallowDrafter(_shallow(engine), threshold=0.3, max_tokens=16)
+    result = decode_speculative(engine, careful, PROMPT, config)
+    assert result.tokens == reference.tokens and result.passes > 0
 
 
 def test_free_catch_up_fills_deep_layers_exactly(

@@ -111,15 +111,22 @@ def test_eval_bad_method_and_readout_fail_before_loading_a_model() -> None:
         EvalConfig(readout="magic")
     result = runner.invoke(app, ["eval", "--model", "no-such-model", "--method", "full,magic"])
     assert result.exit_code == 2 and "unknown method 'magic'" in result.output
-    for bad in ("static:abc", "static:2.5", "raee:12:x", "full:3", "adainfer:1:2"):
+    for bad in ("static:abc", "static:2.5", "static:inf", "raee:12:x", "full:3", "adainfer:1:2"):
         result = runner.invoke(app, ["eval", "--model", "no-such-model", "--method", bad])
         assert result.exit_code == 2 and f"bad argument in method '{bad}'" in result.output
 
 
 def test_generate_bad_method_fails_before_loading_a_model() -> None:
+    cases = [
+        (["--method", "free:x"], "bad threshold in method 'free:x'"),
+        (["--method", "hf-pld:nan"], "use hf-pld[:N]"),
+        (["--method", "lossless:ngram:inf"], "use lossless[:ngram[:N]"),
+        (["--method", "hf", "--temperature", "0.8"], "'hf' is measured greedy only"),
+    ]
     for command in (["generate", "hi"], ["bench", "generate"]):
-        result = runner.invoke(app, [*command, "--model", "no-such-model", "--method", "free:x"])
-        assert result.exit_code == 2 and "bad threshold in method 'free:x'" in result.output
+        for args, message in cases:
+            result = runner.invoke(app, [*command, "--model", "no-such-model", *args])
+            assert result.exit_code == 2 and message in result.output, (args, result.output)
 
 
 def test_raee_inspect_missing_database(tmp_path: Path) -> None:

@@ -66,8 +66,24 @@ def test_skinny_kernel_only_in_engine_scope_and_for_chosen_rows(
     assert skinny_linear(bf16, model[2].weight.bfloat16()).dtype == torch.bfloat16
 
 
-def test_decoding_with_skinny_layers_matches_plain_layers(smol: LayerEngine) -> None:
+def test_decoding_with_skinny_layers_matches_plain_layers(
+    smol: LayerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids, pad = smol.encode(["Write one sentence about the sea."])
+    chosen = smol.kernels
+    calls: list[int] = []
+    real = skinny.skinny_linear
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        calls.append(1)
+        return real(x, weight, bias)
+
+    with smol.kernels_as("skinny"):
+        monkeypatch.setattr(skinny, "skinny_linear", counting)
+        smol.run_layers(smol.embed(ids[:, :1]), smol.new_cache(1), 0, 1)
+        monkeypatch.undo()
+    assert calls  # inside the engine a forced choice is used
+    assert smol.kernels is chosen  # and the engine's own choice is back afterwards
     with smol.kernels_as("skinny") as choice:
         assert choice.uses_skinny and type(smol.model.model.layers[0].mlp.up_proj) is SkinnyLinear
         skinny_ids = smol.greedy(ids, 24, pad)

@@ -198,25 +198,12 @@ def layer_costs(
     }
 
 
-@torch.inference_mode()
-def pass_costs(engine: LayerEngine, iters: int = 20, max_rows: int = 8) -> dict[str, float]:
-    """ms of one full-depth pass (all layers + the full head) over 1..max_rows new tokens at
+def pass_costs(engine: LayerEngine, rounds: int = 5) -> dict[str, float]:
+    """ms of one full-depth pass (all layers + the full head) over 1..8 new tokens at
     batch 1: what a verify pass over a draft costs, next to one decoded token."""
-    ids, pad = engine.encode(PROMPTS[1:2])
-    state = engine.prefill(ids, pad, capacity=ids.shape[1] + max_rows + 1)
-    length = state.cache.lengths[0]
-    rows = ids[:, -1:].repeat(1, max_rows)
-    costs = {}
-    for n in range(1, max_rows + 1):
-        hidden = engine.embed(rows[:, :n])
+    from earlyexit.decoding.draft_length import time_passes
 
-        def one_pass(hidden: torch.Tensor = hidden) -> None:
-            out = engine.run_layers(hidden, state.cache, 0, engine.num_layers)
-            engine.logits(out)
-            state.cache.truncate(length)
-
-        costs[str(n)] = _per_call(one_pass, iters) * 1e3
-    return costs
+    return {str(n): seconds * 1e3 for n, seconds in time_passes(engine, rounds).items()}
 
 
 def run_engine_bench(
@@ -242,7 +229,7 @@ def run_engine_bench(
         for batch in batches:
             records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats))
         costs[dtype] = layer_costs(engine, layer_iters)
-        costs[dtype]["ms_per_pass_by_rows"] = pass_costs(engine, max(layer_iters // 10, 2))
+        costs[dtype]["ms_per_pass_by_rows"] = pass_costs(engine, max(layer_iters // 40, 1))
         del engine
     small = min(batches)  # batch 1 when measured
     rate = {(r.path, r.dtype): r.tokens_per_s for r in records if r.batch == small}

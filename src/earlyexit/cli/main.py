@@ -489,9 +489,9 @@ RESTRICT_OPT = typer.Option(
 DRAFT_TOKENS_OPT = typer.Option(
     None,
     min=1,
-    max=7,
-    help="lossless n-gram drafts per verify pass; default: chosen per match length from "
-    "this machine's measured verify-pass costs.",
+    max=7,  # decoding/draft_length.py MAX_DRAFT
+    help="n-gram drafts per verify pass (lossless, free); default: chosen per match length "
+    "from this machine's measured verify-pass costs.",
 )
 
 
@@ -539,10 +539,10 @@ def generate_command(
     from earlyexit.evaluation.generate import GenConfig, build_decoder, parse_method
     from earlyexit.tasks.generation import render_prompt
 
-    parse_method(method)  # a bad method fails before the model loads
+    sampling = SamplingConfig(temperature, top_p, seed)
+    parse_method(method, sampling)  # a bad method fails before the model loads
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
-    sampling = SamplingConfig(temperature, top_p, seed)
     # a few calibration prompts only: one answer does not repay the eight of `bench`
     config = GenConfig(sampling=sampling, calibration_prompts=3, draft_tokens=draft_tokens)
     decoder = build_decoder(method, engine, shallow, config)
@@ -597,11 +597,11 @@ def bench_generate(
     methods = [m.strip() for m in method.split(",") if m.strip()]
     for level in _float_list(sweep, "--sweep") if sweep else []:
         methods += [f"calm:{level}", f"free:{level}"]
+    sampling = SamplingConfig(temperature, top_p, seed)
     for spec in methods:
-        parse_method(spec)  # a bad method fails before the model loads
+        parse_method(spec, sampling)  # a bad method fails before the model loads
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
-    sampling = SamplingConfig(temperature, top_p, seed)
     config = GenConfig(
         limit=limit,
         max_new_tokens=max_new_tokens,

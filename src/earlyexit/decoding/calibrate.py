@@ -10,9 +10,12 @@ FREE's adaptive threshold a sensible start.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, begin, next_input
 from earlyexit.engine.engine import LayerEngine
 
@@ -25,6 +28,7 @@ def confidence_pairs(
     k, total = shallow.layer, engine.num_layers
     confs: list[float] = []
     agreed: list[bool] = []
+    config = replace(config, sampling=SamplingConfig())  # teacher forcing on greedy output
     for prompt in prompts:
         run = begin(engine, prompt, config)
         tokens = run.result.tokens

@@ -53,7 +53,9 @@ def draft_lengths(costs: dict[int, float], max_draft: int = MAX_DRAFT) -> dict[i
 
 
 @torch.inference_mode()
-def _time_passes(engine: LayerEngine, rounds: int) -> dict[int, float]:
+def time_passes(engine: LayerEngine, rounds: int) -> dict[int, float]:
+    """Median seconds of a full-depth pass (layers + full head) over 1..MAX_DRAFT+1 new
+    tokens at batch 1, row counts interleaved over `rounds` rounds after a warm-up."""
     ids, _ = engine.encode(["The quick brown fox jumps over the lazy dog. " * 4])
     state = engine.prefill(ids, capacity=ids.shape[1] + MAX_DRAFT + 2)
     length = state.cache.lengths[0]
@@ -78,7 +80,7 @@ def measure_pass_costs(engine: LayerEngine, rounds: int = 5, use_cache: bool = T
     path = home() / "kernels" / f"passes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if use_cache and path.exists():
         return {int(n): s for n, s in json.loads(path.read_text()).items()}
-    costs = _time_passes(engine, rounds)
+    costs = time_passes(engine, rounds)
     if use_cache:
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(costs))

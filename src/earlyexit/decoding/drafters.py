@@ -86,7 +86,7 @@ class NgramDrafter:
         probs = None
         if not sampler.greedy:  # a point guess: q is one-hot on the drafted token
             probs = [_one_hot(t, engine.vocab_size) for t in tokens]
-        return Draft(tokens, probs=probs, source=self.name)
+        return Draft(tokens, probs=probs)
 
 
 def _one_hot(token: int, size: int) -> torch.Tensor:
@@ -116,7 +116,8 @@ class ShallowDrafter:
     def propose(
         self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
     ) -> Draft:
-        """Runs layers [0, E) over the last emitted token and each draft but the last."""
+        """Runs layers [0, E) over the last emitted token and each draft it reads out after
+        (all of them when it stops on low confidence; all but the last at its token limit)."""
         k = self.shallow.layer
         token, states, tokens, probs = self.last, [], [], []
         while len(tokens) < min(self.max_tokens, budget):
@@ -135,7 +136,6 @@ class ShallowDrafter:
             layer=k,
             states=torch.cat(states, dim=1),
             probs=probs if not sampler.greedy else None,
-            source=self.name,
         )
 
 

@@ -1,11 +1,13 @@
 """Early-exit decoding with a shallow-deep module (batch 1; greedy or sampled).
 
-Every token runs the shallow layers [0, k) and is read out there. If the shallow readout
-is confident enough the token is emitted at once and its layer-k state is *stacked*; the
+A token runs the shallow layers [0, k) and is read out there. If the shallow readout is
+confident enough the token is emitted at once and its layer-k state is *stacked*; the
 next token that goes deep runs layers [k, L) over the stacked states and its own in one
 pass (FREE's synchronized parallel decoding), which fills the stacked tokens' deep KV
-exactly as a full-depth run would have, at about the cost of one token on a
-weight-bandwidth-bound machine. No state is copied and nothing is approximated.
+exactly as a full-depth run would have. No state is copied and nothing is approximated.
+With an n-gram drafter, a step whose context has a match instead runs the last token and
+the looked-up tokens through [0, k) and, with the stack, through [k, L) in that same
+kind of pass, and keeps the drafts the full model agrees with.
 
 The same pass yields the deep prediction for every stacked token: FREE's adaptive
 threshold learns from (shallow confidence, shallow == deep) pairs. (Verifying the shallow
@@ -23,7 +25,6 @@ Methods: `full` (the reference), `static` (every token at layer k, the prompt to
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -279,7 +280,6 @@ def decode_shallow_deep(
     prompt: str | torch.Tensor,
     config: DecodeConfig,
     threshold: Threshold,
-    on_step: Callable[[DecodeResult], None] | None = None,
     ngram: NgramDrafter | None = None,
 ) -> DecodeResult:
     """FREE's synchronized parallel decoding (lossy: shallow tokens are never revised).
@@ -343,7 +343,9 @@ def decode_shallow_deep(
             ngram.accept(result.tokens[fed:])
             fed = len(result.tokens)
             budget = config.max_new_tokens - len(result.tokens)
+            drafting = time.perf_counter()
             draft = ngram.propose(engine, cache, budget, sampler)
+            result.draft_seconds += time.perf_counter() - drafting
             if draft.tokens:
                 emit(result, verify_ngram(draft), total, run.stopping)
                 continue
@@ -358,6 +360,4 @@ def decode_shallow_deep(
         else:
             result.tokens.append(catch_up(hidden, guess))
             result.exit_layers.append(total)
-        if on_step is not None:
-            on_step(result)
     return run.finish()

@@ -25,8 +25,8 @@ from earlyexit.engine.engine import LayerEngine
 
 
 def verify_pass(engine: LayerEngine, cache: LayerKVCache, last: int, draft: Draft) -> torch.Tensor:
-    """The full model's logits after the last emitted token and each draft (bar a shallow
-    draft's final one, which no layer has seen yet)."""
+    """The full model's logits after the last emitted token and each draft (for a shallow
+    draft, after each input whose layer-E state it holds: its last draft may have none)."""
     if draft.states is not None:
         hidden = engine.run_layers(draft.states, cache, draft.layer, engine.num_layers)
     else:

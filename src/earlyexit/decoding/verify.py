@@ -22,8 +22,10 @@ class Draft:
     """Proposed tokens after the last emitted one.
 
     `states`, for a shallow draft: the layer-`layer` outputs of the last emitted token and of
-    every draft but the last (their layers [0, layer) are already in the cache); the verify
-    pass runs only the layers above. An n-gram draft has no states: verify runs every layer.
+    the drafts the drafter read out after (every draft when it stopped on low confidence, all
+    but the last when it hit its token limit); their layers [0, layer) are in the cache, and
+    the verify pass runs only the layers above. An n-gram draft has no states: verify runs
+    every layer.
     `probs`: the draft distribution of each token when sampling (None: a point guess).
     """
 
@@ -31,7 +33,6 @@ class Draft:
     layer: int = 0
     states: torch.Tensor | None = None
     probs: list[torch.Tensor] | None = None
-    source: str = ""
 
 
 @dataclass

@@ -80,7 +80,7 @@ class LayerEngine:
         self.fingerprint = model_fingerprint(self.model)
         # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.kernels = self.set_kernels(kernels)
+        self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str | KernelChoice) -> KernelChoice:
         """Choose (a mode) or reapply (a choice) the few-row matmul kernels."""
@@ -89,7 +89,6 @@ class LayerEngine:
         else:
             choice = choose_kernels(self.model, kernels)
         use_skinny_linear(self.model, choice.rows_for)
-        self._head_skinny_rows = choice.rows_for(self.arch.head.weight)
         self.kernels = choice
         return choice
 
@@ -229,8 +228,8 @@ class LayerEngine:
                 logits = self.arch.head(normed)
         else:
             weight = self._restricted_head(token_ids)
-            rows = normed.numel() // normed.shape[-1]
-            if rows in self._head_skinny_rows:  # the full head's choice, same layout
+            # a restricted head's shape is not timed: skinny only where it is forced
+            if self.kernels.mode == "skinny":
                 logits = skinny_linear(normed, weight)
             else:
                 logits = torch.nn.functional.linear(normed, weight)

@@ -158,8 +158,10 @@ def decide(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[in
     }
 
 
-def _cache_key(cpu: str, dtype: str, shapes: list[str]) -> str:
-    text = repr((PROCEDURE, cpu, torch.__version__, torch.get_num_threads(), dtype, sorted(shapes)))
+def _cache_key(cpu: str, dtype: str, weights: list[torch.Tensor]) -> str:
+    """Timings depend on the machine and on what a sweep streams: every weight's shape."""
+    shapes = [shape_key(w) for w in weights]
+    text = repr((PROCEDURE, cpu, torch.__version__, torch.get_num_threads(), dtype, shapes))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -185,11 +187,11 @@ def choose_kernels(
     if mode == "skinny":
         choice.skinny_rows = {shape: list(range(1, MAX_ROWS + 1)) for shape in shapes}
         return choice
-    path = home() / "kernels" / f"{_cache_key(choice.cpu, dtype, shapes)}.json"
+    path = home() / "kernels" / f"{_cache_key(choice.cpu, dtype, weights)}.json"
     if use_cache and path.exists():
         saved = json.loads(path.read_text())
-        choice.timings, choice.skinny_rows = saved["timings"], saved["skinny_rows"]
-        choice.cached = True
+        choice.timings, choice.cached = saved["timings"], True
+        choice.skinny_rows = decide(choice.timings)  # today's margin on the saved timings
         return choice
     choice.timings = measure(weights, sweep=sweep)
     choice.skinny_rows = decide(choice.timings)

@@ -12,6 +12,7 @@ warm-up decode, prompt by prompt in turn. Two rates, both over full's in the sam
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,11 +77,11 @@ class GenMethod:
 
     spec: str
     name: str  # full | static | calm | free | lossless | hf | hf-pld
-    drafter: str | None = None  # lossless only
+    drafter: str | None = None  # lossless: ngram | shallow | composite; free: ngram | plain
     value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
 
 
-def parse_method(spec: str) -> GenMethod:
+def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod:
     """Check a method name and its arguments without any model (the CLI does it first).
 
     `full`, `static`, `calm[:T]`, `free[:plain][:T]` (no T: FREE's adaptive threshold;
@@ -113,9 +114,13 @@ def parse_method(spec: str) -> GenMethod:
         value = float(parts[0]) if parts else None
     except ValueError:
         raise EarlyExitError(usage) from None
+    if value is not None and not math.isfinite(value):
+        raise EarlyExitError(usage)
     counts = name == "hf-pld" or (name == "lossless" and drafter == "ngram")
-    if counts and value is not None and (value != int(value) or not 1 <= value <= MAX_DRAFT):
+    if counts and value is not None and (not value.is_integer() or not 1 <= value <= MAX_DRAFT):
         raise EarlyExitError(f"{usage} (N: 1..{MAX_DRAFT} tokens)")
+    if name in ("hf", "hf-pld") and sampling is not None and not sampling.greedy:
+        raise EarlyExitError(f"'{spec}' is measured greedy only; drop --temperature")
     return GenMethod(spec, name, drafter, value)
 
 
@@ -123,7 +128,7 @@ def build_decoder(
     spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> Decoder:
     """The decoder for a method (`parse_method` lists them)."""
-    method = parse_method(spec)
+    method = parse_method(spec, config.sampling)
     name, fixed = method.name, method.value
     if name == "lossless":
         return _lossless(method, engine, shallow, config)
@@ -166,14 +171,14 @@ def _lossless(
     level = method.value if kind != "ngram" else None
     if kind != "ngram" and level is None:
         level = calm_threshold(engine, shallow, config)
-    new_ngram = _ngram_factory(engine, fixed)
+    new_ngram = _ngram_factory(engine, fixed) if kind != "shallow" else None
 
     def drafter() -> Drafter:
-        ngram = new_ngram()
+        if new_ngram is None:
+            return ShallowDrafter(shallow, threshold=level)
         if kind == "ngram":
-            return ngram
-        deep = ShallowDrafter(shallow, threshold=level)
-        return deep if kind == "shallow" else CompositeDrafter(ngram, deep)
+            return new_ngram()
+        return CompositeDrafter(new_ngram(), ShallowDrafter(shallow, threshold=level))
 
     return lambda prompt, cfg: decode_speculative(engine, drafter(), prompt, cfg)
 

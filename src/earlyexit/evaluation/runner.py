@@ -13,6 +13,7 @@ One request, for one task:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def method_args(spec: str) -> tuple[str, list[float]]:
         if len(parts) > most:
             raise ValueError
         values: list[float] = [float(p) for p in parts]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError
         counts = name in ("static", "raee", "raee-paper")  # a layer / neighbour count
-        if counts and values and (values[0] != int(values[0]) or values[0] < 1):
+        if counts and values and (not values[0].is_integer() or values[0] < 1):
             raise ValueError
     except ValueError:
         raise EarlyExitError(f"bad argument in method '{spec}': use {', '.join(METHODS)}") from None
