@@ -50,15 +50,23 @@ def plot_sweep(points: list[dict], full_quality: float, title: str, path: Path) 
     return _save(fig, ax, title, path)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
     """Quality against measured speedup for each thresholded decoding family (calm:T,
     free:T), one point per threshold, with the full model at (1, full quality)."""
     fig, ax = _figure()
     families: dict[str, list[dict]] = {}
-    for r in records:
-        name, _, arg = r["method"].partition(":")
-        if arg and name in ("calm", "free", "lossless"):
-            families.setdefault(name, []).append(r)
+    for r in records:  # a family per method and drafter, one point per numeric threshold
+        family, _, arg = r["method"].rpartition(":")
+        if family.partition(":")[0] in ("calm", "free", "lossless") and _is_number(arg):
+            families.setdefault(family, []).append(r)
     for name, rows in families.items():
         rows = sorted(rows, key=lambda r: r["speedup"])
         ax.plot(
@@ -69,8 +77,9 @@ def plot_generation_sweep(records: list[dict], title: str, path: Path) -> Path:
             label=name,
         )
         for r in rows:
-            ax.annotate(r["method"].partition(":")[2], (r["speedup"], r["quality"]), fontsize=6)
+            ax.annotate(r["method"].rpartition(":")[2], (r["speedup"], r["quality"]), fontsize=6)
     single = {"free": "free (adaptive)", "lossless": "lossless (n-gram drafts)"}
+    single |= {"free:plain": "free, the paper's loop (adaptive)", "hf-pld": "transformers PLD"}
     single |= {"calm": "calm (calibrated)", "static": "static"}
     for r in records:  # the methods without a threshold knob: one marker each
         if r["method"] in single:
