@@ -36,7 +36,7 @@ from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.readouts.readout import ExitReadout
+from earlyexit.readouts.readout import ExitReadout, top_two
 
 if TYPE_CHECKING:  # drafters.py builds on this module's ShallowExit
     from earlyexit.decoding.drafters import NgramDrafter
@@ -81,7 +81,7 @@ class DecodeResult:
 
 def confidence(logits: torch.Tensor, measure: str = "gap") -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, argmax) per row: top-1 minus top-2 probability, or top-1 probability."""
-    top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
+    top = top_two(logits)
     value = top.values[..., 0] - top.values[..., 1] if measure == "gap" else top.values[..., 0]
     return value, top.indices[..., 0]
 

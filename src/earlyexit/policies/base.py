@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from earlyexit.readouts.readout import top_two
+
 FEATURES = ("top1", "gap", "depth")
 VOCAB_FEATURES = ("vocab_top1", "vocab_gap")
 
@@ -14,8 +16,7 @@ def readout_features(logits: torch.Tensor, layer: int, num_layers: int) -> torch
     Computed over the candidate (label-word) logits: AdaInfer's "gap" and "top prob"
     features, plus depth so one classifier can serve every layer.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    top2 = probs.topk(2, dim=-1).values
+    top2 = top_two(logits).values
     depth = torch.full_like(top2[:, :1], layer / num_layers)
     return torch.cat([top2[:, :1], top2[:, :1] - top2[:, 1:2], depth], dim=-1)
 
@@ -23,7 +24,7 @@ def readout_features(logits: torch.Tensor, layer: int, num_layers: int) -> torch
 def vocab_statistics(logits: torch.Tensor) -> torch.Tensor:
     """[rows, 2] = (top-1 probability, top-1 minus top-2) over the full vocabulary: the
     paper's own AdaInfer features, at the price of a full LM-head readout per layer."""
-    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    top2 = top_two(logits).values
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1]], dim=-1)
 
 

@@ -26,14 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import atomic_dir
-from earlyexit.readouts.readout import ExitReadout
+from earlyexit.readouts.readout import ExitReadout, unit_rms
 
 FORMAT_VERSION = 1
 
 
 def _rms_normalise(hidden: torch.Tensor) -> torch.Tensor:
-    hidden = hidden.float()
-    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return unit_rms(hidden.float())
 
 
 class TaskProbe:

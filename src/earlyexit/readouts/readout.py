@@ -15,6 +15,18 @@ from torch import nn
 from earlyexit.engine.engine import LayerEngine
 
 
+def unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit root-mean-square over the last dimension (no learned weight): how
+    readouts and probes normalise the states they read."""
+    return nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def top_two(logits: torch.Tensor) -> torch.return_types.topk:
+    """The two largest probabilities per row and their indices: every exit confidence
+    (top-1 probability, top-1 minus top-2 gap) is read from these."""
+    return torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
+
+
 class LayerAdapter(nn.Module):
     """h -> A(h / rms(h)) + b, an affine translator into the final layer's space.
 
@@ -34,7 +46,7 @@ class LayerAdapter(nn.Module):
             self.up = nn.Parameter(torch.zeros(hidden_size, rank))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = unit_rms(hidden)
         if self.rank is None:
             return nn.functional.linear(x, self.weight, self.bias)
         return x + (x @ self.down.T) @ self.up.T + self.bias

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from earlyexit.corpora import load_corpus, token_chunks
 from earlyexit.engine.engine import LayerEngine
-from earlyexit.readouts.readout import ExitReadout, LayerAdapter
+from earlyexit.readouts.readout import ExitReadout, LayerAdapter, unit_rms
 
 
 @dataclass
@@ -94,16 +94,12 @@ def collect_hidden(
     return HiddenStates({k: torch.cat(v) for k, v in by_layer.items()}, torch.cat(final))
 
 
-def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
 def fit_ridge(
     adapter: LayerAdapter, inputs: torch.Tensor, targets: torch.Tensor, ridge: float
 ) -> None:
     """Least-squares fit of a full affine adapter: normalised layer state -> normalised final."""
-    x = _rms_normalise(inputs.double())
-    y = _rms_normalise(targets.double())
+    x = unit_rms(inputs.double())
+    y = unit_rms(targets.double())
     x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     gram = x1.T @ x1
     gram += ridge * x.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype) / gram.shape[0]
