@@ -12,7 +12,6 @@ from earlyexit.engine.skinny import (
     MAX_ROWS,
     SkinnyLinear,
     engine_scope,
-    plain_linear,
     skinny_linear,
     use_skinny_linear,
 )
@@ -59,9 +58,8 @@ def test_skinny_kernel_only_in_engine_scope_and_for_chosen_rows(
         model(x)
         model(x[:1])  # 1 row: not chosen
     assert calls == [2]
-    with plain_linear(model):
-        assert type(model[0]) is nn.Linear
-    assert type(model[0]) is SkinnyLinear
+    assert use_skinny_linear(model, lambda w: frozenset()) == 0  # nothing chosen: all plain
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
     bf16 = torch.randn(2, 300, dtype=torch.bfloat16)  # not fp32: plain F.linear
     assert skinny_linear(bf16, model[2].weight.bfloat16()).dtype == torch.bfloat16
 

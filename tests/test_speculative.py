@@ -34,12 +34,12 @@ def test_ngram_index_longest_and_latest_match_first() -> None:
     index = NgramIndex(max_n=3)
     index.extend([1, 2, 3, 9, 2, 3, 7, 8, 5, 2, 3])
     # suffix (5, 2, 3) never occurred before; (2, 3) last occurred before 7, 8, ...
-    assert index.continuation(3) == [7, 8, 5]
+    assert index.lookup(3)[1] == [7, 8, 5]
     index.extend([7])  # (2, 3, 7) occurred once before: continue after it
-    assert index.continuation(2) == [8, 5]
-    assert index.continuation(10) == [8, 5, 2, 3, 7]  # runs up to the end of the context
+    assert index.lookup(2)[1] == [8, 5]
+    assert index.lookup(10)[1] == [8, 5, 2, 3, 7]  # runs up to the end of the context
     index.extend([4])  # 4 never occurred: no draft
-    assert index.continuation(4) == []
+    assert index.lookup(4)[1] == []
     # built token by token or at once: the same index
     one_by_one = NgramIndex(max_n=3)
     for token in index.tokens:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit.decoding.sampling import Sampler
-from earlyexit.decoding.shallow_deep import ShallowExit
+from earlyexit.decoding.shallow_deep import ShallowExit, next_input
 from earlyexit.decoding.verify import Draft
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
@@ -53,9 +53,6 @@ class NgramIndex:
             if end is not None:
                 return n, self.tokens[end + 1 : end + 1 + count]
         return 0, []
-
-    def continuation(self, count: int) -> list[int]:
-        return self.lookup(count)[1]
 
 
 @dataclass
@@ -121,8 +118,7 @@ class ShallowDrafter:
         k = self.shallow.layer
         token, states, tokens, probs = self.last, [], [], []
         while len(tokens) < min(self.max_tokens, budget):
-            ids = torch.tensor([[token]], device=engine.device)
-            hidden = engine.run_layers(engine.embed(ids), cache, 0, k)
+            hidden = engine.run_layers(next_input(engine, token), cache, 0, k)
             states.append(hidden)
             guess = self.shallow.guess(hidden[:, -1], sampler)
             if guess.confidence < self.threshold:

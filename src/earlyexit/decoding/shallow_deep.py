@@ -39,7 +39,7 @@ from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout, top_two
 
 if TYPE_CHECKING:  # drafters.py builds on this module's ShallowExit
-    from earlyexit.decoding.drafters import NgramDrafter
+    from earlyexit.decoding.drafters import Drafter, NgramDrafter
 
 
 @dataclass
@@ -237,6 +237,21 @@ def emit(result: DecodeResult, tokens: list[int], layer: int, stopping: Stopping
     return appended
 
 
+def timed_propose(
+    drafter: Drafter,
+    result: DecodeResult,
+    engine: LayerEngine,
+    cache: LayerKVCache,
+    budget: int,
+    sampler: Sampler,
+) -> Draft:
+    """The drafter's proposal, its time booked in `result.draft_seconds`."""
+    start = time.perf_counter()
+    draft = drafter.propose(engine, cache, budget, sampler)
+    result.draft_seconds += time.perf_counter() - start
+    return draft
+
+
 def next_input(engine: LayerEngine, token: int) -> torch.Tensor:
     """The embedding of one token as a [1, 1, H] input."""
     return engine.embed(torch.tensor([[token]], device=engine.device))
@@ -330,22 +345,20 @@ def decode_shallow_deep(
         result.pairs += pairs
         threshold.observe(pairs)
         verdict = verify(draft, logits[len(stack) :], sampler)
+        assert verdict.next_token is not None  # an n-gram pass reaches past its drafts
         cache.truncate(deep_len + len(stack) + 1 + verdict.accepted)
         stack.clear()
         drafts.clear()
         result.drafted += len(draft.tokens)
         result.accepted += verdict.accepted
-        assert verdict.next_token is not None  # an n-gram pass reaches past its drafts
-        return [*draft.tokens[: verdict.accepted], verdict.next_token]
+        return verdict.tokens(draft)
 
     while not run.stopping.done(result.tokens):
         if ngram is not None:
             ngram.accept(result.tokens[fed:])
             fed = len(result.tokens)
             budget = config.max_new_tokens - len(result.tokens)
-            drafting = time.perf_counter()
-            draft = ngram.propose(engine, cache, budget, sampler)
-            result.draft_seconds += time.perf_counter() - drafting
+            draft = timed_propose(ngram, result, engine, cache, budget, sampler)
             if draft.tokens:
                 emit(result, verify_ngram(draft), total, run.stopping)
                 continue

@@ -12,13 +12,17 @@ over one row, which can flip a near-tie argmax (BENCHMARKS.md measures how often
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.drafters import Drafter
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, begin, emit, prompt_ids
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    DecodeResult,
+    begin,
+    emit,
+    timed_propose,
+)
 from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
@@ -40,27 +44,21 @@ def decode_speculative(
     engine: LayerEngine, drafter: Drafter, prompt: str | torch.Tensor, config: DecodeConfig
 ) -> DecodeResult:
     """Lossless draft-and-verify decoding; the result counts passes, drafts and acceptances."""
-    ids = prompt_ids(engine, prompt)
-    run = begin(engine, ids, config, spare_slots=MAX_DRAFT + 2)
+    run = begin(engine, prompt, config, spare_slots=MAX_DRAFT + 2)
     cache, sampler, result, stopping = run.cache, run.sampler, run.result, run.stopping
     tokens, total = result.tokens, engine.num_layers
-    drafter.start(ids[0].tolist() + tokens)
+    drafter.start(run.ids[0].tolist() + tokens)
     while not stopping.done(tokens):
         base = cache.lengths[total - 1]
         budget = config.max_new_tokens - len(tokens)
-        drafting = time.perf_counter()
-        draft = drafter.propose(engine, cache, budget, sampler)
-        result.draft_seconds += time.perf_counter() - drafting
+        draft = timed_propose(drafter, result, engine, cache, budget, sampler)
         logits = verify_pass(engine, cache, tokens[-1], draft)
         rows = logits.shape[0]
         result.layer_tokens += rows * total  # a shallow draft ran [0, E) of these rows
         verdict = verify(draft, logits, sampler)
-        new = draft.tokens[: verdict.accepted]
-        if verdict.next_token is not None:
-            new = [*new, verdict.next_token]
         # keep the KV of the inputs whose successors stood: the last token and accepted drafts
         cache.truncate(base + min(rows, verdict.accepted + 1))
-        new = emit(result, new, total, stopping)
+        new = emit(result, verdict.tokens(draft), total, stopping)
         result.passes += 1
         result.drafted += len(draft.tokens)
         result.accepted += verdict.accepted

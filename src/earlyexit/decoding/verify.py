@@ -40,6 +40,11 @@ class Verdict:
     accepted: int  # drafts kept
     next_token: int | None  # the full model's token after them (None: none computed)
 
+    def tokens(self, draft: Draft) -> list[int]:
+        """What to emit: the kept drafts, then the full model's next token if computed."""
+        kept = draft.tokens[: self.accepted]
+        return kept if self.next_token is None else [*kept, self.next_token]
+
 
 def verify(draft: Draft, logits: torch.Tensor, sampler: Sampler) -> Verdict:
     """Judge `draft` against the full model's logits after each verified input (row i

@@ -97,17 +97,3 @@ def use_skinny_linear(
         else:
             module.__class__ = nn.Linear
     return changed
-
-
-@contextmanager
-def plain_linear(model: nn.Module) -> Iterator[None]:
-    """Within the block, `model`'s SkinnyLinear modules are plain `nn.Linear` again (for
-    side-by-side measurements and checks)."""
-    swapped = [m for m in model.modules() if type(m) is SkinnyLinear]
-    for module in swapped:
-        module.__class__ = nn.Linear
-    try:
-        yield
-    finally:
-        for module in swapped:
-            module.__class__ = SkinnyLinear
