@@ -6,6 +6,7 @@ No model forward passes: only the smollm2-135m tokenizer is loaded.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -207,6 +208,28 @@ def test_metrics() -> None:
     assert get_task("cola").metric == "mcc"
     with pytest.raises(EarlyExitError, match="unknown metric"):
         compute_metric("bleu", [0], [0])
+
+
+def test_metrics_match_the_hand_formulas() -> None:
+    """The sklearn-backed metrics give the values of the former hand-written ones."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sklearn shape or zero-division warnings either
+        # multi-class MCC (Gorodkin): c=4, n=6, all counts 2 -> (24 - 12) / sqrt(24 * 24)
+        assert compute_metric("mcc", [0, 1, 2, 2, 1, 0], [0, 1, 2, 1, 2, 0]) == pytest.approx(0.5)
+        # a constant prediction, or one class on both sides: 0
+        assert compute_metric("mcc", [2, 2, 2], [0, 1, 2]) == 0.0
+        assert compute_metric("mcc", [1, 1, 1], [1, 1, 1]) == 0.0
+        # macro F1 averages over the classes in the labels: class 2, predicted only, is left out
+        assert compute_metric("macro_f1", [0, 1, 2, 2], [0, 1, 1, 1]) == pytest.approx(0.75)
+        # a labelled class never predicted counts 0
+        assert compute_metric("macro_f1", [0, 0, 0], [0, 1, 2]) == pytest.approx(0.5 / 3)
+        assert compute_metric("accuracy", [3, 3], [3, 3]) == 1.0
+    for name in ("accuracy", "mcc", "macro_f1"):
+        with pytest.raises(EarlyExitError, match="as many predictions as labels") as caught:
+            compute_metric(name, [0, 1], [0])
+        assert "\n" not in str(caught.value)
+        with pytest.raises(EarlyExitError, match="got 0 and 0"):
+            compute_metric(name, [], [])
 
 
 # ---------------------------------------------------------------- custom datasets

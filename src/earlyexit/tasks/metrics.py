@@ -1,40 +1,39 @@
-"""Task metrics over class indices (accuracy; Matthews correlation for CoLA, as GLUE reports)."""
+"""Task metrics over class indices (accuracy; Matthews correlation for CoLA, as GLUE reports).
+
+Thin names over `sklearn.metrics`, so a task's metric is the one every other tool reports.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from earlyexit.errors import EarlyExitError
 
 
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    return sum(int(p == y) for p, y in zip(predictions, labels, strict=True)) / len(labels)
+    return float(accuracy_score(list(labels), list(predictions)))
 
 
 def mcc(predictions: Sequence[int], labels: Sequence[int]) -> float:
     """Matthews correlation, multi-class form (Gorodkin 2004); 0 when a side is constant."""
-    classes = sorted(set(labels) | set(predictions))
-    n = len(labels)
-    correct = sum(int(p == y) for p, y in zip(predictions, labels, strict=True))
-    pred_counts = [sum(int(p == c) for p in predictions) for c in classes]
-    true_counts = [sum(int(y == c) for y in labels) for c in classes]
-    cov_py = correct * n - sum(p * t for p, t in zip(pred_counts, true_counts, strict=True))
-    cov_pp = n * n - sum(p * p for p in pred_counts)
-    cov_yy = n * n - sum(t * t for t in true_counts)
-    if cov_pp == 0 or cov_yy == 0:
-        return 0.0
-    return cov_py / math.sqrt(cov_pp * cov_yy)
+    if len(set(labels) | set(predictions)) < 2:
+        return 0.0  # one class on both sides: sklearn also says 0, after a shape warning
+    return float(matthews_corrcoef(list(labels), list(predictions)))
 
 
 def macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    scores = []
-    for c in sorted(set(labels)):
-        tp = sum(int(p == c and y == c) for p, y in zip(predictions, labels, strict=True))
-        fp = sum(int(p == c and y != c) for p, y in zip(predictions, labels, strict=True))
-        fn = sum(int(p != c and y == c) for p, y in zip(predictions, labels, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / len(scores)
+    """Mean F1 over the classes present in the labels (a predicted-only class is not averaged)."""
+    return float(
+        f1_score(
+            list(labels),
+            list(predictions),
+            labels=sorted(set(labels)),
+            average="macro",
+            zero_division=0.0,
+        )
+    )
 
 
 METRICS = {"accuracy": accuracy, "mcc": mcc, "macro_f1": macro_f1}
