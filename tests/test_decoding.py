@@ -187,3 +187,27 @@ def test_calibrated_threshold_meets_tolerance(smol: LayerEngine) -> None:
     agreed = np.array([True, True, True, False])
     assert calibrated_threshold(confs, agreed, 0.0) == 0.9
     assert calibrated_threshold(confs, agreed, 0.25) == 0.6
+
+
+def test_on_token_streams_exactly_the_emitted_tokens(smol: LayerEngine) -> None:
+    """Every loop emits through `DecodeResult.push`: a listener sees each token once, in
+    order, with its exit layer, including tokens of verified drafts and stacked exits."""
+    seen: list[tuple[int, int]] = []
+    config = DecodeConfig(
+        max_new_tokens=30,
+        stop_at_eos=False,
+        on_token=lambda token, layer: seen.append((token, layer)),
+    )
+    runs = {
+        "full": lambda: decode_full(smol, COPYING, config),
+        "free": lambda: decode_shallow_deep(
+            smol, _shallow(smol), COPYING, config, Threshold(0.2), ngram=NgramDrafter()
+        ),
+        "lossless": lambda: decode_speculative(smol, NgramDrafter(), COPYING, config),
+    }
+    for name, run in runs.items():
+        seen.clear()
+        result = run()
+        assert seen == list(zip(result.tokens, result.exit_layers, strict=True)), name
+        assert len(seen) == 30, name
+    assert result.accepted > 0  # the lossless run emitted verified drafts

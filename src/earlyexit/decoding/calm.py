@@ -40,11 +40,9 @@ def decode_calm(
         if guess.confidence >= threshold.value:
             engine.copy_state_kv(hidden, cache, k, total)
             result.layer_tokens += k
-            result.tokens.append(guess.token)
-            result.exit_layers.append(k)
+            result.push(guess.token, k)
             continue
         hidden = engine.run_layers(hidden, cache, k, total)
         result.layer_tokens += total
-        result.tokens.append(sampler.pick(engine.logits(hidden[:, -1])))
-        result.exit_layers.append(total)
+        result.push(sampler.pick(engine.logits(hidden[:, -1])), total)
     return run.finish()

@@ -25,6 +25,7 @@ Methods: `full` (the reference), `static` (every token at layer k, the prompt to
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,8 @@ class DecodeConfig:
     stop_at_eos: bool = True
     max_stack: int = 16  # at most this many shallow tokens before a deep pass is forced
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
+    # called with (token, exit layer) as each token is emitted: streaming builds on it
+    on_token: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -67,6 +70,14 @@ class DecodeResult:
 
     num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
     prefill_seconds: float = 0.0  # up to the first token: the same work for every method
+    listener: Callable[[int, int], None] | None = field(default=None, repr=False)
+
+    def push(self, token: int, layer: int) -> None:
+        """Emit one token produced at `layer` (every loop emits through here)."""
+        self.tokens.append(token)
+        self.exit_layers.append(layer)
+        if self.listener is not None:
+            self.listener(token, layer)
 
     @property
     def decode_seconds(self) -> float:
@@ -219,8 +230,10 @@ def begin(
         first, layer = sampler.pick(engine.logits(state.hidden[:, -1])), engine.num_layers
     else:
         first, layer = shallow.guess(state.hidden[:, -1], sampler).token, shallow.layer
-    result = DecodeResult([first], [layer], 0.0, 0, num_layers=engine.num_layers)
+    result = DecodeResult([], [], 0.0, 0, num_layers=engine.num_layers)
     result.prefill_seconds = time.perf_counter() - began
+    result.listener = config.on_token
+    result.push(first, layer)
     return Begun(ids, state.cache, result, Stopping(engine, config), sampler, began)
 
 
@@ -231,8 +244,7 @@ def emit(result: DecodeResult, tokens: list[int], layer: int, stopping: Stopping
     for token in tokens:
         if stopping.done(result.tokens):
             break
-        result.tokens.append(token)
-        result.exit_layers.append(layer)
+        result.push(token, layer)
         appended.append(token)
     return appended
 
@@ -266,8 +278,7 @@ def decode_full(
     tokens, total = run.result.tokens, engine.num_layers
     while not run.stopping.done(tokens):
         hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, total)
-        tokens.append(run.sampler.pick(engine.logits(hidden[:, -1])))
-        run.result.exit_layers.append(total)
+        run.result.push(run.sampler.pick(engine.logits(hidden[:, -1])), total)
         run.result.layer_tokens += total
         run.result.passes += 1
     return run.finish()
@@ -282,8 +293,7 @@ def decode_static(
     tokens, k = run.result.tokens, shallow.layer
     while not run.stopping.done(tokens):
         hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, k)
-        tokens.append(shallow.guess(hidden[:, -1], run.sampler).token)
-        run.result.exit_layers.append(k)
+        run.result.push(shallow.guess(hidden[:, -1], run.sampler).token, k)
         run.result.layer_tokens += k
     return run.finish()
 
@@ -368,9 +378,7 @@ def decode_shallow_deep(
         if guess.confidence >= threshold.value and len(stack) < config.max_stack:
             stack.append(hidden)
             drafts.append(guess)
-            result.tokens.append(guess.token)
-            result.exit_layers.append(k)
+            result.push(guess.token, k)
         else:
-            result.tokens.append(catch_up(hidden, guess))
-            result.exit_layers.append(total)
+            result.push(catch_up(hidden, guess), total)
     return run.finish()

@@ -9,6 +9,7 @@ with the prompt, then with each new token), so their decode-phase rate is measur
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig
@@ -20,16 +21,23 @@ from earlyexit.errors import EarlyExitError
 
 
 class _FirstTokenClock(BaseStreamer):
-    """Notes when `generate` hands over its first new token."""
+    """Notes when `generate` hands over its first new token, and passes each new token on
+    to `on_token` (streaming) as `generate` produces it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_token: Callable[[int, int], None] | None, layers: int) -> None:
         self.calls = 0
         self.first_token_at: float | None = None
+        self.on_token, self.layers = on_token, layers
 
     def put(self, value: torch.Tensor) -> None:
         self.calls += 1
-        if self.calls == 2:  # the first call carries the prompt
+        if self.calls == 1:  # the first call carries the prompt
+            return
+        if self.calls == 2:
             self.first_token_at = time.perf_counter()
+        if self.on_token is not None:
+            for token in value.reshape(-1).tolist():
+                self.on_token(int(token), self.layers)
 
     def end(self) -> None:
         pass
@@ -53,7 +61,7 @@ def decode_hf(
         eos_token_id=tok.eos_token_id if config.stop_at_eos else None,
         prompt_lookup_num_tokens=prompt_lookup,
     )
-    clock = _FirstTokenClock()
+    clock = _FirstTokenClock(config.on_token, engine.num_layers)
     began = time.perf_counter()
     with torch.inference_mode():
         out = engine.model.generate(
