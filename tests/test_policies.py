@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,13 @@ from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluation.classify import run_policy, trace_layers
 from earlyexit.policies import AdaInferPolicy, ConfidencePolicy, FullPolicy, StaticPolicy
-from earlyexit.policies.adainfer import fit_adainfer, simulate_exits, stop_labels
+from earlyexit.policies.adainfer import (
+    fit_adainfer,
+    load_stopper,
+    save_stopper,
+    simulate_exits,
+    stop_labels,
+)
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.tasks.builtin import get_task
 
@@ -89,6 +96,58 @@ def test_adainfer_bad_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"format_version": 2}')
     with pytest.raises(EarlyExitError, match="not an AdaInfer stopper"):
         AdaInferPolicy.load(tmp_path / "bad.json")
+
+
+def _synthetic_traces(num: int = 24, layers: int = 5) -> torch.Tensor:
+    """[N, L, 2] candidate logits that settle on the final answer at varying depths."""
+    gen = torch.Generator().manual_seed(0)
+    final = torch.randint(0, 2, (num,), generator=gen)
+    settle = torch.randint(1, layers + 1, (num,), generator=gen)
+    traces = torch.randn(num, layers, 2, generator=gen)
+    for n in range(num):
+        traces[n, settle[n] - 1 :, final[n]] += 3.0
+    return traces
+
+
+@pytest.mark.parametrize("stopper", ["svm", "crf"])
+def test_adainfer_stopper_files_round_trip(stopper: str, tmp_path: Path) -> None:
+    """Both stopper kinds: one JSON file, written atomically, read back to an equal policy."""
+    traces = _synthetic_traces()
+    labels = stop_labels(traces)[:, :-1]
+    assert labels.any() and not labels.all()  # a real (not constant) stopper is fitted
+    policy = fit_adainfer(traces, tolerance=0.1, stopper=stopper)
+    assert policy.describe()["stopper"] == stopper and "constant" not in policy.meta
+    path = tmp_path / "stoppers" / "adainfer.json"
+    policy.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["adainfer.json"]  # no temp files left
+    payload = json.loads(path.read_text())
+    assert (payload["format_version"], payload["stopper"]) == (2, stopper)
+    assert payload["features"] == ["top1", "gap", "depth"]
+    for loaded in (load_stopper(path), AdaInferPolicy.load(path)):
+        assert type(loaded) is type(policy) and loaded == policy
+        assert (
+            simulate_exits(loaded, traces)[0].tolist() == simulate_exits(policy, traces)[0].tolist()
+        )
+    save_stopper(loaded, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == path.read_text()
+
+
+def test_adainfer_stopper_file_errors(tmp_path: Path) -> None:
+    policy = fit_adainfer(_synthetic_traces(), stopper="crf")
+    path = tmp_path / "crf.json"
+    policy.save(path)
+    payload = json.loads(path.read_text())
+    bad = tmp_path / "bad.json"
+    for change, message in [
+        ({"stopper": "forest"}, "unknown kind 'forest'"),
+        ({"format_version": 1}, "old stopper format"),
+        ({"features": ["top1"]}, "trained on other features"),
+        ({"model": "not base64!"}, "not an AdaInfer stopper"),
+    ]:
+        bad.write_text(json.dumps({**payload, **change}))
+        with pytest.raises(EarlyExitError, match=message) as caught:
+            load_stopper(bad)
+        assert "\n" not in str(caught.value)
 
 
 def test_static_layer_out_of_range() -> None:

@@ -7,16 +7,22 @@ labels come from a calibration split: "stop" at a layer whose prediction equals 
 layer's and stays equal at every deeper layer. Two stoppers:
 - `svm`: a linear SVM (scikit-learn) on one layer's features; stop at the first layer it
   calls "stop" (`AdaInferPolicy`, here).
-- `crf`: a linear-chain CRF over the layer sequence (`policies/crf.py`).
+- `crf`: a linear-chain CRF over the layer sequence (`CRFStopPolicy`, here; the CRF model
+  itself is in `policies/crf.py`).
 
 Both give each layer an online stop score, and the decision margin on that score is then
 calibrated on the same split so that at most `tolerance` of the exits disagree with the
 final layer (CALM-style): the raw "stop" labels are noisy where early readouts answer one
 class for every input, and uncalibrated stoppers exit far too early.
+
+A fitted stopper of either kind is saved as one JSON file (`save_stopper` / `load_stopper`,
+format 2): its kind, feature names, and the policy's fields (the CRF model as base64).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +33,9 @@ import torch
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import atomic_file
 from earlyexit.policies.base import FEATURES, VOCAB_FEATURES, ExitPolicy, readout_features
+from earlyexit.policies.crf import CRFTagger, item_features, train_crf
+
+FORMAT_VERSION = 2
 
 
 def feature_names(vocab: bool) -> list[str]:
@@ -134,6 +143,7 @@ class AdaInferPolicy(ExitPolicy):
     use_vocab: bool = False
     meta: dict = field(default_factory=dict)
     name = "adainfer"
+    stopper = "svm"
 
     @property
     def vocab_features(self) -> bool:  # type: ignore[override]
@@ -157,38 +167,115 @@ class AdaInferPolicy(ExitPolicy):
         return self.decision(feats) > self.margin
 
     def describe(self) -> dict:
-        return {"name": self.name, "stopper": "svm", "margin": self.margin, **self.meta}
+        return {"name": self.name, "stopper": self.stopper, "margin": self.margin, **self.meta}
 
     def save(self, path: Path) -> None:
-        payload = {
-            "format_version": 2,
-            "stopper": "svm",
-            "features": feature_names(self.use_vocab),
-            **asdict(self),
-        }
-        with atomic_file(Path(path)) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
+        save_stopper(self, path)
 
     @classmethod
-    def load(cls, path: Path) -> ExitPolicy:
-        """Load a saved stopper (SVM or CRF; the file says which)."""
-        try:
-            payload = json.loads(Path(path).read_text())
-            if payload.pop("format_version") != 2:
-                raise EarlyExitError(f"{path} is an old stopper format; train it again")
-            stopper = payload.pop("stopper")
-            features = payload.pop("features")
-            if features != feature_names(payload.get("use_vocab", False)):
-                raise EarlyExitError(f"{path} was trained on other features; train it again")
-            if stopper == "crf":
-                from earlyexit.policies.crf import CRFStopPolicy
+    def load(cls, path: Path) -> AdaInferPolicy | CRFStopPolicy:
+        """Load a saved stopper (SVM or CRF; the file says which): `load_stopper`."""
+        return load_stopper(path)
 
-                return CRFStopPolicy.from_payload(payload)
-            return cls(**payload)
-        except FileNotFoundError:
-            raise EarlyExitError(f"no AdaInfer stopper at {path}; train one first") from None
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise EarlyExitError(f"{path} is not an AdaInfer stopper ({err})") from None
+
+@dataclass
+class CRFStopPolicy(ExitPolicy):
+    """CRF stopper: stop when the filtering marginal P(stop | layers so far) exceeds the
+    margin. Rows keep their item prefix between layers."""
+
+    model: bytes
+    num_layers: int
+    margin: float = 0.5
+    use_vocab: bool = False
+    meta: dict = field(default_factory=dict)
+    name = "adainfer"
+    stopper = "crf"
+
+    def __post_init__(self) -> None:
+        self._tagger = CRFTagger(self.model)
+        self._names = feature_names(self.use_vocab)
+        self._history: list[list[dict[str, float]]] = []
+
+    @property
+    def vocab_features(self) -> bool:  # type: ignore[override]
+        return self.use_vocab
+
+    def readout_layers(self, num_layers: int) -> set[int] | None:
+        return set(range(1, num_layers))
+
+    def begin(self, rows: int) -> None:
+        self._history = [[] for _ in range(rows)]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self._history = [self._history[i] for i in rows.tolist()]
+
+    def should_exit(
+        self, layer: int, logits: torch.Tensor, num_layers: int, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        feats = stopper_features(self.use_vocab, logits, layer, num_layers, vocab)
+        scores = []
+        for prefix, row in zip(self._history, feats.tolist(), strict=True):
+            prefix.append(item_features(row, self._names, num_layers))
+            scores.append(self._tagger.stop_probability(prefix))
+        return torch.tensor(scores) > self.margin
+
+    def online_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, L-1] filtering stop probabilities from trace features [N, L, F]."""
+        num_layers = features.shape[1]
+        out = torch.zeros(features.shape[0], num_layers - 1)
+        for n, rows in enumerate(features.tolist()):
+            items = [item_features(r, self._names, num_layers) for r in rows[:-1]]
+            for layer in range(1, num_layers):
+                out[n, layer - 1] = self._tagger.stop_probability(items[:layer])
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "stopper": self.stopper, "margin": self.margin, **self.meta}
+
+    def save(self, path: Path) -> None:
+        save_stopper(self, path)
+
+
+STOPPERS: dict[str, type[AdaInferPolicy] | type[CRFStopPolicy]] = {
+    "svm": AdaInferPolicy,
+    "crf": CRFStopPolicy,
+}
+
+
+def save_stopper(policy: AdaInferPolicy | CRFStopPolicy, path: Path) -> None:
+    """Write a fitted stopper as one JSON file, atomically."""
+    fields = asdict(policy)
+    if isinstance(policy, CRFStopPolicy):
+        fields["model"] = base64.b64encode(policy.model).decode()
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "stopper": policy.stopper,
+        "features": feature_names(policy.use_vocab),
+        **fields,
+    }
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+
+
+def load_stopper(path: Path) -> AdaInferPolicy | CRFStopPolicy:
+    """Read a stopper written by `save_stopper` (SVM or CRF; the file says which)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        if payload.pop("format_version") != FORMAT_VERSION:
+            raise EarlyExitError(f"{path} is an old stopper format; train it again")
+        stopper = payload.pop("stopper")
+        if stopper not in STOPPERS:
+            raise EarlyExitError(f"{path} is not an AdaInfer stopper (unknown kind '{stopper}')")
+        features = payload.pop("features")
+        if features != feature_names(payload.get("use_vocab", False)):
+            raise EarlyExitError(f"{path} was trained on other features; train it again")
+        if stopper == "crf":
+            payload["model"] = base64.b64decode(payload["model"], validate=True)
+        return STOPPERS[stopper](**payload)
+    except FileNotFoundError:
+        raise EarlyExitError(f"no AdaInfer stopper at {path}; train one first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, binascii.Error) as err:
+        raise EarlyExitError(f"{path} is not an AdaInfer stopper ({err})") from None
 
 
 def fit_adainfer(
@@ -197,7 +284,7 @@ def fit_adainfer(
     tolerance: float | None = 0.01,
     stopper: str = "svm",
     vocab: torch.Tensor | None = None,
-) -> ExitPolicy:
+) -> AdaInferPolicy | CRFStopPolicy:
     """Train a stopper from calibration traces [N, L, C] (candidate logits per layer) and,
     for full-vocabulary features, their vocab statistics [N, L, 2].
 
@@ -225,10 +312,11 @@ def fit_adainfer(
             use_vocab=vocab is not None,
             meta={**meta, "constant": True},
         )
+    policy: AdaInferPolicy | CRFStopPolicy
     if stopper == "crf":
-        from earlyexit.policies.crf import fit_crf
-
-        policy = fit_crf(features, labels, c=c, use_vocab=vocab is not None, meta=meta)
+        use_vocab = vocab is not None
+        model = train_crf(features, labels, feature_names(use_vocab), c=c)
+        policy = CRFStopPolicy(model, features.shape[1], use_vocab=use_vocab, meta=dict(meta))
     elif stopper == "svm":
         from sklearn.svm import LinearSVC
 
