@@ -33,7 +33,7 @@ class Prefill:
     layer_hidden: list[torch.Tensor] | None  # output of every layer when requested
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, arch: Architecture | None = None) -> str:
     """A short id of the weights, so artifacts trained on one model are refused by another.
 
     It ignores dtype and load path: a readout trained in fp32 serves the bf16 model too.
@@ -41,10 +41,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = model.config
     keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
     digest = hashlib.sha256(repr([getattr(config, key, None) for key in keys]).encode())
-    for tensor in (
-        model.get_input_embeddings().weight,
-        model.model.layers[-1].mlp.down_proj.weight,
-    ):
+    for tensor in (arch or Architecture.of(model)).fingerprint_tensors():
         digest.update(tensor[:8].detach().to(torch.bfloat16).float().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -77,7 +74,7 @@ class LayerEngine:
         self.num_layers = len(self.arch.layers)
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.arch.head.weight.shape[0])
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = model_fingerprint(self.model, self.arch)
         # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.set_kernels(kernels)
@@ -189,11 +186,9 @@ class LayerEngine:
         computed from their exit state, without running those layers (CALM's state
         copying: later tokens can attend to them, approximately).
 
-        Uses each layer's own input norm, K/V projections, key norm (Gemma3) and the
-        model's own rotary function; only the attention and MLP are skipped.
+        Uses each layer's own input norm, K/V projections, key norm (Gemma3, Qwen3) and the
+        family's own rotary function (engine/arch.py); only the attention and MLP are skipped.
         """
-        import sys
-
         offset = cache.lengths[start]
         if any(cache.lengths[layer] != offset for layer in range(start, end)):
             raise ValueError("layers to fill must hold the same number of tokens")
@@ -203,17 +198,15 @@ class LayerEngine:
             kind = self.arch.layer_types[layer]
             if kind not in rope:
                 rope[kind] = self.arch.position_embeddings(hidden, position_ids, kind)
-            block = self.arch.layers[layer]
-            attn = block.self_attn
-            normed = block.input_layernorm(hidden)
+            parts = self.arch.key_value_parts(layer)
+            normed = parts.input_norm(hidden)
             shape = (*hidden.shape[:-1], -1, self.arch.head_dim)
-            keys = attn.k_proj(normed).view(shape).transpose(1, 2)
-            values = attn.v_proj(normed).view(shape).transpose(1, 2)
-            if hasattr(attn, "k_norm"):
-                keys = attn.k_norm(keys)
+            keys = parts.key_proj(normed).view(shape).transpose(1, 2)
+            values = parts.value_proj(normed).view(shape).transpose(1, 2)
+            if parts.key_norm is not None:
+                keys = parts.key_norm(keys)
             cos, sin = rope[kind]
-            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-            _, keys = apply_rotary(keys, keys, cos, sin)
+            _, keys = self.arch.apply_rotary(keys, keys, cos, sin)
             cache.update(keys, values, layer)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
