@@ -2,12 +2,16 @@
 greedy decoding. A verify pass multiplies several rows at once, which rounds differently
 from one row; a near-tie argmax can flip. Counts prompts whose outputs differ, and where.
 
-`python scripts/experiments/lossless_identity.py [N] [TOKENS]` decodes N held-out
-instructions (never evaluation items) with both and prints a JSON summary.
+    python scripts/experiments/lossless_identity.py [N] [TOKENS] [MODEL]
+
+decodes N held-out instructions (never evaluation items; default 200) for up to TOKENS
+tokens (default 48) with both and prints a JSON summary; it writes no files.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
-import sys
 
 from earlyexit.decoding.drafters import NgramDrafter
 from earlyexit.decoding.shallow_deep import DecodeConfig, decode_full
@@ -17,33 +21,41 @@ from earlyexit.engine.kernels import cpu_model
 from earlyexit.models import load_model
 from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-TOKENS = int(sys.argv[2]) if len(sys.argv) > 2 else 48
-MODEL = sys.argv[3] if len(sys.argv) > 3 else "smollm2-135m"
-engine = LayerEngine(load_model(MODEL))
-config = DecodeConfig(max_new_tokens=TOKENS)
-differ, tokens, passes, first_diff = 0, 0, 0, []
-for text in self_distill_instructions(N):
-    prompt = render_prompt(engine.tokenizer, text)
-    full = decode_full(engine, prompt, config).tokens
-    spec = decode_speculative(engine, NgramDrafter(max_tokens=4), prompt, config)
-    tokens += len(full)
-    passes += spec.passes
-    if spec.tokens != full:
-        differ += 1
-        cut = next(
-            (i for i, (a, b) in enumerate(zip(spec.tokens, full, strict=False)) if a != b),
-            min(len(spec.tokens), len(full)),
-        )
-        first_diff.append(cut)
-summary = {
-    "model": MODEL,
-    "cpu": cpu_model(),
-    "prompts": N,
-    "max_new_tokens": TOKENS,
-    "tokens": tokens,
-    "verify_passes": passes,
-    "prompts_differing": differ,
-    "first_difference_at": first_diff,
-}
-print(json.dumps(summary))
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=200, help="prompts (default 200)")
+    parser.add_argument("tokens", nargs="?", type=int, default=48, help="new tokens (48)")
+    parser.add_argument("model", nargs="?", default="smollm2-135m")
+    args = parser.parse_args()
+    engine = LayerEngine(load_model(args.model))
+    config = DecodeConfig(max_new_tokens=args.tokens)
+    differ, tokens, passes, first_diff = 0, 0, 0, []
+    for text in self_distill_instructions(args.n):
+        prompt = render_prompt(engine.tokenizer, text)
+        full = decode_full(engine, prompt, config).tokens
+        spec = decode_speculative(engine, NgramDrafter(max_tokens=4), prompt, config)
+        tokens += len(full)
+        passes += spec.passes
+        if spec.tokens != full:
+            differ += 1
+            cut = next(
+                (i for i, (a, b) in enumerate(zip(spec.tokens, full, strict=False)) if a != b),
+                min(len(spec.tokens), len(full)),
+            )
+            first_diff.append(cut)
+    summary = {
+        "model": args.model,
+        "cpu": cpu_model(),
+        "prompts": args.n,
+        "max_new_tokens": args.tokens,
+        "tokens": tokens,
+        "verify_passes": passes,
+        "prompts_differing": differ,
+        "first_difference_at": first_diff,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
