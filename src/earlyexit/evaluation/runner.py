@@ -154,11 +154,14 @@ class MethodBuilder:
         task: Task,
         config: EvalConfig,
         calibration: Calibration | None,
+        database: ExitDatabase | None = None,
     ) -> None:
+        """`database`: a RAEE database built before (e.g. loaded from `raee build`'s
+        directory); without one, RAEE methods build it from the calibration."""
         self.engine, self.general, self.task, self.config = engine, general, task, config
         self.calibration = calibration
         self._embedder = None
-        self._database: ExitDatabase | None = None
+        self._database: ExitDatabase | None = database
 
     def build(self, spec: str) -> ExitPolicy:
         name, args = method_args(spec)

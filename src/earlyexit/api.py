@@ -1,0 +1,1019 @@
+"""The public runtime API: load a model once, then generate, stream and classify.
+
+    from earlyexit.api import EarlyExit
+
+    ee = EarlyExit.load("smollm2-135m")
+    out = ee.generate("Name three colours.", method="lossless", max_new_tokens=24)
+    print(out.text, out.finish_reason, out.report.tokens_per_s)
+
+One `EarlyExit` holds one model (a `LayerEngine`), the artifacts built for it on first use
+(decoders with their calibrated thresholds, shallow exits, task probes, AdaInfer stoppers,
+RAEE databases) and one lock. Requests are serialized: every `generate`, `stream` and
+`classify` call holds the lock while it runs, so one object may be shared by concurrent
+callers (a server's request threads) and each request still runs alone on the model.
+
+Every request reports what it used (`report.artifacts`): a trained readout with its path,
+or "logit lens (untrained)"; a probe fitted on N train prompts or loaded from a path; and
+so on. Nothing falls back silently. Bad input raises `EarlyExitError` with one line naming
+the fix, before any model work.
+
+The methods and their parsing are those of `earlyexit generate` / `earlyexit eval`
+(`earlyexit.evaluation.generate`, `earlyexit.evaluation.runner`): this module only wires
+them to one long-lived object and reports what happened.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from earlyexit.decoding.draft_length import MAX_DRAFT
+from earlyexit.decoding.sampling import SamplingConfig
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit, Threshold
+from earlyexit.engine.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.generate import (
+    GenConfig,
+    GenMethod,
+    build_decoder,
+    calm_threshold,
+    parse_method,
+)
+from earlyexit.evaluation.runner import (
+    EvalConfig,
+    MethodBuilder,
+    calibrate,
+    method_args,
+    needs_calibration,
+)
+from earlyexit.readouts.readout import ExitReadout
+from earlyexit.tasks.base import Example, Task
+
+__all__ = [
+    "Classification",
+    "ClassificationReport",
+    "EarlyExit",
+    "Generation",
+    "GenerationReport",
+    "Stream",
+    "StreamChunk",
+    "shallow_exit",
+]
+
+FINISH_REASONS = ("stop", "length")  # as OpenAI's API defines them
+DATASET_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")  # earlyexit.tasks.custom.FORMATS
+
+
+# ------------------------------------------------------------------------- results
+
+
+@dataclass
+class GenerationReport:
+    """What one generate request did.
+
+    `avg_layers` is compute, not depth: decoder-layer applications per decode-phase token
+    (tokens 2..n; the first token is the prefill's), rejected drafts and catch-ups included.
+    `tokens_per_s` covers the whole request (prefill included, tokenisation excluded);
+    `decode_tokens_per_s` only tokens 2..n, the part early exit speeds up.
+    """
+
+    method: str
+    num_layers: int
+    shallow_layer: int | None  # the exit layer k of methods with a shallow exit
+    avg_layers: float
+    shallow_fraction: float  # emitted tokens that exited before the last layer
+    exit_layers: list[int]  # per emitted token: the layer that produced it (k or L)
+    draft_proposed: int
+    draft_accepted: int
+    passes: int  # full-depth verify passes (lossless, full, hf-pld)
+    catchups: int  # deep passes over stacked shallow tokens (free)
+    rollbacks: int
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float  # prefill and the first token
+    decode_seconds: float  # tokens 2..n
+    setup_seconds: float  # building the decoder on this call (0 once built: kept in memory)
+    tokens_per_s: float
+    decode_tokens_per_s: float
+    threshold: float | None  # the confidence threshold in force (calm, free, shallow drafts)
+    artifacts: dict[str, str]  # what was trained, calibrated or measured, and where from
+
+
+@dataclass
+class Generation:
+    text: str  # decoded, special tokens skipped, cut before a stop string
+    tokens: list[int]  # every emitted token id (an EOS or a stop string's tokens included)
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    report: GenerationReport
+
+
+@dataclass
+class StreamChunk:
+    """Tokens emitted since the previous chunk. `text` is the text they complete: a
+    character split over tokens, or text that may begin a stop string, is held back until
+    it is settled, so the chunks' texts add up to the final `Generation.text`. The last
+    chunk carries the finished `generation` (and possibly no tokens)."""
+
+    text: str
+    tokens: list[int]
+    exit_layers: list[int]
+    generation: Generation | None = None
+
+
+@dataclass
+class ClassificationReport:
+    method: str
+    task: str
+    num_layers: int
+    avg_layers: float  # mean exit layer (1..L)
+    layers_saved: float  # 1 - avg_layers / L
+    seconds: float  # forward passes and exit decisions (tokenisation excluded)
+    decision_seconds: float  # readouts, policy, embedding and retrieval
+    setup_seconds: float  # calibration on this call (0 when its artifacts were kept)
+    shots: int
+    readout: str  # probe | general
+    policy: dict
+    artifacts: dict[str, str]
+
+
+@dataclass
+class Classification:
+    labels: list[str]  # per text: its class's label word
+    classes: list[int]  # per text: the class index (the task's label-word order)
+    exit_layers: list[int]  # per text: the layer it exited at (1..L)
+    report: ClassificationReport
+
+
+# ------------------------------------------------------------------------- generation knobs
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    """generate's optional keyword arguments (`**knobs`)."""
+
+    shallow_layer: int | None = None  # default: 4/5 of the depth (24 of 30)
+    measure: str = "gap"  # shallow confidence: gap (top1 - top2) or top1
+    restrict_vocab: bool = False  # shallow readout over its training vocabulary only
+    draft_tokens: int | None = None  # n-gram drafts per pass; None: from measured costs
+    calibration_prompts: int = 3  # held-out prompts calibrating calm / warm-starting free
+    target: float = 0.9  # free: posterior agreement its adaptive threshold aims at
+    initial_threshold: float = 0.9
+    calm_tolerance: float = 0.1
+    max_stack: int = 16
+    stop_at_eos: bool = True
+
+    def gen_config(self, sampling: SamplingConfig) -> GenConfig:
+        return GenConfig(
+            target=self.target,
+            initial_threshold=self.initial_threshold,
+            calm_tolerance=self.calm_tolerance,
+            calibration_prompts=self.calibration_prompts,
+            draft_tokens=self.draft_tokens,
+            sampling=sampling,
+        )
+
+    @property
+    def decoder_key(self) -> tuple:
+        """What a built decoder depends on (per-request settings excluded)."""
+        return (
+            self.shallow_layer,
+            self.measure,
+            self.restrict_vocab,
+            self.draft_tokens,
+            self.calibration_prompts,
+            self.target,
+            self.initial_threshold,
+            self.calm_tolerance,
+        )
+
+
+KNOBS = tuple(f.name for f in fields(_Knobs))
+
+
+def _knobs(given: Mapping[str, Any], num_layers: int) -> _Knobs:
+    unknown = sorted(set(given) - set(KNOBS))
+    if unknown:
+        raise EarlyExitError(f"unknown generate option '{unknown[0]}': use {', '.join(KNOBS)}")
+    knobs = _Knobs(**given)
+    layer = knobs.shallow_layer
+    if layer is not None and not (isinstance(layer, int) and 1 <= layer < num_layers):
+        raise EarlyExitError(f"shallow_layer must be an integer in 1..{num_layers - 1}")
+    if knobs.measure not in ("gap", "top1"):
+        raise EarlyExitError(f"measure must be gap or top1, not '{knobs.measure}'")
+    if knobs.draft_tokens is not None and not 1 <= knobs.draft_tokens <= MAX_DRAFT:
+        raise EarlyExitError(f"draft_tokens must lie in 1..{MAX_DRAFT}, or None (measured)")
+    if knobs.calibration_prompts < 1 or knobs.max_stack < 1:
+        raise EarlyExitError("calibration_prompts and max_stack must be at least 1")
+    return knobs
+
+
+def _uses_shallow(method: GenMethod) -> bool:
+    """Whether the method reads the shallow exit (`shallow_exit`)."""
+    return method.name in ("static", "calm", "free") or (
+        method.name == "lossless" and method.drafter in ("shallow", "composite")
+    )
+
+
+def shallow_exit(
+    engine: LayerEngine, layer: int | None = None, measure: str = "gap", restrict: bool = False
+) -> tuple[ShallowExit, str]:
+    """The shallow exit generation methods use, and a line saying which readout it is.
+
+    Layer k defaults to 4/5 of the depth (on smollm2-135m exits at 24 repay their readout
+    and catch-up, at 20 they do not: BENCHMARKS.md). The readout is the self-distilled
+    `shallow-K` one if trained (`earlyexit heads train --shallow K --self-distill N`), else
+    the `default` trained readout, else the logit lens; the line names which, with its path.
+    """
+    from earlyexit.readouts.store import META, default_readout, readout_dir
+
+    layer = layer or round(0.8 * engine.num_layers)
+    name = f"shallow-{layer}"
+    if not (readout_dir(engine, name) / META).exists():
+        name = "default"
+    readout = default_readout(engine, name)
+    if layer in readout.trained_layers:
+        where = f"layer {layer}: trained readout '{name}' ({readout_dir(engine, name)})"
+    else:
+        where = (
+            f"layer {layer}: logit lens (untrained; train one with "
+            f"`earlyexit heads train --shallow {layer} --self-distill 800`)"
+        )
+    if restrict:
+        return ShallowExit.restricted(readout, layer, measure), where + ", restricted vocabulary"
+    return ShallowExit(readout, layer, measure=measure), where
+
+
+@dataclass
+class _Request:
+    """A validated generate / stream request."""
+
+    method: GenMethod
+    prompt: str  # rendered (chat template applied when asked)
+    decode: DecodeConfig  # on_token set per run
+    knobs: _Knobs
+
+
+@dataclass
+class _Built:
+    """A decoder built for a method and its knobs, kept for the object's lifetime (FREE's
+    adaptive threshold learns across requests)."""
+
+    decoder: Callable[[str, DecodeConfig], DecodeResult]
+    shallow: ShallowExit | None
+    artifacts: dict[str, str]
+    threshold: Callable[[], float | None]
+
+
+def _threshold_in(decoder: Callable) -> Threshold | None:
+    """The Threshold a FREE decoder closes over. build_decoder does not expose it; this
+    reads the closure, and gives None if that ever changes (the report then says None)."""
+    for cell in getattr(decoder, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Threshold):
+            return value
+    return None
+
+
+class _Cancelled(Exception):
+    """Raised by a stream's token listener once its consumer has gone: ends the decode."""
+
+
+class _TextAssembler:
+    """Turns emitted tokens into text, incrementally: a character split over tokens is held
+    until complete (decoding a window from the last settled token, as text-generation-
+    inference does), and text that may begin a stop string is held until it does or not.
+    `generate` and `stream` both assemble through this, so their texts are the same."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.longest = max((len(s) for s in stop), default=0)
+        self.tokens: list[int] = []
+        self.layers: list[int] = []
+        self.text = ""  # settled text (cut before a stop string once one is seen)
+        self.stopped = False  # a stop string was seen
+        self._prefix = self._read = 0  # token offsets of the decode window
+        self._sent = 0  # characters of `text` handed out
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def push(self, token: int, layer: int) -> None:
+        self.tokens.append(token)
+        self.layers.append(layer)
+        if self.stopped:
+            return
+        before = self._decode(self.tokens[self._prefix : self._read])
+        after = self._decode(self.tokens[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # nothing new yet, or a character still incomplete
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def release(self, final: bool = False) -> str:
+        """Text settled since the last call (all of it when `final`)."""
+        end = len(self.text)
+        if not final and not self.stopped:
+            for stop in self.stop:  # hold back a suffix that may begin a stop string
+                for size in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:size]):
+                        end = min(end, len(self.text) - size)
+                        break
+        end = max(end, self._sent)
+        delta, self._sent = self.text[self._sent : end], end
+        return delta
+
+
+# ------------------------------------------------------------------------- classification
+
+
+@dataclass
+class _TaskState:
+    """Per task and setting: demonstrations, candidates and the artifacts built so far."""
+
+    task: Task
+    config: EvalConfig
+    demos: list[Example]
+    candidates: torch.Tensor
+    builder: MethodBuilder | None = None  # with the calibration, once run
+    readout: Any = None  # the calibrated task readout (probe or general)
+    calibrated: str = ""  # what the calibration was, for reports
+    policies: dict[str, tuple[Any, Any, dict[str, str]]] = field(default_factory=dict)
+    saved: tuple[MethodBuilder, Any, dict[str, str]] | None = None  # a saved RAEE database
+    saved_checked: bool = False
+
+
+# ------------------------------------------------------------------------- the object
+
+
+class EarlyExit:
+    """One model, loaded once: `generate`, `stream` and `classify` with early exit.
+
+    Requests are serialized: each holds this object's lock while it runs (a stream holds it
+    from its first token to its last), so concurrent callers share one model safely and
+    their requests run one after another. Artifacts built on first use (decoders and their
+    calibration, shallow exits, task probes, stoppers, RAEE databases) are kept in memory
+    on the object; make one object per model and keep it.
+    """
+
+    def __init__(self, engine: LayerEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._general: ExitReadout | None = None
+        self._decoders: dict[tuple, _Built] = {}
+        self._shallow_exits: dict[tuple, tuple[ShallowExit, str]] = {}
+        self._tasks: dict[tuple, _TaskState] = {}
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        dtype: str = "float32",
+        threads: int | None = None,
+        kernels: str = "auto",
+    ) -> EarlyExit:
+        """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
+        verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
+
+        `threads`: torch's CPU threads (process-wide: torch.set_num_threads). `kernels`:
+        the engine's few-row matmul kernels: `auto` (timed on this machine, cached),
+        `plain` or `skinny`.
+        """
+        from earlyexit.engine.kernels import MODES
+        from earlyexit.models.load import load_model, parse_dtype
+
+        parse_dtype(dtype)
+        if kernels not in MODES:
+            raise EarlyExitError(f"unknown kernels '{kernels}': use {', '.join(MODES)}")
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise EarlyExitError(f"threads must be a positive integer, not {threads!r}")
+            torch.set_num_threads(threads)
+        return cls(LayerEngine(load_model(model, dtype=dtype), kernels=kernels))
+
+    @classmethod
+    def from_engine(cls, engine: LayerEngine) -> EarlyExit:
+        """Wrap an engine already built (it is used as is: kernels, dtype, threads)."""
+        return cls(engine)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.engine.num_layers
+
+    @property
+    def name(self) -> str:
+        return self.engine.loaded.name
+
+    def __repr__(self) -> str:
+        return f"EarlyExit({self.name!r}, {self.num_layers} layers, {self.engine.dtype})"
+
+    @property
+    def general_readout(self) -> ExitReadout:
+        """The saved `default` readout (`earlyexit heads train`) if any, else the logit lens."""
+        if self._general is None:
+            from earlyexit.readouts.store import default_readout
+
+            self._general = default_readout(self.engine)
+        return self._general
+
+    def _general_line(self) -> str:
+        from earlyexit.readouts.store import readout_dir
+
+        if self.general_readout.trained_layers:
+            return f"trained readout 'default' ({readout_dir(self.engine)})"
+        return "logit lens (untrained; `earlyexit heads train` trains readouts)"
+
+    # ---- generation --------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        *,
+        method: str = "lossless",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        chat: bool = True,
+        **knobs: Any,
+    ) -> Generation:
+        """Generate a completion of `prompt` (batch 1) with a decoding method.
+
+        Methods (`earlyexit generate`'s): `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]`
+        (draft and verify: the full model's own output), `full`, `static`, `calm[:T]`,
+        `free[:plain][:T]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`.
+        `temperature` 0 is greedy; `seed` fixes sampling (None: a fresh one). `stop`: strings
+        that end the completion (not included in `text`). `chat`: render `prompt` as a user
+        turn through the tokenizer's chat template. `knobs`: shallow_layer, measure,
+        restrict_vocab, draft_tokens, calibration_prompts, target, initial_threshold,
+        calm_tolerance, max_stack, stop_at_eos.
+        """
+        request = self._request(
+            prompt, method, max_new_tokens, temperature, top_p, seed, stop, chat, knobs
+        )
+        with self._lock:
+            return self._run(request, None)
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        method: str = "lossless",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        chat: bool = True,
+        **knobs: Any,
+    ) -> Stream:
+        """Like `generate`, but yields `StreamChunk`s as tokens are emitted (see `Stream`).
+        Arguments are checked now; decoding starts at the first `next()`."""
+        request = self._request(
+            prompt, method, max_new_tokens, temperature, top_p, seed, stop, chat, knobs
+        )
+        return Stream(self, request)
+
+    def _request(
+        self,
+        prompt: str,
+        method: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: str | Sequence[str],
+        chat: bool,
+        knobs: Mapping[str, Any],
+    ) -> _Request:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EarlyExitError("the prompt is empty; pass some text to generate from")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise EarlyExitError(f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) and s for s in stops):
+            raise EarlyExitError("stop strings must be non-empty strings")
+        if seed is None:
+            seed = random.getrandbits(62)
+        sampling = SamplingConfig(float(temperature), float(top_p), int(seed))
+        parsed = parse_method(method, sampling)  # unknown methods fail before any work
+        options = _knobs(knobs, self.num_layers)
+        text = prompt
+        if chat:
+            from earlyexit.tasks.generation import render_prompt
+
+            text = render_prompt(self.tokenizer, prompt)
+        decode = DecodeConfig(
+            max_new_tokens=max_new_tokens,
+            stop_strings=stops,
+            stop_at_eos=options.stop_at_eos,
+            max_stack=options.max_stack,
+            sampling=sampling,
+        )
+        return _Request(parsed, text, decode, options)
+
+    def _shallow(self, knobs: _Knobs) -> tuple[ShallowExit, str]:
+        key = (knobs.shallow_layer, knobs.measure, knobs.restrict_vocab)
+        if key not in self._shallow_exits:
+            self._shallow_exits[key] = shallow_exit(
+                self.engine, knobs.shallow_layer, knobs.measure, knobs.restrict_vocab
+            )
+        return self._shallow_exits[key]
+
+    def _built(self, request: _Request) -> _Built:
+        """The decoder for the request's method and knobs (built once, then kept)."""
+        method, knobs = request.method, request.knobs
+        key = (method.spec, *knobs.decoder_key)
+        if key in self._decoders:
+            return self._decoders[key]
+        artifacts: dict[str, str] = {}
+        shallow = None
+        if _uses_shallow(method):
+            shallow, line = self._shallow(knobs)
+            artifacts["shallow_exit"] = line
+            given = shallow
+        else:  # the method never reads it; build_decoder takes one all the same
+            given = ShallowExit(ExitReadout(self.engine), round(0.8 * self.num_layers))
+        config = knobs.gen_config(request.decode.sampling)
+        decoder = build_decoder(method.spec, self.engine, given, config)
+        threshold: Callable[[], float | None] = lambda: None  # noqa: E731
+        if shallow is not None and method.name != "static":
+            if method.value is not None:
+                fixed = method.value
+                threshold = lambda: fixed  # noqa: E731
+            elif method.name == "free":
+                shared = _threshold_in(decoder)
+                threshold = lambda: shared.value if shared is not None else None  # noqa: E731
+            else:  # calm, shallow drafts: calibrated (the pairs are cached: no new work)
+                level = calm_threshold(self.engine, shallow, config)
+                threshold = lambda: level  # noqa: E731
+            if method.value is None:
+                how = "warm-starts FREE's adaptive" if method.name == "free" else "sets the"
+                artifacts["calibration"] = (
+                    f"{config.calibration_prompts} held-out instructions decoded at full depth "
+                    f"(in memory) {how} threshold"
+                )
+        elif method.value is not None and method.drafter not in (None, "ngram"):
+            fixed_level = method.value  # another drafter's confidence threshold
+            threshold = lambda: fixed_level  # noqa: E731
+        ngram = method.drafter in ("ngram", "composite")
+        if method.name == "lossless" and method.drafter not in ("ngram", "shallow", "composite"):
+            artifacts["drafts"] = f"'{method.drafter}' drafter (evaluation/generate.py)"
+        elif ngram or method.name == "hf-pld":
+            if method.name == "hf-pld":
+                artifacts["drafts"] = f"transformers' prompt lookup, {int(method.value or 4)}"
+            elif method.name == "lossless" and method.drafter == "ngram" and method.value:
+                artifacts["drafts"] = f"n-gram, {int(method.value)} per pass (fixed)"
+            elif config.draft_tokens:
+                artifacts["drafts"] = f"n-gram, {config.draft_tokens} per pass (fixed)"
+            else:
+                artifacts["drafts"] = (
+                    "n-gram, per-pass count from this machine's measured verify-pass costs "
+                    "(cached under EARLYEXIT_HOME/kernels)"
+                )
+        kernels = self.engine.kernels
+        artifacts["kernels"] = (
+            f"{kernels.mode}" + (" (cached timings)" if kernels.cached else "")
+            if method.name not in ("hf", "hf-pld")
+            else "the model's own forward (transformers' generate)"
+        )
+        built = _Built(decoder, shallow, artifacts, threshold)
+        self._decoders[key] = built
+        return built
+
+    def _run(self, request: _Request, listener: Callable[[int, int], None] | None) -> Generation:
+        """One decode, the lock held by the caller. `listener` (a stream's) sees each token
+        as it is emitted; the text is assembled here either way."""
+        began = time.perf_counter()
+        built = self._built(request)
+        setup = time.perf_counter() - began
+        assembler = _TextAssembler(self.tokenizer, request.decode.stop_strings)
+
+        def on_token(token: int, layer: int) -> None:
+            if listener is not None:
+                listener(token, layer)
+            assembler.push(token, layer)
+
+        config = DecodeConfig(**{**vars(request.decode), "on_token": on_token})
+        result = built.decoder(request.prompt, config)
+        assembler.release(final=True)
+        return self._generation(request, built, result, assembler, setup)
+
+    def _generation(
+        self,
+        request: _Request,
+        built: _Built,
+        result: DecodeResult,
+        assembler: _TextAssembler,
+        setup: float,
+    ) -> Generation:
+        tokens, n = list(result.tokens), len(result.tokens)
+        eos = self.tokenizer.eos_token_id if request.decode.stop_at_eos else None
+        ended = assembler.stopped or (eos is not None and n > 0 and tokens[-1] == eos)
+        finish = "stop" if ended or n < request.decode.max_new_tokens else "length"
+        ids, _ = self.engine.encode([request.prompt])
+        if n > 1:
+            avg_layers = result.layer_tokens / (n - 1)
+        else:
+            avg_layers = float(result.exit_layers[0]) if n else 0.0
+        report = GenerationReport(
+            method=request.method.spec,
+            num_layers=self.num_layers,
+            shallow_layer=built.shallow.layer if built.shallow is not None else None,
+            avg_layers=avg_layers,
+            shallow_fraction=result.shallow_fraction,
+            exit_layers=list(result.exit_layers),
+            draft_proposed=result.drafted,
+            draft_accepted=result.accepted,
+            passes=result.passes,
+            catchups=result.catchups,
+            rollbacks=result.rollbacks,
+            prompt_tokens=int(ids.shape[1]),
+            completion_tokens=n,
+            prompt_seconds=result.prefill_seconds,
+            decode_seconds=result.decode_seconds,
+            setup_seconds=setup,
+            tokens_per_s=n / max(1e-9, result.seconds),
+            decode_tokens_per_s=max(0, n - 1) / max(1e-9, result.decode_seconds),
+            threshold=built.threshold(),
+            artifacts=dict(built.artifacts),
+        )
+        return Generation(assembler.text, tokens, finish, report)
+
+    # ---- classification ----------------------------------------------------------------
+    def classify(
+        self,
+        texts: str | Sequence[str],
+        *,
+        task: str | Path | Task | None = "sst2",
+        method: str = "adainfer",
+        labels: Mapping[str, str] | str | Path | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        shots: int = 4,
+        seed: int = 0,
+        batch: int = 8,
+        calibration: int = 200,
+        readout: str = "probe",
+        embedder: str = "minilm-l6",
+    ) -> Classification:
+        """Classify `texts` with early exit; one label per text.
+
+        `task`: a built-in task name (`sst2`, `agnews`, ...), a `Task`, or a labelled
+        CSV/TSV/JSONL file with `labels` (each label value -> its word, or a YAML/JSON file
+        of that map; `text_column`, `label_column`); or None with `labels` alone (a
+        zero-shot task: no training split, so only `full`, or `static` / `confidence` with
+        readout="general", run on it). Methods (`earlyexit eval`'s): `full`, `static[:K]`,
+        `confidence[:T]`, `adainfer[:tol]`, `adainfer-crf[:tol]`, `adainfer-vocab[:tol]`,
+        `raee[:k[:slack]]`, `raee-paper[:k[:slack]]`. Each text is prompted after `shots`
+        class-balanced demonstrations from the task's training split. `readout="probe"`
+        fits per-layer task probes on `calibration` training prompts at first use (kept in
+        memory, as are stoppers and RAEE databases); a RAEE database saved by `earlyexit
+        raee build` for this model and task, with the same settings, is loaded instead.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or not all(isinstance(t, str) for t in items):
+            raise EarlyExitError("texts must be a non-empty list of strings")
+        name, _ = method_args(method)  # unknown methods fail before any work
+        if batch < 1 or shots < 0 or calibration < 10:
+            raise EarlyExitError("batch must be >= 1, shots >= 0 and calibration >= 10")
+        key, task_obj = self._resolve_task(task, labels, text_column, label_column)
+        config = EvalConfig(
+            shots=shots,
+            seed=seed,
+            batch=batch,
+            calibration=calibration,
+            readout=readout,
+            embedder=embedder,
+        )
+        # `full` reads the last layer only: the model's own head, whatever the readout
+        needs = name != "full" and needs_calibration([method], config)
+        with self._lock:
+            began = time.perf_counter()
+            state = self._task_state(key, task_obj, config)
+            run_readout, policy, artifacts = self._policy(state, method, needs)
+            setup = time.perf_counter() - began
+            from earlyexit.evaluation.classify import run_policy
+
+            prompts = [task_obj.prompt(Example(text, 0), state.demos) for text in items]
+            run = run_policy(
+                self.engine,
+                run_readout,
+                prompts,
+                state.candidates,
+                policy,
+                batch,
+                items,
+                self.general_readout,
+            )
+        avg = sum(run.exit_layers) / len(run.exit_layers)
+        report = ClassificationReport(
+            method=method,
+            task=task_obj.name,
+            num_layers=self.num_layers,
+            avg_layers=avg,
+            layers_saved=1 - avg / self.num_layers,
+            seconds=run.seconds,
+            decision_seconds=run.decision_seconds,
+            setup_seconds=setup,
+            shots=len(state.demos),
+            readout=readout,
+            policy=policy.describe(),
+            artifacts=artifacts,
+        )
+        words = [w.strip() for w in task_obj.label_words]
+        return Classification(
+            [words[c] for c in run.predictions],
+            list(run.predictions),
+            list(run.exit_layers),
+            report,
+        )
+
+    def _resolve_task(
+        self,
+        task: str | Path | Task | None,
+        labels: Mapping[str, str] | str | Path | None,
+        text_column: str,
+        label_column: str,
+    ) -> tuple[tuple, Task]:
+        """(cache key, task): cheap, and every problem is an EarlyExitError."""
+        from earlyexit.tasks.builtin import TASKS, get_task
+        from earlyexit.tasks.custom import DEFAULT_TEMPLATE, load_custom_task
+
+        if isinstance(task, Task):
+            return ("object", id(task)), task
+        if task is None:
+            if not isinstance(labels, Mapping) or not labels:
+                raise EarlyExitError(
+                    "task=None needs labels={'label': 'word', ...} (one word per class)"
+                )
+            words = [w if w.startswith(" ") else " " + w for w in map(str, labels.values())]
+            zero_shot = Task(
+                name="labels",
+                label_words=words,
+                template=DEFAULT_TEMPLATE,
+                train=lambda: [],
+                test=lambda: [],
+            )
+            return ("labels", tuple(words)), zero_shot
+        text = str(task)
+        if text in TASKS and not isinstance(task, Path):
+            return ("builtin", text), get_task(text)
+        if isinstance(task, Path) or text.lower().endswith(DATASET_SUFFIXES) or Path(text).exists():
+            if labels is None:
+                raise EarlyExitError(
+                    f"task file {text} needs labels={{'<label value>': '<word>', ...}} "
+                    "(or a YAML/JSON file of that map)"
+                )
+            path = Path(text).expanduser().resolve()
+            loaded = load_custom_task(path, text_column, label_column, labels)
+            stamp = path.stat().st_mtime_ns
+            label_key = tuple(labels.items()) if isinstance(labels, Mapping) else str(labels)
+            return ("file", str(path), stamp, text_column, label_column, label_key), loaded
+        return ("builtin", text), get_task(text)  # raises: unknown task, listing the names
+
+    def _task_state(self, key: tuple, task: Task, config: EvalConfig) -> _TaskState:
+        full_key = (*key, config.shots, config.seed, config.batch, config.calibration)
+        full_key += (config.readout, config.embedder)
+        state = self._tasks.get(full_key)
+        if state is None:
+            pool = task.examples("train")
+            shots = config.shots if pool else 0  # a task without a train split: zero-shot
+            demos = task.demonstrations(shots, config.seed)
+            state = _TaskState(task, config, demos, task.label_token_ids(self.tokenizer))
+            self._tasks[full_key] = state
+        return state
+
+    def _calibrated(self, state: _TaskState, method: str) -> MethodBuilder:
+        """The task's calibration (probes fitted, traces for stoppers and databases), run on
+        first use and kept."""
+        if state.builder is None:
+            task, config = state.task, state.config
+            pool = [ex for ex in task.examples("train") if ex not in state.demos]
+            if len(pool) < 10:
+                raise EarlyExitError(
+                    f"method '{method}' calibrates on labelled training examples and task "
+                    f"'{task.name}' has {len(pool)}: pass a labelled file (task='data.csv', "
+                    "labels={...}) or a Task with a train split, or use method 'full' (or "
+                    "static / confidence with readout='general')"
+                )
+            readout, calibration = calibrate(
+                self.engine, self.general_readout, task, state.demos, state.candidates, config
+            )
+            state.builder = MethodBuilder(
+                self.engine, self.general_readout, task, config, calibration
+            )
+            state.readout = readout
+            count = len(calibration.examples)
+            if config.readout == "probe":
+                state.calibrated = f"task probe fitted on {count} train prompts (in memory)"
+            else:
+                state.calibrated = f"general readout, traced on {count} train prompts"
+        return state.builder
+
+    def _saved_raee(self, state: _TaskState) -> tuple[MethodBuilder, Any, dict[str, str]] | None:
+        """The RAEE database `earlyexit raee build` saved for this model and task (and its
+        task probe), if its settings match this request's; else None."""
+        if state.saved_checked:
+            return state.saved
+        state.saved_checked = True
+        from earlyexit.paths import home
+        from earlyexit.readouts.probe import TaskProbe
+        from earlyexit.retrieval.database import ExitDatabase
+
+        path = home() / "raee" / self.name / state.task.name
+        if not (path / "database.json").exists():
+            return None
+        database = ExitDatabase.load(path, self.engine.fingerprint)
+        config = state.config
+        wanted = {
+            "task": state.task.name,
+            "embedder": config.embedder,
+            "readout": config.readout,
+            "shots": config.shots,
+            "seed": config.seed,
+        }
+        if any(database.meta.get(k) != v for k, v in wanted.items()):
+            return None
+        readout: Any = self.general_readout
+        lines = {"database": f"RAEE database loaded from {path} ({database.size} examples)"}
+        if config.readout == "probe":
+            readout = TaskProbe.load(self.general_readout, path / "probe")
+            if not torch.equal(readout.candidates, state.candidates):
+                return None
+            lines["readout"] = f"task probe loaded from {path / 'probe'}"
+        else:
+            lines["readout"] = self._general_line()
+        builder = MethodBuilder(
+            self.engine, self.general_readout, state.task, config, None, database=database
+        )
+        state.saved = (builder, readout, lines)
+        return state.saved
+
+    def _policy(self, state: _TaskState, method: str, needs: bool) -> tuple[Any, Any, dict]:
+        """(readout, policy, artifact lines) for a method on a task, built once and kept."""
+        if method in state.policies:
+            return state.policies[method]
+        name, _ = method_args(method)
+        general = self.general_readout
+        artifacts = {"general_readout": self._general_line()}
+        saved = self._saved_raee(state) if name in ("raee", "raee-paper") else None
+        if saved is not None:
+            builder, readout, lines = saved
+            artifacts.update(lines)
+        elif needs:
+            builder = self._calibrated(state, method)
+            readout = state.readout
+            artifacts["readout"] = state.calibrated
+        else:
+            builder = MethodBuilder(self.engine, general, state.task, state.config, None)
+            readout = general
+            artifacts["readout"] = self._general_line()
+        policy = builder.build(method)
+        if name.startswith("adainfer"):
+            stopper = "CRF" if name == "adainfer-crf" else "SVM"
+            count = len(builder.calibration.examples) if builder.calibration else 0
+            artifacts["stopper"] = f"{stopper} stopper fitted on {count} calibration traces"
+        if name.startswith("raee") and saved is None:
+            artifacts["database"] = (
+                f"RAEE database built from {builder.built_database.size} labelled train "
+                "examples (in memory)"
+            )
+        if name.startswith("raee"):
+            artifacts["embedder"] = builder.embedder.spec
+        state.policies[method] = (readout, policy, artifacts)
+        return state.policies[method]
+
+
+# ------------------------------------------------------------------------- streaming
+
+
+class Stream(Iterator[StreamChunk]):
+    """The chunks of one streamed generation (from `EarlyExit.stream`).
+
+    The decode runs in a worker thread, started at the first `next()`, which takes the
+    model's lock and puts each emitted token on a queue; iterating takes the queued tokens,
+    assembles their text and yields them as `StreamChunk`s; the last chunk carries the
+    `Generation`. An exception in the decode is raised here, in the consumer.
+
+    Stopping early: `close()` (or leaving a `with` block, or the stream being garbage
+    collected) sets a cancel flag; the worker's token listener raises on the next token,
+    which ends the decode, releases the lock and ends the thread. `close()` waits for that
+    (one decoding step; a worker still waiting for the lock gives up at once); a stream
+    merely dropped does not wait. A stream never closed and never read runs to its end
+    (max_new_tokens): the queue is unbounded, so the worker never blocks on its consumer.
+    """
+
+    def __init__(self, owner: EarlyExit, request: _Request) -> None:
+        self._owner, self._request = owner, request
+        self._queue: queue.Queue[tuple] = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._assembler = _TextAssembler(owner.tokenizer, request.decode.stop_strings)
+        self._pending: tuple | None = None
+        self._done = False
+        self.generation: Generation | None = None  # set once the last chunk is out
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        owner, request, out, cancel = self._owner, self._request, self._queue, self._cancel
+        threads = torch.get_num_threads()
+
+        def listener(token: int, layer: int) -> None:
+            if cancel.is_set():
+                raise _Cancelled
+            out.put(("token", token, layer))
+
+        def work() -> None:  # holds no reference to the Stream: dropping it cancels
+            torch.set_num_threads(threads)
+            try:
+                while not owner._lock.acquire(timeout=0.05):
+                    if cancel.is_set():
+                        raise _Cancelled
+                try:
+                    if cancel.is_set():
+                        raise _Cancelled
+                    generation = owner._run(request, listener)
+                finally:
+                    owner._lock.release()
+                out.put(("done", generation))
+            except _Cancelled:
+                out.put(("cancelled",))
+            except BaseException as err:  # re-raised in the consumer
+                out.put(("error", err))
+
+        self._thread = threading.Thread(target=work, name="earlyexit-stream", daemon=True)
+        self._thread.start()
+
+    def __next__(self) -> StreamChunk:
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        item = self._pending or self._queue.get()
+        self._pending = None
+        tokens: list[int] = []
+        layers: list[int] = []
+        while item[0] == "token":
+            self._assembler.push(item[1], item[2])
+            tokens.append(item[1])
+            layers.append(item[2])
+            try:  # take every token already queued into this chunk
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return StreamChunk(self._assembler.release(), tokens, layers)
+        if tokens:  # the decode's end came with them: it is the next chunk
+            self._pending = item
+            return StreamChunk(self._assembler.release(), tokens, layers)
+        self._finish()
+        if item[0] == "error":
+            raise item[1]
+        if item[0] == "cancelled":
+            raise StopIteration
+        # the worker assembled the same tokens through the same code: the same text
+        self.generation = item[1]
+        return StreamChunk(self._assembler.release(final=True), [], [], item[1])
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        """Stop the decode at its next token and wait for the worker thread to end."""
+        self._cancel.set()
+        self._done = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def __del__(self) -> None:
+        cancel = getattr(self, "_cancel", None)
+        if cancel is not None:
+            cancel.set()  # no wait: the worker ends at its next token

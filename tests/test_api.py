@@ -1,0 +1,286 @@
+"""The public API (`earlyexit.api`) on real weights: generate, stream, classify, errors.
+
+The EarlyExit objects wrap the session's smollm2-135m engine; the run's EARLYEXIT_HOME is
+fresh (tests/conftest.py), so every shallow readout here is the logit lens and every probe,
+stopper and database is built by these tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import threading
+import time
+
+import pytest
+
+from earlyexit.api import EarlyExit, Generation, _Built, _TextAssembler
+from earlyexit.decoding.shallow_deep import DecodeResult
+from earlyexit.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.paths import home
+
+PROMPT = "Name three colours."
+TOKENS = 16
+REVIEWS = ["a gripping, beautifully acted film", "flat, dull and far too long", "fine"]
+
+
+@pytest.fixture(scope="module")
+def ee(smol: LayerEngine) -> EarlyExit:
+    return EarlyExit.from_engine(smol)
+
+
+@pytest.fixture(scope="module")
+def full(ee: EarlyExit) -> Generation:
+    return ee.generate(PROMPT, method="full", max_new_tokens=TOKENS)
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "earlyexit-stream" and t.is_alive()]
+
+
+def _fake(ee: EarlyExit, delay: float = 0.0, fail: Exception | None = None) -> _Built:
+    """A built decoder that emits a fixed text's tokens (or fails), without the model."""
+    ids = ee.tokenizer("one two three four", add_special_tokens=False)["input_ids"]
+
+    def decoder(prompt: str, config) -> DecodeResult:  # noqa: ANN001
+        result = DecodeResult([], [], 0.0, 0, num_layers=ee.num_layers)
+        result.listener = config.on_token
+        for token in ids:
+            if fail is not None:
+                raise fail
+            time.sleep(delay)
+            result.push(token, ee.num_layers)
+        return result
+
+    return _Built(decoder, None, {}, lambda: None)
+
+
+def test_lossless_generate_is_the_full_models_greedy_output(
+    ee: EarlyExit, full: Generation
+) -> None:
+    out = ee.generate(PROMPT, method="lossless", max_new_tokens=TOKENS)
+    assert out.tokens == full.tokens and out.text == full.text
+    assert out.text == ee.tokenizer.decode(out.tokens, skip_special_tokens=True)
+    assert len(out.tokens) == TOKENS and out.finish_reason == "length"
+    report = out.report
+    assert report.method == "lossless" and report.completion_tokens == TOKENS
+    assert report.prompt_tokens > 5 and report.tokens_per_s > 0
+    assert report.exit_layers == [30] * TOKENS and report.shallow_fraction == 0
+    assert report.passes >= 1 and report.draft_accepted <= report.draft_proposed
+    assert "measured verify-pass costs" in report.artifacts["drafts"]
+    assert full.report.avg_layers == 30 and full.report.passes == TOKENS - 1
+    assert full.report.threshold is None and full.report.shallow_layer is None
+
+
+def test_stream_yields_what_generate_returns(ee: EarlyExit) -> None:
+    expected = ee.generate(PROMPT, method="lossless", max_new_tokens=TOKENS)
+    chunks = list(ee.stream(PROMPT, method="lossless", max_new_tokens=TOKENS))
+    final = chunks[-1].generation
+    assert final is not None and all(c.generation is None for c in chunks[:-1])
+    assert [t for c in chunks for t in c.tokens] == expected.tokens == final.tokens
+    assert "".join(c.text for c in chunks) == expected.text == final.text
+    assert [layer for c in chunks for layer in c.exit_layers] == final.report.exit_layers
+    assert final.finish_reason == "length" and final.report.completion_tokens == TOKENS
+    assert not _stream_threads()
+
+
+def test_stop_strings_end_the_text_before_them(ee: EarlyExit, full: Generation) -> None:
+    stop = " " + next(word for word in full.text.split()[2:] if len(word) >= 5)
+    cut = full.text.index(stop)
+    out = ee.generate(PROMPT, method="lossless", max_new_tokens=TOKENS, stop=[stop])
+    assert out.text == full.text[:cut] and out.finish_reason == "stop"
+    assert out.tokens == full.tokens[: len(out.tokens)] and len(out.tokens) < TOKENS
+    chunks = list(ee.stream(PROMPT, method="full", max_new_tokens=TOKENS, stop=stop))
+    assert "".join(c.text for c in chunks) == out.text
+    assert not any(stop in c.text for c in chunks)
+    assert chunks[-1].generation.finish_reason == "stop"
+
+
+def test_text_assembly_holds_back_split_characters_and_stop_prefixes(ee: EarlyExit) -> None:
+    text = "Crème brûlée costs 5€ — 你好, 🎉 done. STOP after"
+    ids = ee.tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stop, expected in [((), text), (("STOP",), text[: text.index("STOP")])]:
+        assembler = _TextAssembler(ee.tokenizer, stop)
+        pieces = []
+        for token in ids:
+            assembler.push(token, 30)
+            pieces.append(assembler.release())
+            assert "\ufffd" not in pieces[-1]  # never half a character
+        pieces.append(assembler.release(final=True))
+        assert "ST" not in "".join(pieces) or not stop  # a stop's prefix was held back
+        assert "".join(pieces) == expected == assembler.text
+        assert assembler.stopped == bool(stop)
+
+
+def test_static_reports_its_shallow_exit_and_readout(ee: EarlyExit) -> None:
+    out = ee.generate(PROMPT, method="static", max_new_tokens=6)
+    report = out.report
+    assert report.exit_layers == [24] * 6 and report.shallow_fraction == 1
+    assert report.shallow_layer == 24 and report.avg_layers == 24
+    assert report.artifacts["shallow_exit"].startswith("layer 24: logit lens (untrained")
+
+
+def test_sampling_is_reproducible_with_a_seed(ee: EarlyExit) -> None:
+    kwargs = {"method": "lossless", "max_new_tokens": 8, "temperature": 0.9, "seed": 3}
+    first = ee.generate(PROMPT, **kwargs)
+    assert ee.generate(PROMPT, **kwargs).tokens == first.tokens
+    assert [t for c in ee.stream(PROMPT, **kwargs) for t in c.tokens] == first.tokens
+
+
+def test_bad_input_fails_before_any_model_work(
+    ee: EarlyExit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_work(*args: object) -> None:
+        raise AssertionError("a decoder was built for a bad request")
+
+    monkeypatch.setattr(ee, "_built", no_work)
+    for kwargs, message in [
+        ({"method": "fastest"}, "unknown generation method 'fastest'"),
+        ({"method": "lossless:ngram:9"}, "N: 1..7"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"method": "hf", "temperature": 0.5}, "greedy only"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"shallow_layer": 30}, "shallow_layer must be an integer in 1..29"),
+        ({"draft_token": 3}, "unknown generate option 'draft_token'"),
+    ]:
+        for call in (ee.generate, ee.stream):  # a stream checks when it is made
+            with pytest.raises(EarlyExitError, match=message):
+                call(PROMPT, **kwargs)
+    for prompt in ("", "  \n"):
+        with pytest.raises(EarlyExitError, match="the prompt is empty"):
+            ee.generate(prompt)
+    for kwargs, message in [
+        ({"task": "sst3"}, "unknown task 'sst3'"),
+        ({"method": "adainfer:x"}, "bad argument in method 'adainfer:x'"),
+        ({"method": "fastest"}, "unknown method 'fastest'"),
+        ({"task": "reviews.csv"}, "needs labels="),
+        ({"task": None}, "task=None needs labels="),
+        ({"readout": "lens"}, "unknown readout 'lens'"),
+    ]:
+        with pytest.raises(EarlyExitError, match=message):
+            ee.classify(REVIEWS, **kwargs)
+    with pytest.raises(EarlyExitError, match="non-empty list of strings"):
+        ee.classify([])
+    for kwargs, message in [
+        ({"dtype": "int3"}, "unknown dtype 'int3'"),
+        ({"kernels": "fast"}, "unknown kernels 'fast'"),
+        ({"threads": 0}, "threads must be a positive integer"),
+    ]:
+        with pytest.raises(EarlyExitError, match=message):
+            EarlyExit.load("smollm2-135m", **kwargs)
+    with pytest.raises(EarlyExitError, match="unknown model"):
+        EarlyExit.load("no-such-model")
+    assert not _stream_threads()
+
+
+def test_a_stream_stopped_early_leaves_no_worker(ee: EarlyExit) -> None:
+    stream = ee.stream(PROMPT, method="full", max_new_tokens=64)
+    assert not _stream_threads()  # nothing runs before the first next()
+    assert next(stream).tokens
+    began = time.perf_counter()
+    stream.close()
+    assert not _stream_threads() and time.perf_counter() - began < 10
+    with pytest.raises(StopIteration):
+        next(stream)
+    dropped = ee.stream(PROMPT, method="full", max_new_tokens=64)
+    next(dropped)
+    del dropped  # abandoned mid-way, never closed: cancelled when collected
+    gc.collect()
+    deadline = time.perf_counter() + 30
+    while _stream_threads() and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not _stream_threads()
+    with ee.stream(PROMPT, method="full", max_new_tokens=64) as chunks:
+        next(chunks)
+    assert not _stream_threads()
+    assert len(ee.generate(PROMPT, method="full", max_new_tokens=2).tokens) == 2  # lock free
+
+
+def test_stream_errors_reach_the_consumer(ee: EarlyExit, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ee, "_built", lambda request: _fake(ee, fail=RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        list(ee.stream(PROMPT))
+    assert not _stream_threads()
+
+
+def test_requests_are_serialized(ee: EarlyExit, monkeypatch: pytest.MonkeyPatch) -> None:
+    active, most = [0], [0]
+    built = _fake(ee, delay=0.01)
+    inner = built.decoder
+
+    def counting(prompt: str, config) -> DecodeResult:  # noqa: ANN001
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        try:
+            return inner(prompt, config)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(ee, "_built", lambda request: _Built(counting, None, {}, lambda: None))
+    results: list[str] = []
+
+    def generate() -> None:
+        results.append(ee.generate(PROMPT).text)
+
+    def stream() -> None:
+        results.append("".join(c.text for c in ee.stream(PROMPT)))
+
+    workers = [threading.Thread(target=f) for f in (generate, stream, generate, stream)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert most[0] == 1 and results == ["one two three four"] * 4
+
+
+@pytest.fixture(scope="module")
+def sst2(ee: EarlyExit):  # noqa: ANN201 - a Classification
+    return ee.classify(REVIEWS, task="sst2", method="adainfer", calibration=24)
+
+
+def test_classify_sst2_labels_each_text_and_names_its_artifacts(ee: EarlyExit, sst2) -> None:  # noqa: ANN001
+    assert len(sst2.labels) == len(sst2.classes) == len(sst2.exit_layers) == len(REVIEWS)
+    assert set(sst2.labels) <= {"negative", "positive"}
+    assert [["negative", "positive"][c] for c in sst2.classes] == sst2.labels
+    assert all(1 <= layer <= 30 for layer in sst2.exit_layers)
+    report = sst2.report
+    assert report.avg_layers == sum(sst2.exit_layers) / len(REVIEWS)
+    assert report.layers_saved == pytest.approx(1 - report.avg_layers / 30)
+    assert report.task == "sst2" and report.shots == 4 and report.seconds > 0
+    assert report.artifacts["readout"] == "task probe fitted on 24 train prompts (in memory)"
+    assert report.artifacts["stopper"] == "SVM stopper fitted on 24 calibration traces"
+    assert report.artifacts["general_readout"].startswith("logit lens (untrained")
+    again = ee.classify(REVIEWS, task="sst2", method="adainfer", calibration=24)
+    assert again.classes == sst2.classes and again.exit_layers == sst2.exit_layers
+    assert again.report.setup_seconds < 0.05 * report.setup_seconds  # kept, not refitted
+
+
+def test_classify_loads_a_saved_raee_database(smol: LayerEngine, ee: EarlyExit, sst2) -> None:  # noqa: ANN001
+    # save what `earlyexit raee build` saves, from the calibration the fixture ran
+    (state,) = [s for s in ee._tasks.values() if s.builder is not None]
+    path = home() / "raee" / "smollm2-135m" / "sst2"
+    state.builder.database().save(path)
+    state.readout.save(path / "probe")
+    try:
+        fresh = EarlyExit.from_engine(smol)
+        out = fresh.classify(REVIEWS, task="sst2", method="raee", calibration=24)
+        assert out.report.artifacts["database"] == (
+            f"RAEE database loaded from {path} (24 examples)"
+        )
+        assert out.report.artifacts["readout"] == f"task probe loaded from {path / 'probe'}"
+        assert out.report.artifacts["embedder"] == "minilm-l6"
+        assert all(1 <= layer <= 30 for layer in out.exit_layers) and len(out.labels) == 3
+        assert not fresh._tasks[next(iter(fresh._tasks))].builder  # nothing calibrated
+    finally:
+        shutil.rmtree(home() / "raee", ignore_errors=True)
+
+
+def test_zero_shot_label_map(ee: EarlyExit) -> None:
+    labels = {"0": "negative", "1": "positive"}
+    out = ee.classify(REVIEWS, task=None, labels=labels, method="full")
+    assert set(out.labels) <= {"negative", "positive"} and out.exit_layers == [30] * 3
+    assert out.report.shots == 0 and out.report.avg_layers == 30
+    with pytest.raises(EarlyExitError, match="pass a labelled file"):
+        ee.classify(REVIEWS, task=None, labels=labels, method="adainfer")

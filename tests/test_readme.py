@@ -1,0 +1,56 @@
+"""README.md's "Python API" section runs as written: its ```python blocks, in order, in one
+namespace (later blocks use earlier blocks' variables)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_api_blocks() -> list[str]:
+    text = README.read_text()
+    start = text.index("\n## Python API\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end >= 0 else len(text)]
+    return re.findall(r"^```python\n(.*?)^```$", section, flags=re.M | re.S)
+
+
+def test_the_python_api_section_imports_only_the_api() -> None:
+    blocks = python_api_blocks()
+    assert len(blocks) >= 4
+    imports = [
+        line.strip()
+        for block in blocks
+        for line in block.splitlines()
+        if re.match(r"\s*(from|import)\s", line)
+    ]
+    assert imports and all(
+        re.match(r"(from earlyexit(\.api)? import|import earlyexit(\.api)?$)", line)
+        for line in imports
+    ), imports
+
+
+@pytest.mark.weights  # the snippets load smollm2-135m
+@pytest.mark.slow
+def test_the_python_api_section_runs_as_written() -> None:
+    namespace: dict = {"__name__": "readme"}
+    printed = io.StringIO()
+    for index, block in enumerate(python_api_blocks()):
+        code = compile(block, f"README.md python block {index + 1}", "exec")
+        with contextlib.redirect_stdout(printed):
+            exec(code, namespace)  # noqa: S102 - the README's own snippets
+    out = namespace["out"]
+    assert out.report.method == "free" and out.report.completion_tokens >= 1
+    assert "logit lens (untrained" in out.report.artifacts["shallow_exit"]  # hermetic home
+    assert namespace["chunk"].generation is not None
+    result = namespace["result"]
+    assert len(result.labels) == len(namespace["reviews"])
+    assert set(result.labels) <= {"negative", "positive"}
+    assert "task probe fitted on 40 train prompts" in result.report.artifacts["readout"]
+    assert printed.getvalue().strip()
