@@ -11,6 +11,7 @@ import gc
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,7 @@ def test_bad_input_fails_before_any_model_work(
         ({"task": "reviews.csv"}, "needs labels="),
         ({"task": None}, "task=None needs labels="),
         ({"readout": "lens"}, "unknown readout 'lens'"),
+        ({"method": "raee", "embedder": "backbone:99"}, "unknown embedder 'backbone:99'"),
     ]:
         with pytest.raises(EarlyExitError, match=message):
             ee.classify(REVIEWS, **kwargs)
@@ -284,3 +286,23 @@ def test_zero_shot_label_map(ee: EarlyExit) -> None:
     assert out.report.shots == 0 and out.report.avg_layers == 30
     with pytest.raises(EarlyExitError, match="pass a labelled file"):
         ee.classify(REVIEWS, task=None, labels=labels, method="adainfer")
+
+
+def test_a_labelled_file_as_task(ee: EarlyExit, tmp_path: Path) -> None:
+    data = tmp_path / "reviews.csv"
+    words = ["great", "awful", "lovely", "boring", "superb", "tedious"]
+    rows = [
+        f"the {i}th film was {w},{'pos' if j % 2 == 0 else 'neg'}"
+        for i in range(10)
+        for j, w in enumerate(words)
+    ]
+    data.write_text("review,stars\n" + "\n".join(rows) + "\n")
+    labels = {"neg": "negative", "pos": "positive"}
+    out = ee.classify(
+        REVIEWS, task=data, labels=labels, text_column="review", label_column="stars", shots=2
+    )  # adainfer, calibrated on the demonstration pool (a fifth: 12 rows) less the 2 shown
+    assert out.report.task == "reviews" and out.report.shots == 2
+    assert set(out.labels) <= {"negative", "positive"} and len(out.exit_layers) == 3
+    assert out.report.artifacts["readout"] == "task probe fitted on 10 train prompts (in memory)"
+    with pytest.raises(EarlyExitError, match="no column 'text'"):
+        ee.classify(REVIEWS, task=str(data), labels=labels, method="full")

@@ -68,7 +68,6 @@ __all__ = [
     "shallow_exit",
 ]
 
-FINISH_REASONS = ("stop", "length")  # as OpenAI's API defines them
 DATASET_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")  # earlyexit.tasks.custom.FORMATS
 
 
@@ -696,6 +695,7 @@ class EarlyExit:
         name, _ = method_args(method)  # unknown methods fail before any work
         if batch < 1 or shots < 0 or calibration < 10:
             raise EarlyExitError("batch must be >= 1, shots >= 0 and calibration >= 10")
+        self._check_embedder(embedder)
         key, task_obj = self._resolve_task(task, labels, text_column, label_column)
         config = EvalConfig(
             shots=shots,
@@ -748,6 +748,22 @@ class EarlyExit:
             report,
         )
 
+    def _check_embedder(self, spec: str) -> None:
+        """RAEE's embedder, checked before any work: a registry embedder or backbone:K."""
+        from earlyexit.models.registry import REGISTRY
+
+        name, _, arg = spec.partition(":")
+        if name == "backbone":
+            if not arg or (arg.isdigit() and 1 <= int(arg) <= self.num_layers):
+                return
+        elif spec in REGISTRY and REGISTRY[spec].kind == "embedder":
+            return
+        embedders = [n for n, m in REGISTRY.items() if m.kind == "embedder"]
+        raise EarlyExitError(
+            f"unknown embedder '{spec}': use {', '.join(embedders)} or backbone:K "
+            f"(K in 1..{self.num_layers})"
+        )
+
     def _resolve_task(
         self,
         task: str | Path | Task | None,
@@ -792,8 +808,8 @@ class EarlyExit:
         return ("builtin", text), get_task(text)  # raises: unknown task, listing the names
 
     def _task_state(self, key: tuple, task: Task, config: EvalConfig) -> _TaskState:
-        full_key = (*key, config.shots, config.seed, config.batch, config.calibration)
-        full_key += (config.readout, config.embedder)
+        full_key = (*key, config.shots, config.seed, config.calibration, config.readout)
+        full_key += (config.embedder,)
         state = self._tasks.get(full_key)
         if state is None:
             pool = task.examples("train")
