@@ -298,7 +298,6 @@ class _TextAssembler:
         self.tokenizer, self.stop = tokenizer, stop
         self.longest = max((len(s) for s in stop), default=0)
         self.tokens: list[int] = []
-        self.layers: list[int] = []
         self.text = ""  # settled text (cut before a stop string once one is seen)
         self.stopped = False  # a stop string was seen
         self._prefix = self._read = 0  # token offsets of the decode window
@@ -307,9 +306,8 @@ class _TextAssembler:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def push(self, token: int, layer: int) -> None:
+    def push(self, token: int, layer: int = 0) -> None:
         self.tokens.append(token)
-        self.layers.append(layer)
         if self.stopped:
             return
         before = self._decode(self.tokens[self._prefix : self._read])
@@ -1025,9 +1023,7 @@ class Stream(Iterator[StreamChunk]):
     def close(self) -> None:
         """Stop the decode at its next token and wait for the worker thread to end."""
         self._cancel.set()
-        self._done = True
-        if self._thread is not None:
-            self._thread.join()
+        self._finish()
 
     def __del__(self) -> None:
         cancel = getattr(self, "_cancel", None)
