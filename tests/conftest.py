@@ -37,6 +37,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_RUN_HOME, ignore_errors=True)  # unlinks the models link, not its target
 
 
+# Fixtures that load real weights: a test that uses one (directly or through another fixture)
+# is marked `weights` below, so `-m "not weights"` never loads a model. Tests that load
+# weights another way (the CLI, a tokenizer) carry the mark themselves.
+WEIGHT_FIXTURES = frozenset({"smol", "gemma", "engine"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if WEIGHT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.weights)
+
+
 @pytest.fixture(scope="session")
 def smol() -> LayerEngine:
     return LayerEngine(load_model("smollm2-135m", dtype="float32"))

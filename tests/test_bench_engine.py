@@ -17,6 +17,8 @@ from earlyexit.bench.engine_bench import (
 )
 from earlyexit.reporting import write_json
 
+pytestmark = pytest.mark.weights  # the benchmark loads smollm2-135m
+
 
 def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     # One thread: with 2 OpenMP threads and another process busy on a core, every op waits

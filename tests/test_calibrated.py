@@ -41,6 +41,7 @@ class Calibrated:
     traces: torch.Tensor
 
 
+# Calibrating takes ~30 s on 2 cores: the tests that use it are marked slow.
 @pytest.fixture(scope="module")
 def cal(smol: LayerEngine) -> Calibrated:
     task = get_task("sst2")
@@ -69,6 +70,7 @@ def cal(smol: LayerEngine) -> Calibrated:
     )
 
 
+@pytest.mark.slow
 def test_probe_distils_the_final_layer(cal: Calibrated) -> None:
     teacher = cal.oof[:, -1].argmax(-1)
     # the last layer is the model's own head, untouched by the probe
@@ -80,6 +82,7 @@ def test_probe_distils_the_final_layer(cal: Calibrated) -> None:
     assert not torch.equal(fitted[:, :-1], cal.oof[:, :-1])
 
 
+@pytest.mark.slow
 def test_probe_round_trip_and_model_check(
     cal: Calibrated, gemma: LayerEngine, tmp_path: Path
 ) -> None:
@@ -104,6 +107,7 @@ def _live_equals_replay(cal: Calibrated, policy, vocab=None) -> None:
         assert run.predictions == preds.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stopper", ["svm", "crf"])
 def test_adainfer_stoppers_live_equal_replay_and_round_trip(
     cal: Calibrated, stopper: str, tmp_path: Path
@@ -122,6 +126,7 @@ def test_adainfer_stoppers_live_equal_replay_and_round_trip(
     )
 
 
+@pytest.mark.slow
 def test_adainfer_with_full_vocabulary_features(cal: Calibrated) -> None:
     vocab = vocab_traces(cal.base, cal.cal_states)
     assert vocab.shape == (40, cal.engine.num_layers, 2) and (vocab[..., 1] <= vocab[..., 0]).all()
@@ -185,6 +190,7 @@ def database(cal: Calibrated) -> tuple[ExitDatabase, object]:
     return build_database(embeddings, cal.oof, cal.cal_labels, meta), embedder
 
 
+@pytest.mark.slow
 def test_raee_database_round_trip_and_refusals(
     cal: Calibrated, database, gemma: LayerEngine, tmp_path: Path
 ) -> None:
@@ -207,6 +213,7 @@ def test_raee_database_round_trip_and_refusals(
         ExitDatabase.load(tmp_path / "db")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["reliable", "paper"])
 def test_raee_live_equals_replay_in_any_batch(cal: Calibrated, database, rule: str) -> None:
     db, embedder = database
@@ -223,6 +230,7 @@ def test_raee_live_equals_replay_in_any_batch(cal: Calibrated, database, rule: s
         assert run.decision_seconds > 0
 
 
+@pytest.mark.slow
 def test_backbone_embedder(cal: Calibrated) -> None:
     embedder = make_embedder("backbone:3", cal.engine)
     vectors = embedder.embed(cal.texts[:4])
@@ -234,6 +242,7 @@ def test_backbone_embedder(cal: Calibrated) -> None:
         make_embedder("backbone:99", cal.engine)
 
 
+@pytest.mark.weights  # the command loads smollm2-135m and minilm-l6
 def test_raee_build_and_inspect_cli(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

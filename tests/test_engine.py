@@ -8,6 +8,8 @@ from transformers import GenerationConfig
 
 from earlyexit.engine import LayerEngine
 
+pytestmark = pytest.mark.weights
+
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a land far far away, there lived a young",

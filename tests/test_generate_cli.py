@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from earlyexit.cli.main import app
+
+pytestmark = [pytest.mark.weights, pytest.mark.slow]  # each command loads smollm2-135m
 
 runner = CliRunner()
 PROMPT = "Summarize: Anna wants to meet Tom at the station at five, but her train is late."

@@ -14,9 +14,12 @@ from earlyexit.readouts.report import readout_report, render_report
 from earlyexit.readouts.store import META, load_readout, save_readout
 from earlyexit.readouts.train import TrainConfig, TrainResult, train_readout
 
+pytestmark = pytest.mark.weights
+
 LAYERS = [8, 20, 27]
 
 
+# Training takes ~30 s on 2 cores: the tests that use it are marked slow.
 @pytest.fixture(scope="module")
 def trained(smol: LayerEngine) -> TrainResult:
     config = TrainConfig(
@@ -25,6 +28,7 @@ def trained(smol: LayerEngine) -> TrainResult:
     return train_readout(smol, config)
 
 
+@pytest.mark.slow
 def test_trained_readout_beats_logit_lens_on_heldout_text(trained: TrainResult) -> None:
     assert [m.layer for m in trained.metrics] == LAYERS
     for m in trained.metrics:
@@ -35,6 +39,7 @@ def test_trained_readout_beats_logit_lens_on_heldout_text(trained: TrainResult) 
     assert kls == sorted(kls, reverse=True), "deeper layers should be closer to the final one"
 
 
+@pytest.mark.slow
 def test_distillation_lowers_kl_below_least_squares(smol: LayerEngine) -> None:
     base = dict(tokens=2048, seq_len=128, batch_tokens=256, layers=[20], heldout_tokens=1024)
     fitted = train_readout(smol, TrainConfig(steps=0, **base)).metrics[0]
@@ -42,6 +47,7 @@ def test_distillation_lowers_kl_below_least_squares(smol: LayerEngine) -> None:
     assert tuned.kl < fitted.kl
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(smol: LayerEngine, trained: TrainResult, tmp_path: Path) -> None:
     path = save_readout(trained.readout, tmp_path / "ro", trained.metadata())
     meta = json.loads((path / META).read_text())
@@ -83,6 +89,7 @@ def test_corrupt_or_missing_readout(smol: LayerEngine, tmp_path: Path) -> None:
         load_readout(smol, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResult) -> None:
     report = readout_report(smol, trained.readout, tokens=512, seq_len=128, cost_iters=5)
     assert [m["layer"] for m in report["layers"]] == list(range(1, smol.num_layers))
@@ -95,6 +102,7 @@ def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResul
     assert len(render_report(report)) == 2
 
 
+@pytest.mark.slow
 def test_cli_train_then_report(smol: LayerEngine, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -53,6 +53,7 @@ def test_speculative_rule_samples_the_target_distribution() -> None:
     assert counts[3] == 0  # a token the target cannot emit never gets through
 
 
+@pytest.mark.slow
 def test_sampled_decoding_is_seeded(smol: LayerEngine) -> None:
     shallow = ShallowExit(ExitReadout(smol), 20)
     config = DecodeConfig(

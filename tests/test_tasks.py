@@ -105,6 +105,7 @@ def test_prompt_ends_at_the_label_slot(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.weights  # the tokenizer comes from the model cache
 def test_label_tokens_are_distinct(name: str, tokenizer) -> None:
     task = get_task(name)
     ids = task.label_token_ids(tokenizer)
@@ -166,6 +167,7 @@ def test_parsing_details() -> None:
     assert arc.text.startswith("Question: ") and not arc.text.startswith("Question: Question:")
 
 
+@pytest.mark.weights
 def test_label_token_clash_is_refused(tokenizer) -> None:
     task = Task(
         name="clash",
@@ -257,6 +259,7 @@ def _write_jsonl(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+@pytest.mark.weights
 def test_custom_round_trip(tmp_path: Path, fmt: str, tokenizer) -> None:
     if fmt == "jsonl":
         path = _write_jsonl(tmp_path / "reviews.jsonl")
