@@ -81,7 +81,7 @@ def test_verify_rolls_the_cache_back_to_a_full_run(smol: LayerEngine) -> None:
     first = truth[0]
     base = state.cache.lengths[-1]
     draft = Draft([truth[1], truth[2] + 1, 7])  # one right, then wrong
-    logits = verify_pass(smol, state.cache, first, draft)
+    logits, _ = verify_pass(smol, state.cache, first, draft)
     verdict = verify(draft, logits, Sampler())
     assert (verdict.accepted, verdict.next_token) == (1, truth[2])
     state.cache.truncate(base + verdict.accepted + 1)

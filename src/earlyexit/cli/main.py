@@ -184,6 +184,45 @@ def heads_train(
         write_json({**report, "train": result.metadata()}, json_path)
 
 
+@heads_app.command("train-block")
+@friendly
+def heads_train_block(
+    model: str = MODEL_OPT,
+    layer: int = typer.Option(..., min=1, help="The exit layer E the block reads."),
+    self_distill: int = typer.Option(
+        800, min=10, help="Train on the model's own answers to this many held-out prompts."
+    ),
+    max_new_tokens: int = typer.Option(64, min=1, help="Answer length of that text."),
+    rows: int = typer.Option(192, min=1, help="256-token training rows (states kept in RAM)."),
+    steps: int = typer.Option(250, min=1, help="Distillation steps (4 rows each)."),
+) -> None:
+    """Train a draft block on top of layer E (for `lossless:adapter`), and save it."""
+    from earlyexit.readouts.draft_block import (
+        BlockConfig,
+        block_dir,
+        save_block,
+        train_block_on_text,
+    )
+    from earlyexit.readouts.self_distill import cached_self_generated_chunks
+    from earlyexit.tasks.generation import render_prompt, self_distill_instructions
+
+    engine = _engine(model)
+    if not 1 <= layer < engine.num_layers:
+        raise EarlyExitError(f"--layer must lie in 1..{engine.num_layers - 1}")
+    prompts = [render_prompt(engine.tokenizer, t) for t in self_distill_instructions(self_distill)]
+    split = max(1, len(prompts) // 10)  # a tenth held out for the agreement figure
+    chunks = cached_self_generated_chunks(engine, prompts[split:], max_new_tokens, 256)
+    heldout = cached_self_generated_chunks(engine, prompts[:split], max_new_tokens, 256)
+    result = train_block_on_text(
+        engine, layer, chunks[:rows], heldout[:32], BlockConfig(steps=steps)
+    )
+    path = save_block(result, block_dir(engine, layer))
+    console.print(
+        f"trained in {result.seconds:.0f} s; held-out top-1 agreement with the final layer "
+        f"{result.heldout_top1:.1%}; saved {path}"
+    )
+
+
 @heads_app.command("report")
 @friendly
 def heads_report(
@@ -486,6 +525,11 @@ RESTRICT_OPT = typer.Option(
 )
 
 
+BLOCK_LAYER_OPT = typer.Option(
+    None,
+    min=1,
+    help="lossless:adapter: the draft block at this layer (default: the only one saved).",
+)
 DRAFT_TOKENS_OPT = typer.Option(
     None,
     min=1,
@@ -520,8 +564,8 @@ def generate_command(
     model: str = MODEL_OPT,
     method: str = typer.Option(
         "free",
-        help="full, static, calm[:T], free[:plain][:T], "
-        "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]], hf, hf-pld[:N].",
+        help="full, static, calm[:T], free[:plain|:adapter][:T], "
+        "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]], hf, hf-pld[:N].",
     ),
     shallow_layer: int | None = SHALLOW_OPT,
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
@@ -532,6 +576,7 @@ def generate_command(
     seed: int = SEED_OPT,
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     draft_tokens: int | None = DRAFT_TOKENS_OPT,
+    block_layer: int | None = BLOCK_LAYER_OPT,
 ) -> None:
     """Generate with early exit (batch 1) and say how many tokens exited shallow."""
     from earlyexit.decoding.sampling import SamplingConfig
@@ -544,7 +589,12 @@ def generate_command(
     engine = _engine(model, dtype)
     shallow = _shallow_exit(engine, shallow_layer, measure, restrict)
     # a few calibration prompts only: one answer does not repay the eight of `bench`
-    config = GenConfig(sampling=sampling, calibration_prompts=3, draft_tokens=draft_tokens)
+    config = GenConfig(
+        sampling=sampling,
+        calibration_prompts=3,
+        draft_tokens=draft_tokens,
+        block_layer=block_layer,
+    )
     decoder = build_decoder(method, engine, shallow, config)
     result = decoder(
         render_prompt(engine.tokenizer, prompt),
@@ -585,6 +635,7 @@ def bench_generate(
     ),
     plots: Path | None = typer.Option(None, help="With --sweep: one PNG per task here."),
     draft_tokens: int | None = DRAFT_TOKENS_OPT,
+    block_layer: int | None = BLOCK_LAYER_OPT,
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -608,6 +659,7 @@ def bench_generate(
         target=target,
         sampling=sampling,
         draft_tokens=draft_tokens,
+        block_layer=block_layer,
     )
     records = []
     for t in tasks:

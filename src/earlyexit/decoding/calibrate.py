@@ -30,11 +30,11 @@ def confidence_pairs(
     agreed: list[bool] = []
     config = replace(config, sampling=SamplingConfig())  # teacher forcing on greedy output
     for prompt in prompts:
-        run = begin(engine, prompt, config)
+        run = begin(engine, prompt, config, reader=shallow)
         tokens = run.result.tokens
         while not run.stopping.done(tokens):
             hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, k)
-            conf, guess = shallow.predict(hidden[:, -1])
+            conf, guess = shallow.predict(shallow.read(hidden, run.cache))
             hidden = engine.run_layers(hidden, run.cache, k, total)
             tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
             confs.append(conf)

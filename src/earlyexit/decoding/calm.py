@@ -31,12 +31,12 @@ def decode_calm(
     config: DecodeConfig,
     threshold: Threshold,
 ) -> DecodeResult:
-    run = begin(engine, prompt, config)
+    run = begin(engine, prompt, config, reader=shallow)
     cache, sampler, result = run.cache, run.sampler, run.result
     k, total = shallow.layer, engine.num_layers
     while not run.stopping.done(result.tokens):
         hidden = engine.run_layers(next_input(engine, result.tokens[-1]), cache, 0, k)
-        guess = shallow.guess(hidden[:, -1], sampler)
+        guess = shallow.guess(shallow.read(hidden, cache), sampler)
         if guess.confidence >= threshold.value:
             engine.copy_state_kv(hidden, cache, k, total)
             result.layer_tokens += k

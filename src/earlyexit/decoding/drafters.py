@@ -8,6 +8,10 @@ pass (decoding/speculative.py).
   readout, and stops as soon as its confidence falls below a threshold (Kangaroo's dynamic
   draft length). Its layer-[0, E) states and KV are kept, so the verify pass runs only
   layers [E, L) over them.
+  With a trained draft block (readouts/draft_block.py), the exit reads the block's output
+  instead of layer E's: the block attends over the layer-E states of the whole context, so
+  it keeps its own KV as one more layer of the request's cache (rolled back with the rest)
+  and must see every verified input's layer-E state (`reader`).
 - `CompositeDrafter`: the n-gram drafter when the context has a match, else the shallow one.
 
 Written here because transformers keeps prompt lookup inside `generate` (a rescan of the
@@ -66,6 +70,8 @@ class NgramDrafter:
     name: str = "ngram"
     index: NgramIndex = field(init=False)
 
+    reader = None  # reads no layer's states
+
     def start(self, prompt: list[int]) -> None:
         self.index = NgramIndex(self.max_n)
         self.index.extend(prompt)
@@ -95,13 +101,18 @@ def _one_hot(token: int, size: int) -> torch.Tensor:
 @dataclass
 class ShallowDrafter:
     """The shallow exit drafting autoregressively until its confidence drops below
-    `threshold` (or `max_tokens` drafts)."""
+    `threshold` (or `max_tokens` drafts); through its draft block if it has one."""
 
     shallow: ShallowExit
     threshold: float = 0.3
     max_tokens: int = 8
     name: str = "shallow"
     last: int = field(init=False, default=-1)
+
+    @property
+    def reader(self) -> ShallowExit | None:
+        """The exit that must read every verified input's layer-k state (a block's)."""
+        return self.shallow if self.shallow.block is not None else None
 
     def start(self, prompt: list[int]) -> None:
         self.last = prompt[-1]
@@ -120,7 +131,7 @@ class ShallowDrafter:
         while len(tokens) < min(self.max_tokens, budget):
             hidden = engine.run_layers(next_input(engine, token), cache, 0, k)
             states.append(hidden)
-            guess = self.shallow.guess(hidden[:, -1], sampler)
+            guess = self.shallow.guess(self.shallow.read(hidden, cache), sampler)
             if guess.confidence < self.threshold:
                 break
             tokens.append(guess.token)
@@ -142,6 +153,10 @@ class CompositeDrafter:
     ngram: NgramDrafter
     shallow: ShallowDrafter
     name: str = "composite"
+
+    @property
+    def reader(self) -> ShallowExit | None:
+        return self.shallow.reader
 
     def start(self, prompt: list[int]) -> None:
         self.ngram.start(prompt)

@@ -41,6 +41,7 @@ from earlyexit.readouts.readout import ExitReadout, top_two
 
 if TYPE_CHECKING:  # drafters.py builds on this module's ShallowExit
     from earlyexit.decoding.drafters import Drafter, NgramDrafter
+    from earlyexit.readouts.draft_block import DraftBlock
 
 
 @dataclass
@@ -110,7 +111,12 @@ class Guess:
 class ShallowExit:
     """The shallow half of the module: layer k and its readout (full vocabulary, or only
     `vocab` ids: a 49k-row LM head costs as much as several layers, so a shallow exit
-    that reads a few thousand likely ids is much cheaper; its argmax is mapped back)."""
+    that reads a few thousand likely ids is much cheaper; its argmax is mapped back).
+
+    With a trained draft block (readouts/draft_block.py) the readout reads the block's
+    output instead of layer k's: the block attends over the layer-k states of the whole
+    context, kept as one more layer of the request's cache, so every input that stands
+    must pass through `read` once (loops call it with each input's layer-k state)."""
 
     def __init__(
         self,
@@ -118,16 +124,23 @@ class ShallowExit:
         layer: int,
         vocab: torch.Tensor | None = None,
         measure: str = "gap",
+        block: DraftBlock | None = None,
     ) -> None:
         engine = readout.engine
         if not 1 <= layer < engine.num_layers:
             raise EarlyExitError(f"shallow exit layer must lie in 1..{engine.num_layers - 1}")
         if measure not in ("gap", "top1"):
             raise EarlyExitError(f"confidence measure must be gap or top1, not {measure}")
+        if block is not None and block.layer != layer:
+            raise EarlyExitError(f"the draft block reads layer {block.layer}, not {layer}")
         self.readout, self.layer, self.vocab, self.measure = readout, layer, vocab, measure
+        self.block = block
+        self._cache: LayerKVCache | None = None  # the request whose cache holds the block's KV
 
     @classmethod
-    def restricted(cls, readout: ExitReadout, layer: int, measure: str = "gap") -> ShallowExit:
+    def restricted(
+        cls, readout: ExitReadout, layer: int, measure: str = "gap", block: DraftBlock | None = None
+    ) -> ShallowExit:
         """Read out over the readout's training vocabulary (plus EOS) only."""
         if readout.vocabulary is None:
             raise EarlyExitError(
@@ -137,7 +150,25 @@ class ShallowExit:
         eos = readout.engine.tokenizer.eos_token_id
         if eos is not None and eos not in ids:
             ids.append(eos)
-        return cls(readout, layer, torch.tensor(sorted(ids)), measure)
+        return cls(readout, layer, torch.tensor(sorted(ids)), measure, block)
+
+    @classmethod
+    def of_block(cls, block: DraftBlock, measure: str = "gap") -> ShallowExit:
+        """The exit through a draft block: the model's own norm and head on its output, over
+        the vocabulary it was trained on."""
+        readout = ExitReadout(block.engine)
+        readout.vocabulary = block.vocabulary
+        return cls.restricted(readout, block.layer, measure, block)
+
+    def read(self, states: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+        """The state [1, H] the readout reads after new inputs' layer-k states [1, n, H]:
+        the last one's, or the block's output for it (the block takes them all in)."""
+        if self.block is None:
+            return states[:, -1]
+        if self._cache is not cache:  # a new request: its cache gets the block's layer
+            self.block.block.self_attn.layer_idx = cache.add_layer()
+            self._cache = cache
+        return self.block(states, cache)[:, -1]
 
     def _token(self, index: int) -> int:
         return index if self.vocab is None else int(self.vocab[index])
@@ -216,20 +247,29 @@ def begin(
     config: DecodeConfig,
     spare_slots: int = 1,
     shallow: ShallowExit | None = None,
+    reader: ShallowExit | None = None,
 ) -> Begun:
     """Prefill the prompt and pick the first token: through every layer and the model's
     head, or (`shallow`, for `static`) through the shallow layers and the shallow exit.
-    `spare_slots`: cache slots beyond prompt + max_new_tokens (drafts, stacked tokens)."""
+    `spare_slots`: cache slots beyond prompt + max_new_tokens (drafts, stacked tokens).
+    `reader`: a shallow exit whose draft block must read the prompt's layer-k states."""
     ids = prompt_ids(engine, prompt)
     sampler = Sampler(config.sampling)
     began = time.perf_counter()
     capacity = ids.shape[1] + config.max_new_tokens + spare_slots
-    upto = shallow.layer if shallow is not None else None
+    tap = reader.layer if reader is not None and reader.block is not None else None
+    upto = shallow.layer if shallow is not None else tap
     state = engine.prefill(ids, capacity=capacity, upto=upto)
+    hidden = state.hidden
+    if shallow is None and tap is not None:
+        assert reader is not None
+        reader.read(hidden, state.cache)
+        hidden = engine.run_layers(hidden, state.cache, tap, engine.num_layers)
     if shallow is None:
-        first, layer = sampler.pick(engine.logits(state.hidden[:, -1])), engine.num_layers
+        first, layer = sampler.pick(engine.logits(hidden[:, -1])), engine.num_layers
     else:
-        first, layer = shallow.guess(state.hidden[:, -1], sampler).token, shallow.layer
+        read = shallow.read(hidden, state.cache)
+        first, layer = shallow.guess(read, sampler).token, shallow.layer
     result = DecodeResult([], [], 0.0, 0, num_layers=engine.num_layers)
     result.prefill_seconds = time.perf_counter() - began
     result.listener = config.on_token
@@ -293,7 +333,8 @@ def decode_static(
     tokens, k = run.result.tokens, shallow.layer
     while not run.stopping.done(tokens):
         hidden = engine.run_layers(next_input(engine, tokens[-1]), run.cache, 0, k)
-        run.result.push(shallow.guess(hidden[:, -1], run.sampler).token, k)
+        read = shallow.read(hidden, run.cache)
+        run.result.push(shallow.guess(read, run.sampler).token, k)
         run.result.layer_tokens += k
     return run.finish()
 
@@ -313,7 +354,7 @@ def decode_shallow_deep(
     instead of exiting: layers [0, k) run over the last token and the drafts, then layers
     [k, L) over the stacked states and theirs in one pass (the catch-up), and the agreeing
     drafts plus the full model's next token are emitted (decoding/verify.py)."""
-    run = begin(engine, prompt, config, spare_slots=config.max_stack + MAX_DRAFT + 2)
+    run = begin(engine, prompt, config, config.max_stack + MAX_DRAFT + 2, reader=shallow)
     cache, sampler, result = run.cache, run.sampler, run.result
     k, total = shallow.layer, engine.num_layers
     if ngram is not None:
@@ -357,6 +398,8 @@ def decode_shallow_deep(
         verdict = verify(draft, logits[len(stack) :], sampler)
         assert verdict.next_token is not None  # an n-gram pass reaches past its drafts
         cache.truncate(deep_len + len(stack) + 1 + verdict.accepted)
+        if shallow.block is not None:  # the inputs that stood pass through the block
+            shallow.read(fresh[:, : 1 + verdict.accepted], cache)
         stack.clear()
         drafts.clear()
         result.drafted += len(draft.tokens)
@@ -374,7 +417,7 @@ def decode_shallow_deep(
                 continue
         hidden = engine.run_layers(next_input(engine, result.tokens[-1]), cache, 0, k)
         result.layer_tokens += k
-        guess = shallow.guess(hidden[:, -1], sampler)
+        guess = shallow.guess(shallow.read(hidden, cache), sampler)
         if guess.confidence >= threshold.value and len(stack) < config.max_stack:
             stack.append(hidden)
             drafts.append(guess)

@@ -28,15 +28,22 @@ from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 
 
-def verify_pass(engine: LayerEngine, cache: LayerKVCache, last: int, draft: Draft) -> torch.Tensor:
+def verify_pass(
+    engine: LayerEngine, cache: LayerKVCache, last: int, draft: Draft, tap: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full model's logits after the last emitted token and each draft (for a shallow
-    draft, after each input whose layer-E state it holds: its last draft may have none)."""
+    draft, after each input whose layer-E state it holds: its last draft may have none),
+    and, for an n-gram draft with `tap`, the inputs' layer-`tap` states."""
+    total, tapped = engine.num_layers, None
     if draft.states is not None:
-        hidden = engine.run_layers(draft.states, cache, draft.layer, engine.num_layers)
+        hidden = engine.run_layers(draft.states, cache, draft.layer, total)
     else:
         ids = torch.tensor([[last, *draft.tokens]], device=engine.device)
-        hidden = engine.run_layers(engine.embed(ids), cache, 0, engine.num_layers)
-    return engine.logits(hidden[0])
+        hidden = engine.embed(ids)
+        if tap is not None:  # the same products, in two spans
+            hidden = tapped = engine.run_layers(hidden, cache, 0, tap)
+        hidden = engine.run_layers(hidden, cache, tap or 0, total)
+    return engine.logits(hidden[0]), tapped
 
 
 @torch.inference_mode()
@@ -44,7 +51,9 @@ def decode_speculative(
     engine: LayerEngine, drafter: Drafter, prompt: str | torch.Tensor, config: DecodeConfig
 ) -> DecodeResult:
     """Lossless draft-and-verify decoding; the result counts passes, drafts and acceptances."""
-    run = begin(engine, prompt, config, spare_slots=MAX_DRAFT + 2)
+    reader = drafter.reader  # a draft block must see every input that stands
+    tap = reader.layer if reader is not None else None
+    run = begin(engine, prompt, config, spare_slots=MAX_DRAFT + 2, reader=reader)
     cache, sampler, result, stopping = run.cache, run.sampler, run.result, run.stopping
     tokens, total = result.tokens, engine.num_layers
     drafter.start(run.ids[0].tolist() + tokens)
@@ -52,12 +61,15 @@ def decode_speculative(
         base = cache.lengths[total - 1]
         budget = config.max_new_tokens - len(tokens)
         draft = timed_propose(drafter, result, engine, cache, budget, sampler)
-        logits = verify_pass(engine, cache, tokens[-1], draft)
+        logits, tapped = verify_pass(engine, cache, tokens[-1], draft, tap)
         rows = logits.shape[0]
         result.layer_tokens += rows * total  # a shallow draft ran [0, E) of these rows
         verdict = verify(draft, logits, sampler)
         # keep the KV of the inputs whose successors stood: the last token and accepted drafts
-        cache.truncate(base + min(rows, verdict.accepted + 1))
+        kept = min(rows, verdict.accepted + 1)
+        cache.truncate(base + kept)
+        if reader is not None and tapped is not None:  # an n-gram pass's inputs that stood
+            reader.read(tapped[:, :kept], cache)
         new = emit(result, verdict.tokens(draft), total, stopping)
         result.passes += 1
         result.drafted += len(draft.tokens)

@@ -40,6 +40,14 @@ class LayerKVCache:
         self.pad = pad if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
         self.has_padding = bool(self.pad.any())
 
+    def add_layer(self) -> int:
+        """One more (empty) layer, e.g. for a draft block above the model's layers; returns
+        its index. `truncate` rolls it back with the others."""
+        self.keys.append(None)
+        self.values.append(None)
+        self.lengths.append(0)
+        return len(self.lengths) - 1
+
     @property
     def num_layers(self) -> int:
         return len(self.lengths)

@@ -38,6 +38,7 @@ from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluation.peers import decode_hf
+from earlyexit.readouts.draft_block import saved_block
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
 from earlyexit.tasks.generation import GenerationTask, render_prompt
 
@@ -45,12 +46,14 @@ GEN_METHODS = (
     "full",
     "static",
     "calm[:T]",
-    "free[:plain][:T]",
-    "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]",
+    "free[:plain|:adapter][:T]",
+    "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]",
     "hf",
     "hf-pld[:N]",
 )
-DRAFTERS = ("ngram", "shallow", "composite")
+DRAFTERS = ("ngram", "shallow", "composite", "adapter")
+# the draft block's confidence (top-1 minus top-2) above which it keeps drafting
+ADAPTER_THRESHOLD = 0.5
 DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
 
 
@@ -65,6 +68,8 @@ class GenConfig:
     calibration_prompts: int = 8
     # n-gram drafts per verify pass; None: chosen per match length from measured pass costs
     draft_tokens: int | None = None
+    # `lossless:adapter`: the trained draft block at this layer (None: the only one saved)
+    block_layer: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
 
 
@@ -77,18 +82,22 @@ class GenMethod:
 
     spec: str
     name: str  # full | static | calm | free | lossless | hf | hf-pld
-    drafter: str | None = None  # lossless: ngram | shallow | composite; free: ngram | plain
+    # lossless: ngram | shallow | composite | adapter; free: ngram | plain | adapter
+    drafter: str | None = None
     value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
 
 
 def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod:
     """Check a method name and its arguments without any model (the CLI does it first).
 
-    `full`, `static`, `calm[:T]`, `free[:plain][:T]` (no T: FREE's adaptive threshold;
-    n-gram drafts verified at its catch-ups unless `plain`, the paper's FREE),
-    `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]` (draft and verify; N fixes the n-gram
-    drafts per pass, else they are chosen per match length from this machine's verify-pass
-    costs; T is the shallow drafter's confidence threshold, calibrated when not given), and
+    `full`, `static`, `calm[:T]`, `free[:plain|:adapter][:T]` (no T: FREE's adaptive
+    threshold; n-gram drafts verified at its catch-ups unless `plain`, the paper's FREE;
+    `adapter`: the exit reads the trained draft block),
+    `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]` (draft and verify; N
+    fixes the n-gram drafts per pass, else they are chosen per match length from this
+    machine's verify-pass costs; T is the shallow drafter's confidence threshold, calibrated
+    when not given; `adapter` drafts through the trained draft block, readouts/draft_block.py,
+    at its fixed default threshold unless T), and
     the peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup).
     """
     name, _, arg = spec.partition(":")
@@ -96,10 +105,13 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
     drafter = None
     if name == "lossless":
         drafter = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
-        usage = f"bad method '{spec}': use lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]"
+        usage = (
+            f"bad method '{spec}': use "
+            "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]"
+        )
     elif name == "free":
-        drafter = parts.pop(0) if parts and parts[0] == "plain" else "ngram"
-        usage = f"bad threshold in method '{spec}': use free[:plain][:T]"
+        drafter = parts.pop(0) if parts and parts[0] in ("plain", "adapter") else "ngram"
+        usage = f"bad threshold in method '{spec}': use free[:plain|:adapter][:T]"
     elif name in ("full", "static", "hf"):
         usage = f"bad method '{spec}': `{name}` takes no argument"
     elif name == "calm":
@@ -144,6 +156,8 @@ def build_decoder(
     if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
         level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
+    if method.drafter == "adapter":  # FREE's exit through the trained draft block
+        shallow = ShallowExit.of_block(saved_block(engine, config.block_layer))
     # free: one threshold per decoder, kept across prompts: FREE fits it online over the
     # stream of requests (one 48-token answer holds too few disagreements to fit a
     # mixture), warm-started from the held-out calibration pairs `calm` uses
@@ -169,6 +183,12 @@ def _lossless(
     kind = method.drafter
     fixed = int(method.value) if kind == "ngram" and method.value else config.draft_tokens
     level = method.value if kind != "ngram" else None
+    if kind == "adapter":
+        exit_ = ShallowExit.of_block(saved_block(engine, config.block_layer))
+        level = ADAPTER_THRESHOLD if level is None else level
+        return lambda prompt, cfg: decode_speculative(
+            engine, ShallowDrafter(exit_, threshold=level), prompt, cfg
+        )
     if kind != "ngram" and level is None:
         level = calm_threshold(engine, shallow, config)
     new_ngram = _ngram_factory(engine, fixed) if kind != "shallow" else None
