@@ -106,7 +106,7 @@ def test_unsupported_model_directory_fails_in_the_cli_with_one_line(tmp_path: Pa
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    from earlyexit.cli.main import app
+    from earlyexit.cli import app
 
     vocab = {"[UNK]": 0, "hi": 1, "</s>": 2}
     words = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))

@@ -246,7 +246,7 @@ def test_backbone_embedder(cal: Calibrated) -> None:
 def test_raee_build_and_inspect_cli(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from earlyexit.cli.main import app
+    from earlyexit.cli import app
 
     runner = CliRunner()
     out = tmp_path / "db"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from earlyexit.cli.main import app
+from earlyexit.cli import app
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.fetch import verify_wheel
 from earlyexit.models.load import load_model, parse_dtype

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from earlyexit.cli.main import app
+from earlyexit.cli import app
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # each command loads smollm2-135m
 

@@ -106,7 +106,7 @@ def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResul
 def test_cli_train_then_report(smol: LayerEngine, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from earlyexit.cli.main import app
+    from earlyexit.cli import app
     from earlyexit.readouts.store import readout_dir
 
     name = "cli-test"

@@ -26,9 +26,8 @@ from earlyexit.engine.kernels import cpu_model
 from earlyexit.models import load_model
 from earlyexit.readouts.draft_block import BlockConfig, heldout_agreement, layer_states, train_block
 from earlyexit.readouts.readout import ExitReadout, LayerAdapter
-from earlyexit.readouts.self_distill import cached_self_generated_chunks
+from earlyexit.readouts.self_distill import self_distill_chunks
 from earlyexit.readouts.train import fit_ridge
-from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
 
 def main() -> None:
@@ -45,10 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     layers = [int(x) for x in args.layers.split(",")]
     engine = LayerEngine(load_model(args.model))
-    prompts = [render_prompt(engine.tokenizer, t) for t in self_distill_instructions(args.prompts)]
-    split = max(1, len(prompts) // 10)
-    train = cached_self_generated_chunks(engine, prompts[split:], args.max_new_tokens, 256)
-    held = cached_self_generated_chunks(engine, prompts[:split], args.max_new_tokens, 256)
+    train, held = self_distill_chunks(engine, args.prompts, args.max_new_tokens, 256)
     train, held = train[: args.train_rows], held[: args.heldout_rows]
     began = time.perf_counter()
     train_states, train_final = layer_states(engine, train, layers)

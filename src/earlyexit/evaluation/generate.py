@@ -38,19 +38,11 @@ from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluation.peers import decode_hf
+from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
 from earlyexit.tasks.generation import GenerationTask, render_prompt
 
-GEN_METHODS = (
-    "full",
-    "static",
-    "calm[:T]",
-    "free[:plain|:adapter][:T]",
-    "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]",
-    "hf",
-    "hf-pld[:N]",
-)
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
 # the draft block's confidence (top-1 minus top-2) above which it keeps drafting
 ADAPTER_THRESHOLD = 0.5

@@ -31,6 +31,7 @@ from earlyexit.evaluation.classify import (
     run_policy,
     vocab_traces,
 )
+from earlyexit.methods import EVAL_METHODS as METHODS
 from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
 from earlyexit.policies.adainfer import fit_adainfer
 from earlyexit.policies.base import ExitPolicy
@@ -41,16 +42,6 @@ from earlyexit.retrieval.database import ExitDatabase, build_database
 from earlyexit.tasks.base import Example, Task
 from earlyexit.tasks.metrics import accuracy
 
-METHODS = (
-    "full",
-    "static[:K]",
-    "confidence[:T]",
-    "adainfer[:tol]",
-    "adainfer-crf[:tol]",
-    "adainfer-vocab[:tol]",
-    "raee[:k[:slack]]",
-    "raee-paper[:k[:slack]]",
-)
 # The `raee` method's default slack, chosen by leave-one-out on an SST-2 *training* database
 # (240 examples, k=12): accuracy 0.842 / 0.842 / 0.846 / 0.850 at slack 0 / .05 / .1 / .2
 # with 20% / 28% / 34% / 42% of layers saved; 0.1 sits inside the flat region. The paper

@@ -60,3 +60,20 @@ def cached_self_generated_chunks(
     with atomic_file(path) as tmp:
         torch.save(chunks, tmp)
     return chunks
+
+
+def self_distill_chunks(
+    engine: LayerEngine, instructions: int, max_new_tokens: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) chunks of the model's own answers to `instructions` held-out
+    instruction prompts (SAMSum val, IWSLT tst2016, XSum/SQuAD tails), chat template
+    applied; a tenth of the prompts is held out for the report. Both cached on disk."""
+    from earlyexit.tasks.generation import render_prompt, self_distill_instructions
+
+    prompts = [
+        render_prompt(engine.tokenizer, text) for text in self_distill_instructions(instructions)
+    ]
+    split = max(1, len(prompts) // 10)
+    chunks = cached_self_generated_chunks(engine, prompts[split:], max_new_tokens, seq_len)
+    heldout = cached_self_generated_chunks(engine, prompts[:split], max_new_tokens, seq_len)
+    return chunks, heldout

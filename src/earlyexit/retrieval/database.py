@@ -84,6 +84,20 @@ class ExitDatabase:
         chance = 1.0 / num_classes
         return np.clip((balanced - chance) / (1 - chance), 0.0, 1.0)
 
+    def layer_coverage(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """([L] fraction of examples each layer answers correctly, [L] mean probability of
+        the correct class where it does (nan where no example), fraction of examples no
+        layer answers correctly)."""
+        correct = self.layer_probs > 0
+        means = np.array(
+            [
+                float(probs[hit].mean()) if hit.any() else float("nan")
+                for probs, hit in zip(self.layer_probs.T, correct.T, strict=True)
+            ]
+        )
+        never = float((self.layer_probs.max(1) == 0).mean())
+        return correct.mean(0), means, never
+
     def save(self, path: Path) -> Path:
         import faiss
 

@@ -1,0 +1,186 @@
+"""`earlyexit bench engine|generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from earlyexit.cli.app import (
+    BLOCK_LAYER_OPT,
+    DRAFT_TOKENS_OPT,
+    DTYPE_OPT,
+    MODEL_OPT,
+    RESTRICT_OPT,
+    SEED_OPT,
+    SHALLOW_OPT,
+    TEMPERATURE_OPT,
+    TOP_P_OPT,
+    bench_app,
+    console,
+    friendly,
+    load_engine,
+    parse_list,
+    results_table,
+)
+from earlyexit.errors import EarlyExitError
+from earlyexit.methods import GENERATION, method_list
+
+
+@bench_app.command("engine")
+@friendly
+def bench_engine(
+    model: str = MODEL_OPT,
+    new_tokens: int = typer.Option(32, min=2, help="Tokens decoded per row."),
+    batches: str = typer.Option("1,8", help="Comma-separated batch sizes (at most 8)."),
+    dtypes: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs per cell (median is reported)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
+) -> None:
+    """Decode tokens/s of the model's own generate vs the engine, and layer/readout costs."""
+    from earlyexit.bench.engine_bench import (
+        render_cost_table,
+        render_pass_table,
+        render_table,
+        run_engine_bench,
+    )
+    from earlyexit.engine.kernels import KernelChoice
+    from earlyexit.models.load import parse_dtype
+    from earlyexit.reporting import write_json
+
+    dtype_list = parse_list(dtypes, "--dtypes")
+    for d in dtype_list:
+        parse_dtype(d)
+    batch_list = parse_list(batches, "--batches", int)
+    try:
+        result = run_engine_bench(model, new_tokens, batch_list, dtype_list, repeats)
+    except ValueError as err:
+        raise EarlyExitError(str(err)) from None
+    console.print(render_table(result))
+    for dtype, choice in result["kernels"].items():
+        how = "cached timings" if choice["cached"] else "timed now"
+        console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")
+        console.print(KernelChoice(**choice).summary(), highlight=False)
+    console.print(render_cost_table(result))
+    console.print(render_pass_table(result))
+    console.print(
+        f"engine overhead at batch {result['engine_overhead_batch']}: "
+        f"{result['engine_overhead']:+.1%} (negative: engine faster)"
+    )
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("generate")
+@friendly
+def bench_generate(
+    model: str = MODEL_OPT,
+    task: str = typer.Option("samsum", "--task", "-t", help="samsum, xsum, squad, iwslt-en-de."),
+    method: str = typer.Option(
+        "full,static,free,lossless", help=f"Comma-separated: {method_list(GENERATION)}."
+    ),
+    shallow_layer: int | None = SHALLOW_OPT,
+    limit: int = typer.Option(20, min=1, help="Items (first N)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Default: the task's."),
+    target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
+    measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
+    restrict: bool = RESTRICT_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: int = SEED_OPT,
+    dtype: str = DTYPE_OPT,
+    sweep: str | None = typer.Option(
+        None, help="Thresholds, e.g. 0.3,0.5,0.7,0.9: adds calm:T and free:T for each."
+    ),
+    plots: Path | None = typer.Option(None, help="With --sweep: one PNG per task here."),
+    draft_tokens: int | None = DRAFT_TOKENS_OPT,
+    block_layer: int | None = BLOCK_LAYER_OPT,
+    json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
+) -> None:
+    """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
+    from earlyexit.api import shallow_exit
+    from earlyexit.decoding.sampling import SamplingConfig
+    from earlyexit.engine.kernels import cpu_model
+    from earlyexit.evaluation.generate import GenConfig, bench_generation, parse_method
+    from earlyexit.reporting import write_json
+    from earlyexit.tasks.generation import get_generation_task
+
+    tasks = [get_generation_task(name) for name in parse_list(task, "--task")]
+    methods = parse_list(method, "--method")
+    for level in parse_list(sweep, "--sweep", float) if sweep else []:
+        methods += [f"calm:{level}", f"free:{level}"]
+    sampling = SamplingConfig(temperature, top_p, seed)
+    for spec in methods:
+        parse_method(spec, sampling)  # a bad method fails before the model loads
+    engine = load_engine(model, dtype)
+    shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
+    console.print(f"shallow exit: {where}", highlight=False)
+    config = GenConfig(
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        target=target,
+        sampling=sampling,
+        draft_tokens=draft_tokens,
+        block_layer=block_layer,
+    )
+    records = []
+    for t in tasks:
+        task_records = bench_generation(engine, shallow, t, methods, config)
+        records += task_records
+        if plots and sweep:
+            from earlyexit.evaluation.plots import plot_generation_sweep
+
+            title = f"{engine.loaded.name} {t.name}: shallow exit at layer {shallow.layer}"
+            png = plot_generation_sweep(task_records, title, plots / f"gen-sweep-{t.name}.png")
+            console.print(f"wrote {png}")
+    how = "greedy" if sampling.greedy else f"sampled, T={temperature}, top-p={top_p}"
+    threads = torch_threads()
+    title = (
+        f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
+        f"{cpu_model()})"
+    )
+    console.print(generation_table(title, records))
+    if json_path:
+        write_json(
+            {
+                "model": engine.loaded.name,
+                "cpu": cpu_model(),
+                "threads": threads,
+                "kernels": engine.kernels.skinny_rows,
+                "records": records,
+            },
+            json_path,
+        )
+        console.print(f"wrote {json_path}")
+
+
+def generation_table(title: str, records: list[dict]):  # noqa: ANN201 - a rich Table
+    cols = ["task", "method", "n", "quality", "full", "agree", "shallow", "layers", "tok/s"]
+    cols += ["speedup", "with prefill", "tok/pass", "accepted", "draft cost"]
+    rows = [
+        [
+            r["task"],
+            r["method"],
+            str(r["n"]),
+            f"{r['quality']:.3f}",
+            f"{r['full_quality']:.3f}",
+            f"{r['agreement']:.3f}",
+            f"{r['shallow_fraction']:.0%}",
+            f"{r['avg_layers']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['e2e_speedup']:.2f}x",
+            "-" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}",
+            "-" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.0%}",
+            "-" if r["draft_cost"] is None else f"{r['draft_cost']:.2f}",
+        ]
+        for r in records
+    ]
+    return results_table(title, cols, rows)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
