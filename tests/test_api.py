@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from earlyexit.api import EarlyExit, Generation, _Built, _TextAssembler
 from earlyexit.decoding.shallow_deep import DecodeResult
@@ -306,3 +307,33 @@ def test_a_labelled_file_as_task(ee: EarlyExit, tmp_path: Path) -> None:
     assert out.report.artifacts["readout"] == "task probe fitted on 10 train prompts (in memory)"
     with pytest.raises(EarlyExitError, match="no column 'text'"):
         ee.classify(REVIEWS, task=str(data), labels=labels, method="full")
+
+
+def test_adapter_methods_name_their_draft_block(
+    smol: LayerEngine, ee: EarlyExit, full: Generation
+) -> None:
+    """`:adapter` methods read the draft block saved for the model, or fail in one line
+    naming the command that trains one; the report names the block and where it came from."""
+    from earlyexit.readouts.draft_block import (
+        BlockConfig,
+        BlockTrainResult,
+        DraftBlock,
+        block_dir,
+        save_block,
+    )
+
+    layer = smol.num_layers - 2
+    with pytest.raises(EarlyExitError, match="heads train-block"):
+        ee.generate(PROMPT, method="lossless:adapter", max_new_tokens=4)
+    block = DraftBlock(smol, layer)  # untrained: the identity, then an identity map
+    block.vocabulary = torch.arange(smol.vocab_size)
+    path = save_block(BlockTrainResult(block, BlockConfig(), 0.0, 0.5), block_dir(smol, layer))
+    try:
+        out = ee.generate(PROMPT, method="lossless:adapter", max_new_tokens=TOKENS)
+        assert out.tokens == full.tokens  # lossless whatever the drafts
+        assert out.report.artifacts["shallow_exit"] == (
+            f"layer {layer}: draft block ({path}), held-out top-1 agreement 50.0%"
+        )
+        assert out.report.threshold is not None and out.report.draft_proposed > 0
+    finally:
+        shutil.rmtree(path)

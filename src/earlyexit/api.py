@@ -41,8 +41,10 @@ from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowE
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluation.generate import (
+    ADAPTER_THRESHOLD,
     GenConfig,
     GenMethod,
+    block_exit,
     build_decoder,
     calm_threshold,
     parse_method,
@@ -162,6 +164,9 @@ class _Knobs:
     measure: str = "gap"  # shallow confidence: gap (top1 - top2) or top1
     restrict_vocab: bool = False  # shallow readout over its training vocabulary only
     draft_tokens: int | None = None  # n-gram drafts per pass; None: from measured costs
+    block_layer: int | None = (
+        None  # `:adapter` methods: the draft block's layer (None: the one saved)
+    )
     calibration_prompts: int = 3  # held-out prompts calibrating calm / warm-starting free
     target: float = 0.9  # free: posterior agreement its adaptive threshold aims at
     initial_threshold: float = 0.9
@@ -176,6 +181,7 @@ class _Knobs:
             calm_tolerance=self.calm_tolerance,
             calibration_prompts=self.calibration_prompts,
             draft_tokens=self.draft_tokens,
+            block_layer=self.block_layer,
             sampling=sampling,
         )
 
@@ -187,6 +193,7 @@ class _Knobs:
             self.measure,
             self.restrict_vocab,
             self.draft_tokens,
+            self.block_layer,
             self.calibration_prompts,
             self.target,
             self.initial_threshold,
@@ -205,6 +212,9 @@ def _knobs(given: Mapping[str, Any], num_layers: int) -> _Knobs:
     layer = knobs.shallow_layer
     if layer is not None and not (isinstance(layer, int) and 1 <= layer < num_layers):
         raise EarlyExitError(f"shallow_layer must be an integer in 1..{num_layers - 1}")
+    block = knobs.block_layer
+    if block is not None and not (isinstance(block, int) and 1 <= block < num_layers):
+        raise EarlyExitError(f"block_layer must be an integer in 1..{num_layers - 1}")
     if knobs.measure not in ("gap", "top1"):
         raise EarlyExitError(f"measure must be gap or top1, not '{knobs.measure}'")
     if knobs.draft_tokens is not None and not 1 <= knobs.draft_tokens <= MAX_DRAFT:
@@ -544,7 +554,12 @@ class EarlyExit:
             return self._decoders[key]
         artifacts: dict[str, str] = {}
         shallow = None
-        if _uses_shallow(method):
+        if method.drafter == "adapter":  # the exit reads the trained draft block
+            shallow = block_exit(self.engine, knobs.block_layer)
+            assert shallow.block is not None
+            artifacts["shallow_exit"] = shallow.block.describe()
+            given = shallow
+        elif _uses_shallow(method):
             shallow, line = self._shallow(knobs)
             artifacts["shallow_exit"] = line
             given = shallow
@@ -560,10 +575,12 @@ class EarlyExit:
             elif method.name == "free":
                 shared = _threshold_in(decoder)
                 threshold = lambda: shared.value if shared is not None else None  # noqa: E731
+            elif method.drafter == "adapter":  # lossless:adapter: a fixed default
+                threshold = lambda: ADAPTER_THRESHOLD  # noqa: E731
             else:  # calm, shallow drafts: calibrated (the pairs are cached: no new work)
                 level = calm_threshold(self.engine, shallow, config)
                 threshold = lambda: level  # noqa: E731
-            if method.value is None:
+            if method.value is None and (method.name, method.drafter) != ("lossless", "adapter"):
                 how = "warm-starts FREE's adaptive" if method.name == "free" else "sets the"
                 artifacts["calibration"] = (
                     f"{config.calibration_prompts} held-out instructions decoded at full depth "

@@ -149,7 +149,7 @@ def build_decoder(
         level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
         return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
     if method.drafter == "adapter":  # FREE's exit through the trained draft block
-        shallow = ShallowExit.of_block(saved_block(engine, config.block_layer))
+        shallow = block_exit(engine, config.block_layer)
     # free: one threshold per decoder, kept across prompts: FREE fits it online over the
     # stream of requests (one 48-token answer holds too few disagreements to fit a
     # mixture), warm-started from the held-out calibration pairs `calm` uses
@@ -160,6 +160,20 @@ def build_decoder(
     return lambda prompt, cfg: decode_shallow_deep(
         engine, shallow, prompt, cfg, shared, ngram=new_ngram()
     )
+
+
+# per engine and layer (weakly held): a draft block is loaded once and its exit shared, so
+# FREE's calibration pairs (keyed by the exit) are computed once too
+_BLOCK_EXITS: weakref.WeakKeyDictionary[LayerEngine, dict] = weakref.WeakKeyDictionary()
+
+
+def block_exit(engine: LayerEngine, layer: int | None) -> ShallowExit:
+    """The exit through the draft block saved for this model at `layer` (None: the only one
+    saved; a one-line error names `heads train-block` when there is none)."""
+    exits = _BLOCK_EXITS.setdefault(engine, {})
+    if layer not in exits:
+        exits[layer] = ShallowExit.of_block(saved_block(engine, layer))
+    return exits[layer]
 
 
 def _ngram_factory(engine: LayerEngine, fixed: int | None) -> Callable[[], NgramDrafter]:
@@ -176,7 +190,7 @@ def _lossless(
     fixed = int(method.value) if kind == "ngram" and method.value else config.draft_tokens
     level = method.value if kind != "ngram" else None
     if kind == "adapter":
-        exit_ = ShallowExit.of_block(saved_block(engine, config.block_layer))
+        exit_ = block_exit(engine, config.block_layer)
         level = ADAPTER_THRESHOLD if level is None else level
         return lambda prompt, cfg: decode_speculative(
             engine, ShallowDrafter(exit_, threshold=level), prompt, cfg

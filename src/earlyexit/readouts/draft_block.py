@@ -53,6 +53,17 @@ class DraftBlock(nn.Module):
         self.block.requires_grad_(True)
         self.vocabulary: torch.Tensor | None = None  # ids read when drafting (+ EOS)
         self.path: Path | None = None  # where it was loaded from (reported)
+        self.heldout_top1: float | None = None  # its agreement with the final layer
+
+    def describe(self) -> str:
+        """One line for reports: which block, where from, how good."""
+        where = f" ({self.path})" if self.path is not None else " (in memory)"
+        agree = (
+            f", held-out top-1 agreement {self.heldout_top1:.1%}"
+            if self.heldout_top1 is not None
+            else ""
+        )
+        return f"layer {self.layer}: draft block{where}{agree}"
 
     @property
     def engine(self) -> LayerEngine:
@@ -232,6 +243,7 @@ def load_block(engine: LayerEngine, path: Path) -> DraftBlock:
     block.load_state_dict(tensors)
     block.requires_grad_(False)
     block.path = path
+    block.heldout_top1 = meta.get("heldout_top1")
     return block.to(engine.dtype)
 
 
