@@ -465,14 +465,14 @@ class EarlyExit:
     ) -> Generation:
         """Generate a completion of `prompt` (batch 1) with a decoding method.
 
-        Methods (`earlyexit generate`'s): `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]]`
-        (draft and verify: the full model's own output), `full`, `static`, `calm[:T]`,
-        `free[:plain][:T]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`.
+        Methods: those of `earlyexit generate` (the registry in `earlyexit.methods`):
+        `lossless[...]` (draft and verify: the full model's own output), `full`, `static`,
+        `calm[:T]`, `free[...]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`.
         `temperature` 0 is greedy; `seed` fixes sampling (None: a fresh one). `stop`: strings
         that end the completion (not included in `text`). `chat`: render `prompt` as a user
         turn through the tokenizer's chat template. `knobs`: shallow_layer, measure,
-        restrict_vocab, draft_tokens, calibration_prompts, target, initial_threshold,
-        calm_tolerance, max_stack, stop_at_eos.
+        restrict_vocab, draft_tokens, block_layer, calibration_prompts, target,
+        initial_threshold, calm_tolerance, max_stack, stop_at_eos.
         """
         request = self._request(
             prompt, method, max_new_tokens, temperature, top_p, seed, stop, chat, knobs
