@@ -3,13 +3,14 @@
 An affine readout at layer E only re-expresses what layer E already knows; what the deeper
 layers add comes mostly from attending to the context again. So, as Kangaroo and EAGLE do,
 a small block with its own attention runs over the layer-E states of the context and is
-distilled to predict the final layer's next token. It is a copy of the model's own last
-decoder layer after E (its class, norms and rotary embedding, its weights as the start) with
-its output projections zeroed, so that it starts as the identity, followed by the affine
-readout map of readouts/readout.py fitted by least squares: training starts from the affine
-readout's agreement and can only add what attention brings. It keeps its own one-layer KV
-cache and is trained on layer-E states cached once from in-domain text (the model's own
-answers, readouts/self_distill.py).
+distilled to predict the final layer's next token. It is a copy of the model's own
+decoder layer right after E (its class, norms and rotary embedding, its weights as the
+start) with its output projections zeroed, so that it starts as the identity, followed by
+the affine readout map of readouts/readout.py fitted by least squares: training starts from
+the affine readout's agreement and can only add what attention brings. When decoding, its
+KV is one more layer of the request's cache (decoding/shallow_deep.py, `ShallowExit.read`);
+it is trained on layer-E states cached once from in-domain text (the model's own answers,
+readouts/self_distill.py).
 """
 
 from __future__ import annotations
@@ -89,11 +90,6 @@ class DraftBlock(nn.Module):
             position_embeddings=rope,
         )
         return self.adapter(out)
-
-    def logits(self, out: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's own final norm and head (and soft-cap) on the block's output."""
-        engine = self.engine
-        return engine.logits(out.to(engine.dtype), token_ids)
 
 
 @dataclass
