@@ -15,13 +15,18 @@ import torch
 
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.classify import collect_states, readout_traces, run_policy, vocab_traces
 from earlyexit.policies.adainfer import AdaInferPolicy, fit_adainfer, simulate_exits
 from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import TaskProbe, fit_task_probe
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.retrieval.database import ExitDatabase, build_database, exit_information
 from earlyexit.retrieval.embedders import make_embedder
+from earlyexit.runtime.classification import (
+    collect_states,
+    readout_traces,
+    run_policy,
+    vocab_traces,
+)
 from earlyexit.tasks.builtin import get_task
 
 

@@ -105,7 +105,7 @@ def test_eval_custom_dataset_errors(tmp_path: Path) -> None:
 
 
 def test_eval_bad_method_and_readout_fail_before_loading_a_model() -> None:
-    from earlyexit.evaluation.runner import EvalConfig
+    from earlyexit.runtime.calibration import EvalConfig
 
     with pytest.raises(EarlyExitError, match="unknown readout 'magic'"):
         EvalConfig(readout="magic")

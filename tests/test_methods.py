@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from earlyexit.cli import app
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.generate import parse_method
-from earlyexit.evaluation.runner import method_args
 from earlyexit.methods import EVAL, GENERATION, Method
+from earlyexit.runtime.calibration import method_args
+from earlyexit.runtime.generation import parse_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDERS = {"T", "N", "K", "tol", "k", "slack"}  # numbers; any other word is literal

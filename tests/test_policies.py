@@ -11,7 +11,6 @@ import torch
 
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.classify import run_policy, trace_layers
 from earlyexit.policies import AdaInferPolicy, ConfidencePolicy, FullPolicy, StaticPolicy
 from earlyexit.policies.adainfer import (
     fit_adainfer,
@@ -21,6 +20,7 @@ from earlyexit.policies.adainfer import (
     stop_labels,
 )
 from earlyexit.readouts.readout import ExitReadout
+from earlyexit.runtime.classification import run_policy, trace_layers
 from earlyexit.tasks.builtin import get_task
 
 
@@ -156,7 +156,8 @@ def test_static_layer_out_of_range() -> None:
 
 
 def test_evaluate_task_records(sst2: Setup) -> None:
-    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.evaluation.runner import evaluate_task
+    from earlyexit.runtime.calibration import EvalConfig
 
     config = EvalConfig(shots=2, limit=8, batch=4, readout="general")
     records = evaluate_task(
@@ -175,8 +176,9 @@ def test_evaluate_task_records(sst2: Setup) -> None:
 
 def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None:
     from earlyexit.evaluation.plots import plot_sweep
-    from earlyexit.evaluation.runner import EvalConfig, evaluate_task
+    from earlyexit.evaluation.runner import evaluate_task
     from earlyexit.evaluation.sweeps import sweep_task
+    from earlyexit.runtime.calibration import EvalConfig
 
     config = EvalConfig(shots=2, limit=6, batch=4, calibration=24)
     methods = ["full", "adainfer:0.1", "adainfer-crf:0.1", "raee:4", "raee-paper:4"]

@@ -18,7 +18,7 @@ so on. Nothing falls back silently. Bad input raises `EarlyExitError` with one l
 the fix, before any model work.
 
 The methods and their parsing are those of `earlyexit generate` / `earlyexit eval`
-(`earlyexit.evaluation.generate`, `earlyexit.evaluation.runner`): this module only wires
+(`earlyexit.runtime.generation`, `earlyexit.runtime.calibration`): this module only wires
 them to one long-lived object and reports what happened.
 """
 
@@ -40,7 +40,15 @@ from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit, Threshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.generate import (
+from earlyexit.readouts.readout import ExitReadout
+from earlyexit.runtime.calibration import (
+    EvalConfig,
+    MethodBuilder,
+    calibrate,
+    method_args,
+    needs_calibration,
+)
+from earlyexit.runtime.generation import (
     ADAPTER_THRESHOLD,
     GenConfig,
     GenMethod,
@@ -49,14 +57,6 @@ from earlyexit.evaluation.generate import (
     calm_threshold,
     parse_method,
 )
-from earlyexit.evaluation.runner import (
-    EvalConfig,
-    MethodBuilder,
-    calibrate,
-    method_args,
-    needs_calibration,
-)
-from earlyexit.readouts.readout import ExitReadout
 from earlyexit.tasks.base import Example, Task
 
 __all__ = [
@@ -591,7 +591,7 @@ class EarlyExit:
             threshold = lambda: fixed_level  # noqa: E731
         ngram = method.drafter in ("ngram", "composite")
         if method.name == "lossless" and method.drafter not in ("ngram", "shallow", "composite"):
-            artifacts["drafts"] = f"'{method.drafter}' drafter (evaluation/generate.py)"
+            artifacts["drafts"] = f"'{method.drafter}' drafter (runtime/generation.py)"
         elif ngram or method.name == "hf-pld":
             if method.name == "hf-pld":
                 artifacts["drafts"] = f"transformers' prompt lookup, {int(method.value or 4)}"
@@ -727,7 +727,7 @@ class EarlyExit:
             state = self._task_state(key, task_obj, config)
             run_readout, policy, artifacts = self._policy(state, method, needs)
             setup = time.perf_counter() - began
-            from earlyexit.evaluation.classify import run_policy
+            from earlyexit.runtime.classification import run_policy
 
             prompts = [task_obj.prompt(Example(text, 0), state.demos) for text in items]
             run = run_policy(

@@ -1,7 +1,7 @@
 """Every method earlyexit runs, with its syntax and a one-line description.
 
 One registry feeds the CLI's `--method` help, the method lists in error messages
-(`evaluation/generate.py`'s `parse_method`, `evaluation/runner.py`'s `method_args`) and
+(`runtime/generation.py`'s `parse_method`, `runtime/calibration.py`'s `method_args`) and
 the README's method paragraphs (`tests/test_methods.py` checks all three). Torch-free:
 the CLI imports it to build its help.
 """

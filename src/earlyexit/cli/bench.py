@@ -102,8 +102,9 @@ def bench_generate(
     from earlyexit.api import shallow_exit
     from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.engine.kernels import cpu_model
-    from earlyexit.evaluation.generate import GenConfig, bench_generation, parse_method
+    from earlyexit.evaluation.generate import bench_generation
     from earlyexit.reporting import write_json
+    from earlyexit.runtime.generation import GenConfig, parse_method
     from earlyexit.tasks.generation import get_generation_task
 
     tasks = [get_generation_task(name) for name in parse_list(task, "--task")]

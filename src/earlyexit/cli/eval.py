@@ -59,10 +59,11 @@ def eval_command(
     markdown: Path | None = typer.Option(None, help="Also write a markdown table here."),
 ) -> None:
     """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
-    from earlyexit.evaluation.runner import EvalConfig, check_methods, evaluate_task
+    from earlyexit.evaluation.runner import evaluate_task
     from earlyexit.evaluation.sweeps import sweep_task
     from earlyexit.readouts.store import default_readout
     from earlyexit.reporting import write_json
+    from earlyexit.runtime.calibration import EvalConfig, check_methods
     from earlyexit.tasks.builtin import get_task
 
     if data is not None:

@@ -45,7 +45,7 @@ def generate_command(
     from earlyexit.api import shallow_exit
     from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.decoding.shallow_deep import DecodeConfig
-    from earlyexit.evaluation.generate import GenConfig, build_decoder, parse_method
+    from earlyexit.runtime.generation import GenConfig, build_decoder, parse_method
     from earlyexit.tasks.generation import render_prompt
 
     sampling = SamplingConfig(temperature, top_p, seed)

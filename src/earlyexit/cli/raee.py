@@ -25,9 +25,9 @@ def raee_build(
     out: Path | None = typer.Option(None, help="Directory (default: under EARLYEXIT_HOME)."),
 ) -> None:
     """Build a RAEE exit database (and its task probe) from a labelled split; atomic write."""
-    from earlyexit.evaluation.runner import EvalConfig, MethodBuilder, calibrate
     from earlyexit.paths import home
     from earlyexit.readouts.store import default_readout
+    from earlyexit.runtime.calibration import EvalConfig, MethodBuilder, calibrate
     from earlyexit.tasks.builtin import get_task
 
     task_obj = get_task(task)

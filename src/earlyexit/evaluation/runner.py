@@ -13,226 +13,48 @@ One request, for one task:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.classify import (
+from earlyexit.policies import FullPolicy
+from earlyexit.policies.base import ExitPolicy
+from earlyexit.readouts.probe import TaskProbe
+from earlyexit.readouts.readout import ExitReadout
+from earlyexit.runtime.calibration import (
+    EvalConfig,
+    MethodBuilder,
+    calibrate,
+    check_methods,
+    needs_calibration,
+)
+from earlyexit.runtime.classification import (
+    PolicyRun,
     PolicyRunner,
     Readout,
     collect_states,
     readout_traces,
-    run_interleaved,
     run_policy,
-    vocab_traces,
 )
-from earlyexit.methods import EVAL_METHODS as METHODS
-from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
-from earlyexit.policies.adainfer import fit_adainfer
-from earlyexit.policies.base import ExitPolicy
-from earlyexit.policies.raee import RAEEPolicy
-from earlyexit.readouts.probe import TaskProbe, fit_task_probe
-from earlyexit.readouts.readout import ExitReadout
-from earlyexit.retrieval.database import ExitDatabase, build_database
-from earlyexit.tasks.base import Example, Task
+from earlyexit.tasks.base import Task
 from earlyexit.tasks.metrics import accuracy
 
-# The `raee` method's default slack, chosen by leave-one-out on an SST-2 *training* database
-# (240 examples, k=12): accuracy 0.842 / 0.842 / 0.846 / 0.850 at slack 0 / .05 / .1 / .2
-# with 20% / 28% / 34% / 42% of layers saved; 0.1 sits inside the flat region. The paper
-# rule (`raee-paper`) keeps its argmax (slack 0). The leave-one-out was a one-off script,
-# not part of the package.
-RAEE_SLACK = 0.1
 REFERENCE = "(full reference)"
-READOUTS = ("probe", "general")
-METHOD_NAMES = {m.split("[")[0] for m in METHODS}
 
 
-def check_methods(methods: list[str]) -> None:
-    """Fail on an unknown method or a bad argument before any model pass is spent."""
-    if not methods:
-        raise EarlyExitError(f"no method given: use {', '.join(METHODS)}")
-    for spec in methods:
-        method_args(spec)
-
-
-def method_args(spec: str) -> tuple[str, list[float]]:
-    """(name, numeric arguments) of `name[:a[:b]]`; integers where the method counts."""
-    name, _, arg = spec.partition(":")
-    if name not in METHOD_NAMES:
-        raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
-    parts = arg.split(":") if arg else []
-    most = 2 if name in ("raee", "raee-paper") else (0 if name == "full" else 1)
-    try:
-        if len(parts) > most:
-            raise ValueError
-        values: list[float] = [float(p) for p in parts]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError
-        counts = name in ("static", "raee", "raee-paper")  # a layer / neighbour count
-        if counts and values and (not values[0].is_integer() or values[0] < 1):
-            raise ValueError
-    except ValueError:
-        raise EarlyExitError(f"bad argument in method '{spec}': use {', '.join(METHODS)}") from None
-    return name, values
-
-
-@dataclass
-class EvalConfig:
-    shots: int = 4
-    limit: int | None = 200
-    seed: int = 0
-    batch: int = 8
-    calibration: int = 200  # train-split prompts for probes, stoppers and the RAEE database
-    readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
-    embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
-
-    def __post_init__(self) -> None:
-        if self.readout not in READOUTS:
-            raise EarlyExitError(f"unknown readout '{self.readout}': use probe or general")
-
-
-@dataclass
-class Calibration:
-    """Training-split prompts with their per-layer readout traces, shared by all methods."""
-
-    examples: list[Example]
-    states: torch.Tensor  # [N, L, H]
-    traces: torch.Tensor  # [N, L, C] out-of-fold for probes
-    vocab: torch.Tensor | None = None  # [N, L, 2], computed on first use
-
-
-def calibration_examples(task: Task, demos: list[Example], count: int, seed: int) -> list[Example]:
-    pool = [ex for ex in task.examples("train") if ex not in demos]
-    if len(pool) < 10:
-        raise EarlyExitError(
-            f"task '{task.name}' has {len(pool)} training examples besides the demonstrations; "
-            "early-exit calibration needs at least 10"
-        )
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))
-    return [pool[i] for i in order[:count].tolist()]
-
-
-def calibrate(
-    engine: LayerEngine,
-    general: ExitReadout,
-    task: Task,
-    demos: list[Example],
-    candidates: torch.Tensor,
-    config: EvalConfig,
-) -> tuple[Readout, Calibration]:
-    """Run the calibration prompts and build the task's exit readout from them."""
-    examples = calibration_examples(task, demos, config.calibration, config.seed)
-    states = collect_states(engine, [task.prompt(ex, demos) for ex in examples], config.batch)
-    if config.readout == "probe":
-        fit = fit_task_probe(general, states, candidates, seed=config.seed)
-        return fit.probe, Calibration(examples, states, fit.traces)
-    return general, Calibration(examples, states, readout_traces(general, states, candidates))
-
-
-class MethodBuilder:
-    """Turns a method spec ("static:20", "adainfer-crf", "raee:12") into a policy."""
-
-    def __init__(
-        self,
-        engine: LayerEngine,
-        general: ExitReadout,
-        task: Task,
-        config: EvalConfig,
-        calibration: Calibration | None,
-        database: ExitDatabase | None = None,
-    ) -> None:
-        """`database`: a RAEE database built before (e.g. loaded from `raee build`'s
-        directory); without one, RAEE methods build it from the calibration."""
-        self.engine, self.general, self.task, self.config = engine, general, task, config
-        self.calibration = calibration
-        self._embedder = None
-        self._database: ExitDatabase | None = database
-
-    def build(self, spec: str) -> ExitPolicy:
-        name, args = method_args(spec)
-        if name == "full":
-            return FullPolicy()
-        if name == "static":
-            return StaticPolicy(int(args[0]) if args else (2 * self.engine.num_layers) // 3)
-        if name == "confidence":
-            return ConfidencePolicy(args[0] if args else 0.9)
-        if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
-            tolerance = args[0] if args else 0.01
-            stopper = "crf" if name == "adainfer-crf" else "svm"
-            return self.adainfer(tolerance, stopper, vocab=name == "adainfer-vocab")
-        # raee[:k[:slack]]
-        rule = "paper" if name == "raee-paper" else "reliable"
-        default_slack = RAEE_SLACK if rule == "reliable" else 0.0
-        k = int(args[0]) if args else 12
-        return self.raee(k, rule, args[1] if len(args) > 1 else default_slack)
-
-    def _calibration(self) -> Calibration:
-        if self.calibration is None:
-            raise AssertionError("calibration is run before building calibrated methods")
-        return self.calibration
-
-    def vocab(self) -> torch.Tensor:
-        cal = self._calibration()
-        if cal.vocab is None:
-            cal.vocab = vocab_traces(self.general, cal.states)
-        return cal.vocab
-
-    def adainfer(self, tolerance: float, stopper: str = "svm", vocab: bool = False) -> ExitPolicy:
-        cal = self._calibration()
-        return fit_adainfer(
-            cal.traces, tolerance=tolerance, stopper=stopper, vocab=self.vocab() if vocab else None
-        )
-
-    @property
-    def embedder(self):  # noqa: ANN201 - an Embedder
-        if self._embedder is None:
-            from earlyexit.retrieval.embedders import make_embedder
-
-            self._embedder = make_embedder(self.config.embedder, self.engine)
-        return self._embedder
-
-    @property
-    def built_database(self) -> ExitDatabase | None:
-        """The RAEE database if a method asked for one."""
-        return self._database
-
-    def database(self) -> ExitDatabase:
-        if self._database is None:
-            cal = self._calibration()
-            embeddings = self.embedder.embed([ex.text for ex in cal.examples])
-            meta = {
-                "model": self.engine.loaded.name,
-                "fingerprint": self.engine.fingerprint,
-                "task": self.task.name,
-                "embedder": self.embedder.spec,
-                "readout": self.config.readout,
-                "shots": self.config.shots,
-                "seed": self.config.seed,
-            }
-            labels = [ex.label for ex in cal.examples]
-            self._database = build_database(embeddings, cal.traces, labels, meta)
-        return self._database
-
-    def raee(self, k: int, rule: str, slack: float = 0.0) -> RAEEPolicy:
-        return RAEEPolicy(
-            self.database(),
-            self.embedder,
-            k=k,
-            rule=rule,
-            num_classes=self.task.num_classes,
-            slack=slack,
-        )
-
-
-def needs_calibration(methods: list[str], config: EvalConfig) -> bool:
-    calibrated = ("adainfer", "raee")
-    return config.readout == "probe" or any(m.startswith(calibrated) for m in methods)
+def run_interleaved(runners: dict[str, PolicyRunner]) -> dict[str, PolicyRun]:
+    """Round i runs batch i of every runner in turn; returns each runner's totals."""
+    rounds = max(len(r.groups) for r in runners.values())
+    for index in tqdm(range(rounds), desc="timed runs", leave=False):
+        for runner in runners.values():
+            if index < len(runner.groups):
+                runner.run_group(index)
+    return {name: runner.result() for name, runner in runners.items()}
 
 
 @dataclass

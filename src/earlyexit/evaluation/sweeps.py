@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit.evaluation.runner import RAEE_SLACK, TaskEvaluation
+from earlyexit.evaluation.runner import TaskEvaluation
 from earlyexit.policies.adainfer import (
     calibrate_margin,
     first_exits,
@@ -18,6 +18,7 @@ from earlyexit.policies.adainfer import (
 )
 from earlyexit.policies.base import readout_features
 from earlyexit.policies.raee import RAEEPolicy
+from earlyexit.runtime.calibration import RAEE_SLACK
 
 TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

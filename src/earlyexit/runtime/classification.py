@@ -1,4 +1,4 @@
-"""Early exit for prompted classification: per-layer traces and timed policy runs.
+"""Early exit for prompted classification in the runtime: per-layer traces and policy runs.
 
 Classification needs one forward pass over the prompt; the exit decision is made on the
 last position's readout over the label-word candidates (a tiny fraction of a layer). Rows
@@ -99,9 +99,9 @@ def _group_by_plan(plan: torch.Tensor, batch: int) -> list[list[int]]:
 
 class PolicyRunner:
     """One policy over a prompt set, a batch at a time, so that several policies can be
-    timed in interleaved rounds (`run_interleaved`): on a shared 2-core machine the speed
-    drifts by ~10% over minutes, and interleaving batch by batch makes the drift hit the
-    full model and every method alike.
+    timed in interleaved rounds (`evaluation.runner.run_interleaved`): on a shared 2-core
+    machine the speed drifts by ~10% over minutes, and interleaving batch by batch makes the
+    drift hit the full model and every method alike.
 
     Each batch runs layer by layer, dropping rows as the policy exits them. A policy that
     plans exits up front (RAEE, from `texts`, the bare inputs) is asked once for all rows,
@@ -206,13 +206,3 @@ def run_policy(
     for index in range(len(runner.groups)):
         runner.run_group(index)
     return runner.result()
-
-
-def run_interleaved(runners: dict[str, PolicyRunner]) -> dict[str, PolicyRun]:
-    """Round i runs batch i of every runner in turn; returns each runner's totals."""
-    rounds = max(len(r.groups) for r in runners.values())
-    for index in tqdm(range(rounds), desc="timed runs", leave=False):
-        for runner in runners.values():
-            if index < len(runner.groups):
-                runner.run_group(index)
-    return {name: runner.result() for name, runner in runners.items()}

@@ -1,0 +1,239 @@
+"""Generation in the runtime: a method spec (`parse_method`) becomes a decoder
+(`build_decoder`), with its calibrated thresholds, drafters and draft-block exits cached
+per engine and exit. The API, `earlyexit generate` and `bench generate` all build their
+decoders here."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from earlyexit.decoding.calm import decode_calm
+from earlyexit.decoding.draft_length import MAX_DRAFT, draft_lengths, measure_pass_costs
+from earlyexit.decoding.drafters import CompositeDrafter, Drafter, NgramDrafter, ShallowDrafter
+from earlyexit.decoding.sampling import SamplingConfig
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    DecodeResult,
+    ShallowExit,
+    Threshold,
+    decode_full,
+    decode_shallow_deep,
+    decode_static,
+)
+from earlyexit.decoding.speculative import decode_speculative
+from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.engine.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.peers import decode_hf
+from earlyexit.methods import GEN_METHODS
+from earlyexit.readouts.draft_block import saved_block
+from earlyexit.tasks.generation import render_prompt
+
+DRAFTERS = ("ngram", "shallow", "composite", "adapter")
+# the draft block's confidence (top-1 minus top-2) above which it keeps drafting
+ADAPTER_THRESHOLD = 0.5
+DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
+
+
+@dataclass
+class GenConfig:
+    limit: int = 20
+    max_new_tokens: int | None = None  # None: the task's own
+    target: float = 0.9  # FREE's adaptive threshold: posterior agreement to reach
+    initial_threshold: float = 0.9
+    calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
+    # held-out instructions (tasks/generation.py) that calibrate `calm` and warm-start `free`
+    calibration_prompts: int = 8
+    # n-gram drafts per verify pass; None: chosen per match length from measured pass costs
+    draft_tokens: int | None = None
+    # `lossless:adapter`: the trained draft block at this layer (None: the only one saved)
+    block_layer: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
+
+
+Decoder = Callable[[str, DecodeConfig], DecodeResult]
+
+
+@dataclass(frozen=True)
+class GenMethod:
+    """A parsed generation method: `name[:drafter][:value]`."""
+
+    spec: str
+    name: str  # full | static | calm | free | lossless | hf | hf-pld
+    # lossless: ngram | shallow | composite | adapter; free: ngram | plain | adapter
+    drafter: str | None = None
+    value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
+
+
+def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod:
+    """Check a method name and its arguments without any model (the CLI does it first).
+
+    `full`, `static`, `calm[:T]`, `free[:plain|:adapter][:T]` (no T: FREE's adaptive
+    threshold; n-gram drafts verified at its catch-ups unless `plain`, the paper's FREE;
+    `adapter`: the exit reads the trained draft block),
+    `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]` (draft and verify; N
+    fixes the n-gram drafts per pass, else they are chosen per match length from this
+    machine's verify-pass costs; T is the shallow drafter's confidence threshold, calibrated
+    when not given; `adapter` drafts through the trained draft block, readouts/draft_block.py,
+    at its fixed default threshold unless T), and
+    the peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup).
+    """
+    name, _, arg = spec.partition(":")
+    parts = arg.split(":") if arg else []
+    drafter = None
+    if name == "lossless":
+        drafter = parts.pop(0) if parts and parts[0] in DRAFTERS else DEFAULT_DRAFTER
+        usage = (
+            f"bad method '{spec}': use "
+            "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]"
+        )
+    elif name == "free":
+        drafter = parts.pop(0) if parts and parts[0] in ("plain", "adapter") else "ngram"
+        usage = f"bad threshold in method '{spec}': use free[:plain|:adapter][:T]"
+    elif name in ("full", "static", "hf"):
+        usage = f"bad method '{spec}': `{name}` takes no argument"
+    elif name == "calm":
+        usage = f"bad threshold in method '{spec}': use {name}[:T]"
+    elif name == "hf-pld":
+        usage = f"bad method '{spec}': use hf-pld[:N], N tokens to look up"
+    else:
+        raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
+    if len(parts) > (0 if name in ("full", "static", "hf") else 1):
+        raise EarlyExitError(usage)
+    try:
+        value = float(parts[0]) if parts else None
+    except ValueError:
+        raise EarlyExitError(usage) from None
+    if value is not None and not math.isfinite(value):
+        raise EarlyExitError(usage)
+    counts = name == "hf-pld" or (name == "lossless" and drafter == "ngram")
+    if counts and value is not None and (not value.is_integer() or not 1 <= value <= MAX_DRAFT):
+        raise EarlyExitError(f"{usage} (N: 1..{MAX_DRAFT} tokens)")
+    if name in ("hf", "hf-pld") and sampling is not None and not sampling.greedy:
+        raise EarlyExitError(f"'{spec}' is measured greedy only; drop --temperature")
+    return GenMethod(spec, name, drafter, value)
+
+
+def build_decoder(
+    spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> Decoder:
+    """The decoder for a method (`parse_method` lists them)."""
+    method = parse_method(spec, config.sampling)
+    name, fixed = method.name, method.value
+    if name == "lossless":
+        return _lossless(method, engine, shallow, config)
+    if name == "hf":
+        return lambda prompt, cfg: decode_hf(engine, prompt, cfg)
+    if name == "hf-pld":
+        lookup = int(fixed or 4)
+        return lambda prompt, cfg: decode_hf(engine, prompt, cfg, prompt_lookup=lookup)
+    if name == "full":
+        return lambda prompt, cfg: decode_full(engine, prompt, cfg)
+    if name == "static":
+        return lambda prompt, cfg: decode_static(engine, shallow, prompt, cfg)
+    if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
+        level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
+        return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
+    if method.drafter == "adapter":  # FREE's exit through the trained draft block
+        shallow = block_exit(engine, config.block_layer)
+    # free: one threshold per decoder, kept across prompts: FREE fits it online over the
+    # stream of requests (one 48-token answer holds too few disagreements to fit a
+    # mixture), warm-started from the held-out calibration pairs `calm` uses
+    shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
+    if method.drafter == "plain":
+        return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
+    new_ngram = _ngram_factory(engine, config.draft_tokens)
+    return lambda prompt, cfg: decode_shallow_deep(
+        engine, shallow, prompt, cfg, shared, ngram=new_ngram()
+    )
+
+
+# per engine and layer (weakly held): a draft block is loaded once and its exit shared, so
+# FREE's calibration pairs (keyed by the exit) are computed once too
+_BLOCK_EXITS: weakref.WeakKeyDictionary[LayerEngine, dict] = weakref.WeakKeyDictionary()
+
+
+def block_exit(engine: LayerEngine, layer: int | None) -> ShallowExit:
+    """The exit through the draft block saved for this model at `layer` (None: the only one
+    saved; a one-line error names `heads train-block` when there is none)."""
+    exits = _BLOCK_EXITS.setdefault(engine, {})
+    if layer not in exits:
+        exits[layer] = ShallowExit.of_block(saved_block(engine, layer))
+    return exits[layer]
+
+
+def _ngram_factory(engine: LayerEngine, fixed: int | None) -> Callable[[], NgramDrafter]:
+    """Fresh n-gram drafters (one per request: the index is per context); draft lengths per
+    match length from this machine's verify-pass costs unless `fixed`."""
+    lengths = None if fixed else draft_lengths(measure_pass_costs(engine))
+    return lambda: NgramDrafter(max_tokens=fixed or MAX_DRAFT, lengths=lengths)
+
+
+def _lossless(
+    method: GenMethod, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> Decoder:
+    kind = method.drafter
+    fixed = int(method.value) if kind == "ngram" and method.value else config.draft_tokens
+    level = method.value if kind != "ngram" else None
+    if kind == "adapter":
+        exit_ = block_exit(engine, config.block_layer)
+        level = ADAPTER_THRESHOLD if level is None else level
+        return lambda prompt, cfg: decode_speculative(
+            engine, ShallowDrafter(exit_, threshold=level), prompt, cfg
+        )
+    if kind != "ngram" and level is None:
+        level = calm_threshold(engine, shallow, config)
+    new_ngram = _ngram_factory(engine, fixed) if kind != "shallow" else None
+
+    def drafter() -> Drafter:
+        if new_ngram is None:
+            return ShallowDrafter(shallow, threshold=level)
+        if kind == "ngram":
+            return new_ngram()
+        return CompositeDrafter(new_ngram(), ShallowDrafter(shallow, threshold=level))
+
+    return lambda prompt, cfg: decode_speculative(engine, drafter(), prompt, cfg)
+
+
+def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
+    threshold = BetaMixtureThreshold(config.target, config.initial_threshold)
+    confs, agreed = calibration_pairs(engine, shallow, config)
+    threshold.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
+    return threshold
+
+
+# per shallow exit (weakly held: a discarded exit takes its pairs with it)
+_PAIRS: weakref.WeakKeyDictionary[ShallowExit, dict] = weakref.WeakKeyDictionary()
+
+
+def calibration_pairs(
+    engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, agreed) per token of full decoding of held-out instructions (never
+    evaluation items); computed once per shallow exit and setting."""
+    from earlyexit.decoding.calibrate import confidence_pairs
+    from earlyexit.tasks.generation import self_distill_instructions
+
+    cached = _PAIRS.setdefault(shallow, {})
+    key = (config.calibration_prompts, config.max_new_tokens)
+    if key not in cached:
+        prompts = [
+            render_prompt(engine.tokenizer, text)
+            for text in self_distill_instructions(config.calibration_prompts)
+        ]
+        decode = DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+        cached[key] = confidence_pairs(engine, shallow, prompts, decode)
+    return cached[key]
+
+
+def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> float:
+    """CALM's threshold: at most `calm_tolerance` disagreement on the calibration pairs."""
+    from earlyexit.decoding.calibrate import calibrated_threshold
+
+    confs, agreed = calibration_pairs(engine, shallow, config)
+    return calibrated_threshold(confs, agreed, config.calm_tolerance)
