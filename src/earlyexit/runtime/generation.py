@@ -29,9 +29,9 @@ from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.peers import decode_hf
 from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
+from earlyexit.runtime.peers import decode_hf
 from earlyexit.tasks.generation import render_prompt
 
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
