@@ -91,9 +91,11 @@ def test_block_drafts_lossless_and_block_kv_equals_a_full_context_run(
     block.block.self_attn.layer_idx = fresh.add_layer()
     block(states[layer], fresh)
     for got, want in zip(cache.layer_kv(slot), fresh.layer_kv(slot), strict=True):
-        # measured 0.0 (rows are computed one at a time or in short runs instead of all
-        # at once: float rounding only); a misaligned slot or position is off by O(1)
-        assert (got - want).abs().max().item() <= 1e-4
+        # relative to the largest |K|, |V|: decoding ran the rows' layers [0, E) one or a
+        # few at a time, the reference all at once, so layer-E states round differently
+        # over E layers (measured up to 4.6e-5 on smollm2-135m, 1.0e-6 on gemma3-270m,
+        # depending on the kernels chosen); a misaligned slot or position is off by ~1
+        assert (got - want).abs().max().item() <= 5e-4 * want.abs().max().item()
 
 
 @pytest.mark.slow
