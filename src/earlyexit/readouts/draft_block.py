@@ -32,7 +32,13 @@ from earlyexit.engine.masks import attention_mask
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import atomic_dir, home
 from earlyexit.readouts.readout import LayerAdapter
-from earlyexit.readouts.train import _step_vocabulary, fit_ridge, teacher_vocabulary
+from earlyexit.readouts.train import (
+    _log_probs,
+    _step_vocabulary,
+    collect_hidden,
+    fit_ridge,
+    teacher_vocabulary,
+)
 
 
 class DraftBlock(nn.Module):
@@ -121,27 +127,14 @@ class BlockTrainResult:
         }
 
 
-@torch.inference_mode()
 def layer_states(
-    engine: LayerEngine, chunks: torch.Tensor, layers: list[int], batch_rows: int = 4
+    engine: LayerEngine, chunks: torch.Tensor, layers: list[int]
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Outputs of `layers` and of the last layer on [n, T] token chunks, as [n, T, H]."""
-    kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    final: list[torch.Tensor] = []
-    for start in tqdm(range(0, chunks.shape[0], batch_rows), desc="layer states", leave=False):
-        state = engine.prefill(chunks[start : start + batch_rows], keep_layers=True)
-        assert state.layer_hidden is not None
-        for layer in layers:
-            kept[layer].append(state.layer_hidden[layer - 1].float())
-        final.append(state.hidden.float())
-    return {k: torch.cat(v) for k, v in kept.items()}, torch.cat(final)
-
-
-def _log_probs(block: DraftBlock, hidden: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-    engine = block.engine
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = engine.head_logits(engine.final_norm(hidden), vocab)
-    return torch.log_softmax(logits.float(), dim=-1)
+    """Outputs of `layers` and of the last layer on [n, T] token chunks, as [n, T, H]: the
+    readouts' `collect_hidden`, with each chunk kept whole (the block attends along it)."""
+    states = collect_hidden(engine, chunks, layers, desc="layer states")
+    shape = (*chunks.shape, engine.hidden_size)
+    return {k: v.view(shape) for k, v in states.by_layer.items()}, states.final.view(shape)
 
 
 def train_block(
@@ -172,8 +165,8 @@ def train_block(
         rows = torch.randint(states.shape[0], (config.batch_rows,), generator=generator)
         step_vocab = _step_vocabulary(vocab, engine.vocab_size, config.vocab_random, generator)
         with torch.no_grad():
-            teacher = _log_probs(block, final[rows], step_vocab)
-        student = _log_probs(block, block(states[rows]), step_vocab)
+            teacher = _log_probs(engine, final[rows], step_vocab)
+        student = _log_probs(engine, block(states[rows]), step_vocab)
         loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
