@@ -43,15 +43,18 @@ WARMUP = (
 
 @dataclass
 class DecodeRecord:
-    path: str  # "hf", "engine" (kernels chosen by timing), "engine-plain", "engine-skinny"
+    # "hf", "engine" (kernels chosen by timing), "engine-plain", "engine-skinny" (fp32 only),
+    # "llama.cpp" (the model's GGUF, batch 1, timed interleaved with the others)
+    path: str
     dtype: str
     batch: int
     tokens_per_s: float  # decoded tokens per second, summed over the batch
     seconds: float  # decode time of new_tokens - 1 steps (prefill excluded)
     prefill_seconds: float  # median time of a 1-token run (prefill + first token)
     total_seconds: float  # median time of a new_tokens run
-    # engine only: same tokens as hf up to the engine's first EOS (hf's min_new_tokens bans
-    # EOS, so the two legitimately part there); may also differ in bf16
+    # all but hf: same tokens as hf up to the path's first EOS (hf's min_new_tokens bans
+    # EOS, so the two legitimately part there); may also differ in bf16, int4 and llama.cpp
+    # (which rounds activations to 8 bits)
     matches_hf: bool | None = None
 
 
@@ -71,8 +74,13 @@ def _per_call(fn: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _decoders(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor) -> dict[str, Callable]:
-    """path -> f(n) decoding exactly n new tokens per row, returning [batch, n] ids."""
+def _decoders(
+    engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor, llama: str | None
+) -> dict[str, Callable]:
+    """path -> f(n) decoding exactly n new tokens per row, returning [batch, n] ids.
+
+    The forced-kernel paths only where the kernel choice applies (fp32); llama.cpp on the
+    model's GGUF at batch 1 when `llama` (the model) is given."""
     from transformers import GenerationConfig
 
     mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
@@ -99,12 +107,19 @@ def _decoders(engine: LayerEngine, ids: torch.Tensor, pad: torch.Tensor) -> dict
 
         return run
 
-    return {
-        "hf": hf,
-        "engine": lambda n: engine.greedy(ids, n, pad),
-        "engine-plain": forced("plain"),
-        "engine-skinny": forced("skinny"),
-    }
+    paths: dict[str, Callable] = {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
+    if engine.dtype == torch.float32 and not _quantized(engine):
+        paths["engine-plain"] = forced("plain")
+        paths["engine-skinny"] = forced("skinny")
+    if llama is not None and ids.shape[0] == 1:
+        from earlyexit.bench.llamacpp import llama_cpp_decoder
+
+        paths["llama.cpp"] = llama_cpp_decoder(llama, ids, torch.get_num_threads())
+    return paths
+
+
+def _quantized(engine: LayerEngine) -> bool:
+    return getattr(engine.model.config, "earlyexit_quantization", None) is not None
 
 
 def _same_until_eos(engine_ids: torch.Tensor, hf_ids: torch.Tensor, eos: int | None) -> bool:
@@ -116,10 +131,15 @@ def _same_until_eos(engine_ids: torch.Tensor, hf_ids: torch.Tensor, eos: int | N
 
 
 def _decode_records(
-    engine: LayerEngine, dtype: str, batch: int, new_tokens: int, repeats: int
+    engine: LayerEngine,
+    dtype: str,
+    batch: int,
+    new_tokens: int,
+    repeats: int,
+    llama: str | None = None,
 ) -> list[DecodeRecord]:
     ids, pad = engine.encode(PROMPTS[:batch])
-    paths = _decoders(engine, ids, pad)
+    paths = _decoders(engine, ids, pad, llama)
     outputs = {}
     for path, fn in paths.items():  # warm-up
         fn(1)
@@ -140,7 +160,7 @@ def _decode_records(
         decode = max(total - prefill, 1e-9)
         match = (
             _same_until_eos(outputs[path], outputs["hf"], engine.tokenizer.eos_token_id)
-            if path.startswith("engine")
+            if path != "hf"
             else None
         )
         records.append(
@@ -210,15 +230,21 @@ def run_engine_bench(
     model: str = "smollm2-135m",
     new_tokens: int = 32,
     batches: Sequence[int] = (1, 8),
-    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    dtypes: Sequence[str] = ("float32", "bfloat16", "int8", "int4"),
     repeats: int = 3,
     layer_iters: int = 200,
+    llama_cpp: bool = True,
 ) -> dict[str, Any]:
-    """Decode throughput of hf vs engine, and per-layer/readout costs, for each dtype."""
+    """Decode throughput of hf vs engine (vs llama.cpp), and per-layer/readout costs, for
+    each dtype."""
     if new_tokens < 2 or repeats < 1 or not batches or not dtypes:
         raise ValueError("need new_tokens >= 2, repeats >= 1 and at least one batch and dtype")
     if max(batches) > len(PROMPTS):
         raise ValueError(f"batch must be at most {len(PROMPTS)} (the number of prompts)")
+    from earlyexit.bench.llamacpp import unavailable
+
+    llama_note = unavailable(model) if llama_cpp else "llama.cpp: not requested"
+    llama = model if llama_note is None else None
     load_before = os.getloadavg()[0]  # other processes on the cores distort every number
     records: list[DecodeRecord] = []
     costs: dict[str, Any] = {}
@@ -227,7 +253,7 @@ def run_engine_bench(
         engine = LayerEngine(load_model(model, dtype=dtype))
         kernels[dtype] = asdict(engine.kernels)
         for batch in batches:
-            records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats))
+            records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats, llama))
         costs[dtype] = layer_costs(engine, layer_iters)
         costs[dtype]["ms_per_pass_by_rows"] = pass_costs(engine, max(layer_iters // 40, 1))
         del engine
@@ -249,7 +275,15 @@ def run_engine_bench(
         "layer_costs": costs,
         "kernels": kernels,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "llama_cpp": llama_note or "measured on the model's GGUF at batch 1 (Q8_1 activations)",
+        "fastest_engine": _fastest(records, small),
     }
+
+
+def _fastest(records: list[DecodeRecord], batch: int) -> str | None:
+    """The dtype whose engine decodes fastest at `batch`."""
+    engines = [r for r in records if r.path == "engine" and r.batch == batch]
+    return max(engines, key=lambda r: r.tokens_per_s).dtype if engines else None
 
 
 def render_table(result: dict[str, Any]) -> Table:
@@ -259,15 +293,21 @@ def render_table(result: dict[str, Any]) -> Table:
         f"(prefill excluded), {result['threads']} threads, {result['cpu']}"
     )
     cols = ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens")
-    for col in (*cols, "all-plain tok/s", "all-skinny tok/s"):
+    extra = ("all-plain tok/s", "all-skinny tok/s", "llama.cpp tok/s", "engine/llama.cpp")
+    for col in (*cols, *extra):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     rows: dict[tuple[str, int], dict[str, dict]] = {}
     for r in result["records"]:
         rows.setdefault((r["dtype"], r["batch"]), {})[r["path"]] = r
     for (dtype, batch), pair in rows.items():
         hf, eng = pair["hf"]["tokens_per_s"], pair["engine"]["tokens_per_s"]
-        paths = ("engine", "engine-plain", "engine-skinny")
+        paths = [p for p in ("engine", "engine-plain", "engine-skinny") if p in pair]
         same = "yes" if all(pair[p]["matches_hf"] for p in paths) else "no"
+
+        def rate(path: str, pair: dict = pair) -> str:
+            return f"{pair[path]['tokens_per_s']:.1f}" if path in pair else "-"
+
+        llama = pair.get("llama.cpp")
         table.add_row(
             dtype,
             str(batch),
@@ -275,8 +315,10 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{eng:.1f}",
             f"{eng / hf:.3f}",
             same,
-            f"{pair['engine-plain']['tokens_per_s']:.1f}",
-            f"{pair['engine-skinny']['tokens_per_s']:.1f}",
+            rate("engine-plain"),
+            rate("engine-skinny"),
+            rate("llama.cpp"),
+            f"{eng / llama['tokens_per_s']:.3f}" if llama else "-",
         )
     return table
 

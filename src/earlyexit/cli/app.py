@@ -82,7 +82,9 @@ def results_table(title: str, columns: list[str], rows: list[list[str]]) -> Tabl
 MODEL_OPT = typer.Option(
     "smollm2-135m", "--model", "-m", help="Registry name, local dir or hub id."
 )
-DTYPE_OPT = typer.Option("float32", help="float32 or bfloat16.")
+DTYPE_OPT = typer.Option(
+    "float32", help="float32, bfloat16, or int4 / int8 (4-bit weight groups, fp32 activations)."
+)
 READOUT_OPT = typer.Option(
     "probe",
     help="probe: per-layer task probes fitted on the calibration prompts; general: the saved "

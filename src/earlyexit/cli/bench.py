@@ -33,11 +33,17 @@ def bench_engine(
     model: str = MODEL_OPT,
     new_tokens: int = typer.Option(32, min=2, help="Tokens decoded per row."),
     batches: str = typer.Option("1,8", help="Comma-separated batch sizes (at most 8)."),
-    dtypes: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes."),
+    dtypes: str = typer.Option(
+        "float32,bfloat16,int8,int4", help="Comma-separated dtypes (int4/int8: 4-bit groups)."
+    ),
     repeats: int = typer.Option(3, min=1, help="Timed runs per cell (median is reported)."),
+    llama_cpp: bool = typer.Option(
+        True, help="Time llama.cpp on the model's GGUF at batch 1 when it is installed."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
 ) -> None:
-    """Decode tokens/s of the model's own generate vs the engine, and layer/readout costs."""
+    """Decode tokens/s of the model's own generate vs the engine at each dtype (and
+    llama.cpp on the same GGUF), the kernel choice, and layer/readout costs."""
     from earlyexit.bench.engine_bench import (
         render_cost_table,
         render_pass_table,
@@ -53,10 +59,14 @@ def bench_engine(
         parse_dtype(d)
     batch_list = parse_list(batches, "--batches", int)
     try:
-        result = run_engine_bench(model, new_tokens, batch_list, dtype_list, repeats)
+        result = run_engine_bench(
+            model, new_tokens, batch_list, dtype_list, repeats, llama_cpp=llama_cpp
+        )
     except ValueError as err:
         raise EarlyExitError(str(err)) from None
     console.print(render_table(result))
+    console.print(result["llama_cpp"], highlight=False)
+    console.print(f"fastest engine path at batch 1: {result['fastest_engine']}")
     for dtype, choice in result["kernels"].items():
         how = "cached timings" if choice["cached"] else "timed now"
         console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")

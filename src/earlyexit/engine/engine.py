@@ -21,6 +21,7 @@ from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.kernels import KernelChoice, choose_kernels
 from earlyexit.engine.masks import attention_mask
+from earlyexit.engine.quant import QuantLinear
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
@@ -73,10 +74,10 @@ class LayerEngine:
         self.arch = Architecture.of(self.model)
         self.num_layers = len(self.arch.layers)
         self.hidden_size = int(self.model.config.hidden_size)
-        self.vocab_size = int(self.arch.head.weight.shape[0])
+        self.vocab_size = int(self.arch.head.out_features)
         self.fingerprint = model_fingerprint(self.model, self.arch)
         # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
-        self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._head_rows: tuple[torch.Tensor, torch.Tensor | QuantLinear] | None = None
         self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str | KernelChoice) -> KernelChoice:
@@ -100,11 +101,12 @@ class LayerEngine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.arch.head.weight.dtype
+        """The dtype of hidden states and KV (fp32 for the int4/int8 weight paths)."""
+        return self.arch.embed.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.arch.head.weight.device
+        return self.arch.embed.weight.device
 
     # ---- building blocks -------------------------------------------------------------
     def new_cache(
@@ -221,8 +223,10 @@ class LayerEngine:
                 logits = self.arch.head(normed)
         else:
             weight = self._restricted_head(token_ids)
+            if isinstance(weight, QuantLinear):  # the same int4 kernel as the full head
+                logits = weight(normed)
             # a restricted head's shape is not timed: skinny only where it is forced
-            if self.kernels.mode == "skinny":
+            elif self.kernels.mode == "skinny":
                 logits = skinny_linear(normed, weight)
             else:
                 logits = torch.nn.functional.linear(normed, weight)
@@ -231,14 +235,21 @@ class LayerEngine:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _restricted_head(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def _restricted_head(self, token_ids: torch.Tensor) -> torch.Tensor | QuantLinear:
         """The head's rows for `token_ids`, kept while the same id tensor comes back (a
-        shallow exit reads the same few thousand rows every token: no copy each time)."""
-        weight = self.arch.head.weight
+        shallow exit reads the same few thousand rows every token: no copy each time).
+        Training gets plain fp32 rows (gradients flow through them); a quantized head in
+        inference gives a quantized head over those rows."""
+        head = self.arch.head
         if not torch.is_inference_mode_enabled():  # training: no inference tensors kept
-            return weight.index_select(0, token_ids)
+            return head.weight.index_select(0, token_ids)
         if self._head_rows is None or self._head_rows[0] is not token_ids:
-            self._head_rows = (token_ids, weight.index_select(0, token_ids))
+            rows = (
+                head.rows(token_ids)
+                if isinstance(head, QuantLinear)
+                else head.weight.index_select(0, token_ids)
+            )
+            self._head_rows = (token_ids, rows)
         return self._head_rows[1]
 
     @torch.inference_mode()

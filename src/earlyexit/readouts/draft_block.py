@@ -15,7 +15,6 @@ readouts/self_distill.py).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.engine.masks import attention_mask
+from earlyexit.engine.quant import plain_copy
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import atomic_dir, home
 from earlyexit.readouts.readout import LayerAdapter
@@ -51,7 +51,7 @@ class DraftBlock(nn.Module):
         self.engine_ref = [engine]  # not a submodule: the model's weights are not ours
         self.layer = layer
         self.kind = engine.arch.layer_types[layer]
-        self.block = copy.deepcopy(engine.arch.layers[layer]).float()
+        self.block = plain_copy(engine.arch.layers[layer]).float()  # int4/int8 -> fp32 Linear
         self.block.self_attn.layer_idx = 0  # the only layer of its own cache
         with torch.no_grad():  # identity at the start: the residual passes through
             self.block.self_attn.o_proj.weight.zero_()

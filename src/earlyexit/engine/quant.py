@@ -1,0 +1,271 @@
+"""Weight-only int4 / int8 linear layers on torch's own CPU int4 kernel: fewer bytes per token.
+
+Batch-1 decoding reads every weight once per token, so tokens/s follows bytes per token.
+The built-in models ship as GGUF: smollm2-135m's layers are Q4_1 (blocks of 32 along the
+input, w = d*q + m, q in 0..15) and its head Q8_0 (w = d*q, q in -127..127). Both are
+exactly groups of 32 with a scale and an offset, which is what
+`torch.ops.aten._weight_int4pack_mm_for_cpu` multiplies: per group of 32 it computes
+w = (q - 8) * scale + zero. So
+- `bits=4` (asymmetric, min/max per group, as Q4_1) takes one 4-bit plane; re-derived from
+  the dequantized weights it recovers the GGUF's q exactly (every Q4_1 block holds its
+  min at q=0 and its max at q=15);
+- `bits=8` (symmetric, amax/127 per group, as Q8_0) takes two 4-bit planes, high and low
+  nibble, multiplied by the same kernel and summed: q + 128 = 16*hi + lo, so
+  w = (hi-8)*16d + (lo-8)*d + 8d. Written here because torch's int8 kernel
+  (`_weight_int8pack_mm`) has one scale per output row, which cannot hold Q8_0's per-group
+  scales, and was no faster than two int4 passes on the Xeon we measured.
+
+The only rounding beyond the source model's: scale and zero are bfloat16 (the kernel's fast
+dtype; its fp32 and fp16 modes ran 30-45x slower), and each product's input and output are
+rounded to bfloat16. Everything else (norms, attention, residual stream, KV) stays fp32.
+tests/test_quant.py checks the weights against the dequantized model and the logits
+against the fp32 model's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+GROUP = 32  # Q4_1 and Q8_0 block size; the kernel's group size
+TILE = 16  # the CPU packing needs a multiple of 16 output rows
+INNER_K_TILES = 2
+MODES = ("int4", "int8")
+ACT = torch.bfloat16  # the kernel's fast activation and scale dtype (see the docstring)
+# projections that read the same input: one product over their stacked rows
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values [N, K] (int32) in the CPU kernel's packed layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INNER_K_TILES)
+
+
+def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] scale and zero -> the kernel's [K/32, N, 2] tensor."""
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(ACT)
+
+
+def quantizable(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and module.in_features % GROUP == 0
+        and module.weight.device.type == "cpu"
+    )
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer whose weight lives as 4-bit planes with bf16 group scales."""
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        out_features, in_features = weight.shape
+        if in_features % GROUP:
+            raise ValueError(f"in_features {in_features} is not a multiple of {GROUP}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.padded = -(-out_features // TILE) * TILE
+        w = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
+        if bits == 4:  # Q4_1: offset = group min, step = (max - min) / 15
+            low, high = w.amin(-1), w.amax(-1)
+            step = (high - low) / 15
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            q = torch.round((w - low.unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, 15)
+            planes = [q]
+            parts = [(step, low + 8 * step)]
+        else:  # Q8_0: step = amax / 127, q in -127..127, stored as two nibbles of q + 128
+            step = w.abs().amax(-1) / 127
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            q = torch.round(w / safe.unsqueeze(-1)).clamp_(-127, 127) + 128
+            planes = [torch.div(q, 16, rounding_mode="floor"), torch.remainder(q, 16)]
+            parts = [(16 * step, 8 * step), (step, torch.zeros_like(step))]
+        self._q = [p.reshape(out_features, in_features).to(torch.uint8) for p in planes]
+        self._parts = [(scale.to(ACT), zero.to(ACT)) for scale, zero in parts]
+        self._pack_all()
+        self._weight: torch.Tensor | None = None
+
+    def _pack_all(self) -> None:
+        pad = self.padded - self.out_features
+        self.packed, self.scales = [], []
+        for q, (scale, zero) in zip(self._q, self._parts, strict=True):
+            qp = nn.functional.pad(q.int(), (0, 0, 0, pad))
+            self.packed.append(_pack(qp))
+            scale_p = nn.functional.pad(scale.float(), (0, 0, 0, pad), value=1.0)
+            zero_p = nn.functional.pad(zero.float(), (0, 0, 0, pad))
+            self.scales.append(_scales_zeros(scale_p, zero_p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a decode step is ~200 of these products of a few microseconds each: few ops here
+        flat = x.reshape(-1, self.in_features).to(ACT)
+        out = _MM(flat, self.packed[0], GROUP, self.scales[0])
+        if self.bits == 8:
+            out.add_(_MM(flat, self.packed[1], GROUP, self.scales[1]))
+        if self.padded != self.out_features:
+            out = out[:, : self.out_features]
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def planes(self) -> list[torch.Tensor]:
+        """Per 4-bit plane, the fp32 weight the kernel multiplies by: (q - 8) * scale + zero
+        with the bf16 scales and zeros. The layer's weight is their sum."""
+        out = []
+        for q, (scale, zero) in zip(self._q, self._parts, strict=True):
+            groups = q.float().reshape(self.out_features, -1, GROUP) - 8
+            plane = groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+            out.append(plane.reshape(self.out_features, self.in_features))
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in fp32."""
+        return torch.stack(self.planes()).sum(0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """fp32 copy for code that needs a plain weight (training, row selection)."""
+        if self._weight is None:
+            self._weight = self.dequantized()
+        return self._weight
+
+    def rows(self, token_ids: torch.Tensor) -> QuantLinear:
+        """The same layer over a subset of output rows (a restricted-vocabulary head)."""
+        part = copy.copy(self)
+        ids = token_ids.cpu()
+        part._q = [q.index_select(0, ids) for q in self._q]
+        part._parts = [(s.index_select(0, ids), z.index_select(0, ids)) for s, z in self._parts]
+        part.out_features = len(ids)
+        part.padded = -(-part.out_features // TILE) * TILE
+        part._weight = None
+        part._pack_all()
+        return part
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group={GROUP}"
+
+
+class _Stacked(nn.Module):
+    """Sibling projections (q/k/v, gate/up) as one product: the first sibling called with an
+    input computes all of them; the others, called with that same tensor (as the model's
+    attention and MLP do), take their rows from it. An input the group has not seen is
+    multiplied anew, so any call order or a lone call stays correct."""
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        super().__init__()
+        weight = torch.cat([m.dequantized() for m in members])
+        self.linear = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(self.linear)
+        self.linear.__dict__.update(_stacked_state(members, weight))
+        self.linear._pack_all()
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last is None or last[0] is not x:
+            last = self._last = (x, self.linear(x))
+        return last[1]
+
+
+def _stacked_state(members: list[QuantLinear], weight: torch.Tensor) -> dict:
+    """The stacked layer's fields: the members' 4-bit values, scales and zeros (exactly
+    theirs, not re-derived from the stacked weight)."""
+    first = members[0]
+    out_features = int(weight.shape[0])
+    return {
+        "in_features": first.in_features,
+        "out_features": out_features,
+        "bits": first.bits,
+        "padded": -(-out_features // TILE) * TILE,
+        "_q": [torch.cat([m._q[i] for m in members]) for i in range(len(first._q))],
+        "_parts": [
+            tuple(torch.cat([m._parts[i][j] for m in members]) for j in range(2))
+            for i in range(len(first._parts))
+        ],
+        "_weight": None,
+    }
+
+
+class StackedMember(nn.Module):
+    """One sibling of a `_Stacked` group: its rows of the group's product."""
+
+    def __init__(self, group: _Stacked, start: int, member: QuantLinear) -> None:
+        super().__init__()
+        self.group_ref = [group]  # shared by the siblings, not a submodule of each
+        self.start, self.end = start, start + member.out_features
+        self.in_features, self.out_features, self.bits = (
+            member.in_features,
+            member.out_features,
+            member.bits,
+        )
+        self.member = member  # the unstacked layer (weights for plain_copy / training)
+        member.packed, member.scales = [], []  # its product is the group's now
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.member.weight
+
+    def dequantized(self) -> torch.Tensor:
+        return self.member.dequantized()
+
+    def planes(self) -> list[torch.Tensor]:
+        return self.member.planes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group_ref[0].output(x)[..., self.start : self.end]
+
+
+def stack_siblings(model: nn.Module) -> int:
+    """Replace sibling QuantLinear projections (SIBLINGS) by one stacked product each;
+    returns how many groups were stacked."""
+    groups = 0
+    for parent in list(model.modules()):
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(type(m) is QuantLinear for m in members):
+                continue
+            if len({(m.in_features, m.bits) for m in members}) != 1:
+                continue
+            group = _Stacked(members)
+            start = 0
+            for name, member in zip(names, members, strict=True):
+                setattr(parent, name, StackedMember(group, start, member))
+                start += member.out_features
+            groups += 1
+    return groups
+
+
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Swap `model`'s decoder linear layers (and head) for QuantLinear, in place.
+
+    `int4`: layers 4-bit, head 8-bit (the mix the GGUF ships); `int8`: all 8-bit.
+    Returns how many modules were swapped.
+    """
+    if mode not in MODES:
+        raise ValueError(f"quantization mode must be one of {', '.join(MODES)}, not {mode!r}")
+    head = model.get_output_embeddings()
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not quantizable(child):
+                continue
+            bits = 8 if (child is head or mode == "int8") else 4
+            setattr(parent, name, QuantLinear(child.weight, bits))
+            swapped += 1
+    stack_siblings(model)
+    model.config.earlyexit_quantization = mode
+    return swapped
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every QuantLinear as an fp32 nn.Linear (to train or edit weights)."""
+    out = copy.deepcopy(module)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (QuantLinear, StackedMember)):
+                linear = nn.Linear(child.in_features, child.out_features, bias=False)
+                with torch.no_grad():
+                    linear.weight.copy_(child.dequantized())
+                setattr(parent, name, linear)
+    return out
