@@ -37,7 +37,7 @@ import torch
 
 from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.sampling import SamplingConfig
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit, Threshold
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout
@@ -52,6 +52,7 @@ from earlyexit.runtime.generation import (
     ADAPTER_THRESHOLD,
     GenConfig,
     GenMethod,
+    ThresholdDecoder,
     block_exit,
     build_decoder,
     calm_threshold,
@@ -281,19 +282,6 @@ class _Built:
     threshold: Callable[[], float | None]
 
 
-def _threshold_in(decoder: Callable) -> Threshold | None:
-    """The Threshold a FREE decoder closes over. build_decoder does not expose it; this
-    reads the closure, and gives None if that ever changes (the report then says None)."""
-    for cell in getattr(decoder, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, Threshold):
-            return value
-    return None
-
-
 class _Cancelled(Exception):
     """Raised by a stream's token listener once its consumer has gone: ends the decode."""
 
@@ -452,7 +440,7 @@ class EarlyExit:
     # ---- generation --------------------------------------------------------------------
     def generate(
         self,
-        prompt: str,
+        prompt: str | list[Mapping[str, str]],
         *,
         method: str = "lossless",
         max_new_tokens: int = 64,
@@ -470,7 +458,8 @@ class EarlyExit:
         `calm[:T]`, `free[...]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`.
         `temperature` 0 is greedy; `seed` fixes sampling (None: a fresh one). `stop`: strings
         that end the completion (not included in `text`). `chat`: render `prompt` as a user
-        turn through the tokenizer's chat template. `knobs`: shallow_layer, measure,
+        turn through the tokenizer's chat template; a list of {"role", "content"} messages
+        is always rendered through it. `knobs`: shallow_layer, measure,
         restrict_vocab, draft_tokens, block_layer, calibration_prompts, target,
         initial_threshold, calm_tolerance, max_stack, stop_at_eos.
         """
@@ -482,7 +471,7 @@ class EarlyExit:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[Mapping[str, str]],
         *,
         method: str = "lossless",
         max_new_tokens: int = 64,
@@ -502,7 +491,7 @@ class EarlyExit:
 
     def _request(
         self,
-        prompt: str,
+        prompt: str | list[Mapping[str, str]],
         method: str,
         max_new_tokens: int,
         temperature: float,
@@ -512,6 +501,8 @@ class EarlyExit:
         chat: bool,
         knobs: Mapping[str, Any],
     ) -> _Request:
+        if isinstance(prompt, list):
+            prompt, chat = self._render_messages(prompt), False
         if not isinstance(prompt, str) or not prompt.strip():
             raise EarlyExitError("the prompt is empty; pass some text to generate from")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -529,6 +520,7 @@ class EarlyExit:
             from earlyexit.tasks.generation import render_prompt
 
             text = render_prompt(self.tokenizer, prompt)
+        self._check_context(text, max_new_tokens)
         decode = DecodeConfig(
             max_new_tokens=max_new_tokens,
             stop_strings=stops,
@@ -537,6 +529,43 @@ class EarlyExit:
             sampling=sampling,
         )
         return _Request(parsed, text, decode, options)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the model attends over: prompt plus completion must fit in it."""
+        return int(getattr(self.engine.model.config, "max_position_embeddings", 0) or 2048)
+
+    def _check_context(self, text: str, max_new_tokens: int) -> None:
+        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length + max_new_tokens > self.context_length:
+            raise EarlyExitError(
+                f"the prompt is {length} token(s) and max_new_tokens {max_new_tokens}: over the "
+                f"model's context of {self.context_length} tokens; shorten the prompt or ask "
+                "for fewer tokens"
+            )
+
+    def _render_messages(self, messages: list) -> str:
+        """Chat messages ({"role", "content"} dicts) through the tokenizer's chat template,
+        ready for the assistant's turn."""
+        roles = ("system", "user", "assistant", "developer", "tool")
+        for message in messages:
+            if not (
+                isinstance(message, Mapping)
+                and message.get("role") in roles
+                and isinstance(message.get("content"), str)
+            ):
+                raise EarlyExitError(
+                    "each message must be {'role': one of " + ", ".join(roles) + ", "
+                    "'content': a string}"
+                )
+        if not messages:
+            raise EarlyExitError("messages is empty; pass at least one message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise EarlyExitError(
+                f"{self.name} has no chat template; send plain text (a completion) instead"
+            )
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
 
     def _shallow(self, knobs: _Knobs) -> tuple[ShallowExit, str]:
         key = (knobs.shallow_layer, knobs.measure, knobs.restrict_vocab)
@@ -573,8 +602,9 @@ class EarlyExit:
                 fixed = method.value
                 threshold = lambda: fixed  # noqa: E731
             elif method.name == "free":
-                shared = _threshold_in(decoder)
-                threshold = lambda: shared.value if shared is not None else None  # noqa: E731
+                assert isinstance(decoder, ThresholdDecoder)
+                shared = decoder.threshold
+                threshold = lambda: shared.value  # noqa: E731
             elif method.drafter == "adapter":  # lossless:adapter: a fixed default
                 threshold = lambda: ADAPTER_THRESHOLD  # noqa: E731
             else:  # calm, shallow drafts: calibrated (the pairs are cached: no new work)

@@ -59,6 +59,18 @@ class GenConfig:
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
 
 
+@dataclass
+class ThresholdDecoder:
+    """A decoder with the live threshold it exits by: FREE's adaptive one (it learns across
+    requests) or a fixed one, so reports can say which threshold a request used."""
+
+    run: Decoder
+    threshold: Threshold
+
+    def __call__(self, prompt: str, config: DecodeConfig) -> DecodeResult:
+        return self.run(prompt, config)
+
+
 @dataclass(frozen=True)
 class GenMethod:
     """A parsed generation method: `name[:drafter][:value]`."""
@@ -146,10 +158,15 @@ def build_decoder(
     # mixture), warm-started from the held-out calibration pairs `calm` uses
     shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
     if method.drafter == "plain":
-        return lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared)
+        return ThresholdDecoder(
+            lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared), shared
+        )
     new_ngram = _ngram_factory(engine, config.draft_tokens)
-    return lambda prompt, cfg: decode_shallow_deep(
-        engine, shallow, prompt, cfg, shared, ngram=new_ngram()
+    return ThresholdDecoder(
+        lambda prompt, cfg: decode_shallow_deep(
+            engine, shallow, prompt, cfg, shared, ngram=new_ngram()
+        ),
+        shared,
     )
 
 

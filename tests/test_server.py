@@ -1,0 +1,294 @@
+"""`earlyexit serve` (earlyexit.server): a real uvicorn server on localhost, called with the
+real `openai` client (and raw HTTP for what the client cannot send), on smollm2-135m."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from earlyexit.api import EarlyExit
+from earlyexit.engine import LayerEngine
+from earlyexit.server import create_app
+
+MODEL = "smollm2-135m"
+PROMPT = "The three primary colours are"
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def ee(smol: LayerEngine) -> EarlyExit:
+    return EarlyExit.from_engine(smol)
+
+
+@pytest.fixture(scope="module")
+def server(ee: EarlyExit) -> Iterator[str]:
+    """uvicorn on a free localhost port, in a thread; yields the base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(ee, "lossless"), host="127.0.0.1", port=port, log_level="warning"
+    )
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not instance.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _post(server: str, path: str, body: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        server + path, data=body.encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _get(server: str, path: str) -> str:
+    with urllib.request.urlopen(server + path) as response:
+        return response.read().decode()
+
+
+def test_models_and_health(client: openai.OpenAI, server: str) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert json.loads(_get(server, "/health"))["status"] == "ok"
+
+
+@pytest.mark.parametrize("method", ["full", "lossless"])
+def test_greedy_completion_equals_the_api_and_the_engine(
+    client: openai.OpenAI, ee: EarlyExit, smol: LayerEngine, method: str
+) -> None:
+    """Greedy `full` and `lossless` over HTTP give the API's answer, which is the engine's
+    own greedy decoding (the model's output, token for token)."""
+    response = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"early_exit": {"method": method}},
+    )
+    local = ee.generate(PROMPT, method=method, max_new_tokens=TOKENS, chat=False)
+    ids, pad = smol.encode([PROMPT])
+    greedy = smol.greedy(ids, TOKENS, pad)[0].tolist()
+    choice = response.choices[0]
+    assert local.tokens == greedy  # no EOS within 12 tokens of this prompt
+    assert choice.text == local.text == smol.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert choice.finish_reason == "length" and response.object == "text_completion"
+    assert response.usage.completion_tokens == TOKENS
+    assert response.usage.prompt_tokens == ids.shape[1]
+    telemetry = response.model_extra["early_exit"]
+    assert telemetry["method"] == method and telemetry["num_layers"] == 30
+    assert telemetry["shallow_fraction"] == 0.0
+    if method == "full":
+        assert telemetry["avg_layers"] == 30 and telemetry["draft_proposed"] == 0
+    else:
+        assert 0 <= telemetry["draft_accepted"] <= telemetry["draft_proposed"]
+        assert telemetry["passes"] >= 1
+    timings = response.model_extra["timings"]
+    assert timings["prompt_n"] == ids.shape[1] and timings["predicted_n"] == TOKENS - 1
+    assert timings["predicted_ms"] > 0 and timings["predicted_per_second"] > 0
+
+
+def test_stream_equals_non_stream_chat(client: openai.OpenAI) -> None:
+    args = {"model": MODEL, "messages": MESSAGES, "max_tokens": TOKENS, "temperature": 0}
+    whole = client.chat.completions.create(**args)
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and text
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "length"
+    assert finishing[0].model_extra["early_exit"]["method"] == "lossless"
+    assert finishing[0].model_extra["timings"]["predicted_n"] == TOKENS - 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == TOKENS
+    assert chunks[-1].usage == whole.usage
+
+
+def test_streamed_completion_ends_with_done(server: str) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=120)
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-type").startswith("text/event-stream")
+    events = [e for e in response.read().decode().split("\n\n") if e]
+    connection.close()
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in last  # only when stream_options.include_usage asks for it
+
+
+def test_free_reports_its_exit_and_threshold(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"early_exit": {"method": "free", "shallow_layer": 24}},
+    )
+    telemetry = response.model_extra["early_exit"]
+    assert telemetry["method"] == "free" and telemetry["shallow_layer"] == 24
+    assert 0.0 < telemetry["threshold"] < 1.0
+    assert telemetry["knobs"] == {"shallow_layer": 24}
+    assert 0.0 <= telemetry["shallow_fraction"] <= 1.0
+    assert "shallow_exit" in telemetry["artifacts"]
+
+
+BAD = [
+    ("{not json", 400, "malformed JSON"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "max_tokens": 100000}', 400, "context"),
+    ('{"model": "gpt-4", "prompt": "hi"}', 404, "not served here"),
+    ('{"model": "smollm2-135m", "prompt": 5}', 400, "prompt"),
+    ('{"model": "smollm2-135m"}', 400, "prompt: Field required"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "n": 2}', 400, "n=1"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "temperature": -1}', 400, "temperature"),
+    ('{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"method": "zzz"}}', 400, "zzz"),
+    (
+        '{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"shallow_layer": 99}}',
+        400,
+        "shallow_layer",
+    ),
+    ('{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"bogus": 1}}', 400, "bogus"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD)
+def test_bad_input_gets_a_4xx_and_the_server_lives(
+    server: str, client: openai.OpenAI, body: str, status: int, words: str
+) -> None:
+    code, answer = _post(server, "/v1/completions", body)
+    assert code == status
+    error = answer["error"]
+    assert words in error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    after = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"early_exit": {"method": "full"}}
+    )
+    assert after.usage.completion_tokens == 2
+
+
+def test_bad_chat_input(server: str, client: openai.OpenAI) -> None:
+    code, answer = _post(
+        server, "/v1/chat/completions", '{"model": "smollm2-135m", "messages": []}'
+    )
+    assert code == 400 and "messages is empty" in answer["error"]["message"]
+    body = '{"model": "smollm2-135m", "messages": [{"role": "wizard", "content": "hi"}]}'
+    code, answer = _post(server, "/v1/chat/completions", body)
+    assert code == 400 and "role" in answer["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+    code, answer = _post(server, "/v1/nowhere", "{}")
+    assert code == 404 and answer["error"]["type"] == "not_found_error"
+
+
+def test_concurrent_streams_do_not_cross_talk(client: openai.OpenAI, ee: EarlyExit) -> None:
+    """Four streaming clients at once, each with its own prompt: each gets the answer it
+    gets alone (requests queue on the API's lock; each has its own KV cache)."""
+    prompts = [
+        "The capital of France is",
+        "Water boils at",
+        "Once upon a time, there was a",
+        "The best way to learn is",
+    ]
+    alone = {p: ee.generate(p, method="full", max_new_tokens=8, chat=False).text for p in prompts}
+
+    def streamed(prompt: str) -> str:
+        chunks = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"early_exit": {"method": "full"}},
+        )
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:
+        together = dict(zip(prompts, pool.map(streamed, prompts), strict=True))
+    assert together == alone
+
+
+def test_a_disconnected_stream_frees_the_model(server: str, ee: EarlyExit) -> None:
+    """A client that goes away after the first chunk: its decode (2000 tokens, minutes at
+    full depth) is cancelled and the model's lock is free again within seconds."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
+    body["early_exit"] = {"method": "full", "stop_at_eos": False}
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=120)
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # decoding has begun
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert ee._lock.acquire(timeout=30), "the abandoned decode still holds the model"
+    ee._lock.release()
+
+
+def test_classify_endpoint(server: str, ee: EarlyExit) -> None:
+    body = {
+        "texts": ["a gripping, beautifully acted film", "flat, dull and far too long"],
+        "task": None,
+        "labels": {"0": "negative", "1": "positive"},
+        "method": "full",
+    }
+    code, answer = _post(server, "/v1/classify", json.dumps(body))
+    assert code == 200, answer
+    local = ee.classify(body["texts"], task=None, labels=body["labels"], method="full")
+    assert answer["labels"] == local.labels and set(local.labels) <= {"negative", "positive"}
+    assert answer["exit_layers"] == [30, 30] and answer["early_exit"]["avg_layers"] == 30
+    body["method"] = "nonsense"
+    code, answer = _post(server, "/v1/classify", json.dumps(body))
+    assert code == 400 and "nonsense" in answer["error"]["message"]
+
+
+def test_metrics_count_requests_tokens_and_layers(server: str, client: openai.OpenAI) -> None:
+    client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, extra_body={"early_exit": {"method": "full"}}
+    )
+    text = _get(server, "/metrics")
+    lines = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert lines['earlyexit_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert lines['earlyexit_tokens_total{kind="completion",method="full"}'] >= 3
+    assert lines['earlyexit_layers_per_token_count{method="full"}'] >= 1
+    assert lines['earlyexit_layers_per_token_bucket{le="29.0",method="full"}'] == 0  # all 30
+    assert "earlyexit_request_seconds_bucket" in text
