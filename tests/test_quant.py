@@ -15,15 +15,19 @@ import torch
 from torch import nn
 
 from earlyexit.engine import LayerEngine
+from earlyexit.engine.kernels import cpu_model
 from earlyexit.engine.quant import (
     GROUP,
     QuantLinear,
     StackedMember,
+    choose_weights,
+    group_error,
     plain_copy,
     quantize_model,
     stack_siblings,
 )
 from earlyexit.models import load_model
+from earlyexit.paths import home
 
 BF16_HALF_ULP = 2.0**-8  # largest relative rounding of one value to bf16 (8-bit significand)
 
@@ -201,3 +205,47 @@ def test_int4_greedy_engine_equals_its_generate(smol_int4: LayerEngine) -> None:
             input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0
         )[:, ids.shape[1] :]
     assert torch.equal(ours, theirs)
+
+
+# ---- dtype "auto" ---------------------------------------------------------------------
+
+
+def _tiny(weight: torch.Tensor) -> nn.Module:
+    model = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    model[0].weight.data.copy_(weight)
+    model.get_output_embeddings = lambda: None
+    return model
+
+
+def test_group_error_tells_4bit_groups_from_other_weights() -> None:
+    gen = torch.Generator().manual_seed(6)
+    exact, _ = q4_1_weight(64, 128, gen)
+    assert group_error(exact) < 1e-6 < 1e-3 < group_error(torch.randn(64, 128, generator=gen))
+
+
+def test_auto_keeps_fp32_for_weights_that_are_not_4bit() -> None:
+    gen = torch.Generator().manual_seed(7)
+    weights, why = choose_weights(_tiny(torch.randn(64, 128, generator=gen)))
+    assert weights == "float32" and "not 4-bit groups" in why and "--dtype int4" in why
+
+
+def test_auto_times_exact_groups_once_per_machine() -> None:
+    """Exact groups are timed (int4 vs fp32 products, cached): the choice names both times
+    and the CPU; a second call reads the cache and decides the same."""
+    gen = torch.Generator().manual_seed(8)
+    model = _tiny(q4_1_weight(256, 512, gen)[0])
+    first = choose_weights(model)
+    cached = list((home() / "kernels").glob("weights-*.json"))
+    assert first[0] in ("int4", "float32") and "ms int4 vs" in first[1] and cpu_model() in first[1]
+    assert len(cached) >= 1 and choose_weights(model) == first
+
+
+@pytest.mark.weights
+def test_auto_on_real_weights(smol: LayerEngine, gemma: LayerEngine) -> None:
+    """smollm2's layers are the GGUF's Q4_1 (exact groups: auto may pick int4); gemma3's
+    Q4_K_M / Q6_K tensors are not min/max groups, so auto keeps fp32 without timing."""
+    from earlyexit.engine.quant import EXACT, _decoder_linears
+
+    assert max(group_error(m.weight) for m in _decoder_linears(smol.model)) < EXACT
+    weights, why = choose_weights(gemma.model)
+    assert weights == "float32" and "not 4-bit groups" in why

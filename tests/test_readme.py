@@ -54,3 +54,62 @@ def test_the_python_api_section_runs_as_written() -> None:
     assert set(result.labels) <= {"negative", "positive"}
     assert "task probe fitted on 40 train prompts" in result.report.artifacts["readout"]
     assert printed.getvalue().strip()
+
+
+def server_section() -> tuple[str, str]:
+    """README's "Server" section: its `earlyexit serve` command and its client block."""
+    text = README.read_text()
+    start = text.index("\n## Server\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end >= 0 else len(text)]
+    (command,) = re.findall(r"^```bash\n(.*?)^```$", section, flags=re.M | re.S)
+    (client,) = re.findall(r"^```python\n(.*?)^```$", section, flags=re.M | re.S)
+    return command.strip(), client
+
+
+@pytest.mark.weights  # the server loads smollm2-135m
+@pytest.mark.slow
+def test_the_server_section_runs_as_written() -> None:
+    """`earlyexit serve` as the README starts it (on a free port instead of 8000), and the
+    README's client code against it."""
+    import shlex
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    command, client = server_section()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    argv = shlex.split(command.replace("8000", port))
+    assert argv[:2] == ["earlyexit", "serve"]
+    executable = Path(sys.executable).with_name("earlyexit")
+    server = subprocess.Popen(
+        [str(executable), *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        namespace: dict = {"__name__": "readme"}
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(
+                compile(client.replace("8000", port), "README.md server client", "exec"), namespace
+            )  # noqa: S102
+        reply = namespace["reply"]
+        assert reply.choices[0].message.content
+        assert reply.model_extra["early_exit"]["method"] == "free"
+        assert printed.getvalue().count("\n") >= 2
+    finally:
+        server.terminate()  # SIGTERM: uvicorn's graceful shutdown, then it re-raises SIGTERM
+        output, _ = server.communicate(timeout=60)
+    assert "Finished server process" in output, output

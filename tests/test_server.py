@@ -292,3 +292,21 @@ def test_metrics_count_requests_tokens_and_layers(server: str, client: openai.Op
     assert lines['earlyexit_layers_per_token_count{method="full"}'] >= 1
     assert lines['earlyexit_layers_per_token_bucket{le="29.0",method="full"}'] == 0  # all 30
     assert "earlyexit_request_seconds_bucket" in text
+
+
+def test_bench_serve_reports_every_method_without_cross_talk(ee: EarlyExit) -> None:
+    from earlyexit.bench.server_bench import render_server_table, run_server_bench
+
+    result = run_server_bench(
+        methods=("full", "lossless", "free"), clients=2, requests=2, max_tokens=4, ee=ee
+    )
+    loads = {m["method"]: m for m in result["methods"]}
+    assert list(loads) == ["full", "lossless", "free"]
+    for method, load in loads.items():
+        assert load["requests"] == 2 and load["errors"] == 0, load["error_messages"]
+        assert load["completion_tokens"] == 8 and load["p95_s"] >= load["p50_s"] > 0
+        # greedy full / lossless answers are compared with their answers alone; free's
+        # threshold learns across requests, so its answers are not
+        assert load["compared"] == (0 if method == "free" else 2) and load["mismatches"] == 0
+    assert loads["full"]["avg_layers"] == 30
+    assert render_server_table(result).row_count == 3

@@ -378,16 +378,18 @@ class EarlyExit:
     def load(
         cls,
         model: str,
-        dtype: str = "float32",
+        dtype: str = "auto",
         threads: int | None = None,
         kernels: str = "auto",
     ) -> EarlyExit:
         """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
         verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
 
-        `threads`: torch's CPU threads (process-wide: torch.set_num_threads). `kernels`:
-        the engine's few-row matmul kernels: `auto` (timed on this machine, cached),
-        `plain` or `skinny`.
+        `dtype`: `auto` (int4 where the weights are exact 4-bit groups, as the built-in
+        smollm2's Q4_1, and int4 was measured faster on this machine; else float32),
+        `float32`, `bfloat16`, `int4` or `int8`. `threads`: torch's CPU threads
+        (process-wide: torch.set_num_threads). `kernels`: the engine's few-row fp32 matmul
+        kernels: `auto` (timed on this machine, cached), `plain` or `skinny`.
         """
         from earlyexit.engine.kernels import MODES
         from earlyexit.models.load import load_model, parse_dtype
@@ -419,7 +421,7 @@ class EarlyExit:
         return self.engine.loaded.name
 
     def __repr__(self) -> str:
-        return f"EarlyExit({self.name!r}, {self.num_layers} layers, {self.engine.dtype})"
+        return f"EarlyExit({self.name!r}, {self.num_layers} layers, {self.engine.weights})"
 
     @property
     def general_readout(self) -> ExitReadout:
@@ -640,6 +642,8 @@ class EarlyExit:
             if method.name not in ("hf", "hf-pld")
             else "the model's own forward (transformers' generate)"
         )
+        why = getattr(self.engine.model.config, "earlyexit_weights_reason", "")
+        artifacts["weights"] = self.engine.weights + (f" ({why})" if why else "")
         built = _Built(decoder, shallow, artifacts, threshold)
         self._decoders[key] = built
         return built

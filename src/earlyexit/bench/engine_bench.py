@@ -108,7 +108,7 @@ def _decoders(
         return run
 
     paths: dict[str, Callable] = {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
-    if engine.dtype == torch.float32 and not _quantized(engine):
+    if engine.weights == "float32":
         paths["engine-plain"] = forced("plain")
         paths["engine-skinny"] = forced("skinny")
     if llama is not None and ids.shape[0] == 1:
@@ -116,10 +116,6 @@ def _decoders(
 
         paths["llama.cpp"] = llama_cpp_decoder(llama, ids, torch.get_num_threads())
     return paths
-
-
-def _quantized(engine: LayerEngine) -> bool:
-    return getattr(engine.model.config, "earlyexit_quantization", None) is not None
 
 
 def _same_until_eos(engine_ids: torch.Tensor, hf_ids: torch.Tensor, eos: int | None) -> bool:
@@ -249,9 +245,14 @@ def run_engine_bench(
     records: list[DecodeRecord] = []
     costs: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
+    weights: dict[str, Any] = {}  # per dtype asked: what the products multiply by, and why
     for dtype in dtypes:
         engine = LayerEngine(load_model(model, dtype=dtype))
         kernels[dtype] = asdict(engine.kernels)
+        weights[dtype] = {
+            "weights": engine.weights,
+            "why": getattr(engine.model.config, "earlyexit_weights_reason", ""),
+        }
         for batch in batches:
             records.extend(_decode_records(engine, dtype, batch, new_tokens, repeats, llama))
         costs[dtype] = layer_costs(engine, layer_iters)
@@ -274,6 +275,7 @@ def run_engine_bench(
         "engine_overhead_by_dtype": overhead,
         "layer_costs": costs,
         "kernels": kernels,
+        "weights": weights,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "llama_cpp": llama_note or "measured on the model's GGUF at batch 1 (Q8_1 activations)",
         "fastest_engine": _fastest(records, small),

@@ -60,7 +60,7 @@ def parse_list(text: str, option: str, convert: Callable[[str], T] = str) -> lis
         raise EarlyExitError(f"{option} must be comma-separated {kind}, got '{text}'") from None
 
 
-def load_engine(model: str, dtype: str = "float32"):  # noqa: ANN201 - returns LayerEngine
+def load_engine(model: str, dtype: str = "auto"):  # noqa: ANN201 - returns LayerEngine
     from earlyexit.engine import LayerEngine
     from earlyexit.models import load_model
 
@@ -83,7 +83,9 @@ MODEL_OPT = typer.Option(
     "smollm2-135m", "--model", "-m", help="Registry name, local dir or hub id."
 )
 DTYPE_OPT = typer.Option(
-    "float32", help="float32, bfloat16, or int4 / int8 (4-bit weight groups, fp32 activations)."
+    "auto",
+    help="auto (int4 where the weights are exact 4-bit groups and int4 is measured faster "
+    "here, else float32), float32, bfloat16, int4 or int8 (4-bit weight groups).",
 )
 READOUT_OPT = typer.Option(
     "probe",

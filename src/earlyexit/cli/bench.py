@@ -67,6 +67,9 @@ def bench_engine(
     console.print(render_table(result))
     console.print(result["llama_cpp"], highlight=False)
     console.print(f"fastest engine path at batch 1: {result['fastest_engine']}")
+    for dtype, chosen in result["weights"].items():
+        if chosen["weights"] != dtype:
+            console.print(f"{dtype}: {chosen['weights']} ({chosen['why']})", highlight=False)
     for dtype, choice in result["kernels"].items():
         how = "cached timings" if choice["cached"] else "timed now"
         console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")
@@ -195,3 +198,40 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+@bench_app.command("serve")
+@friendly
+def bench_serve(
+    model: str = MODEL_OPT,
+    method: str = typer.Option(
+        "full,lossless,free", help=f"Comma-separated methods ({method_list(GENERATION)})."
+    ),
+    clients: int = typer.Option(8, min=1, help="Concurrent streaming clients."),
+    requests: int = typer.Option(48, min=1, help="Requests per method."),
+    max_tokens: int = typer.Option(32, min=1, help="max_tokens of every request."),
+    task: str = typer.Option("samsum", help="Prompts from this generation task."),
+    temperature: float = TEMPERATURE_OPT,
+    dtype: str = DTYPE_OPT,
+    json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
+) -> None:
+    """Load-test `earlyexit serve` on localhost with the openai client: latency, tokens/s,
+    layers per token and cross-talk per method, methods alternating round by round."""
+    from earlyexit.bench.server_bench import render_server_table, run_server_bench
+    from earlyexit.reporting import write_json
+    from earlyexit.runtime.generation import parse_method
+
+    methods = parse_list(method, "--method")
+    for m in methods:
+        parse_method(m)
+    if requests < clients:
+        raise EarlyExitError(f"--requests ({requests}) must be at least --clients ({clients})")
+    result = run_server_bench(
+        model, methods, clients, requests, max_tokens, task, dtype, temperature
+    )
+    console.print(render_server_table(result))
+    if any(m["errors"] or m["mismatches"] for m in result["methods"]):
+        console.print("[red]errors or cross-talk: see the JSON's error_messages[/]")
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")

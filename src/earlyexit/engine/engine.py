@@ -105,6 +105,12 @@ class LayerEngine:
         return self.arch.embed.weight.dtype
 
     @property
+    def weights(self) -> str:
+        """What the products multiply by: float32, bfloat16, int4 or int8."""
+        name = getattr(self.model.config, "earlyexit_weights", "")
+        return name or str(self.dtype).removeprefix("torch.")
+
+    @property
     def device(self) -> torch.device:
         return self.arch.embed.weight.device
 

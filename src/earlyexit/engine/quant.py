@@ -25,6 +25,10 @@ against the fp32 model's.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -254,7 +258,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
             setattr(parent, name, QuantLinear(child.weight, bits))
             swapped += 1
     stack_siblings(model)
-    model.config.earlyexit_quantization = mode
+    model.config.earlyexit_weights = mode
     return swapped
 
 
@@ -269,3 +273,84 @@ def plain_copy(module: nn.Module) -> nn.Module:
                     linear.weight.copy_(child.dequantized())
                 setattr(parent, name, linear)
     return out
+
+
+# ---- "auto": int4 where it is exact and faster on this machine --------------------------
+
+AUTO_MARGIN = 0.9  # int4 must take at most this fraction of fp32's time to be chosen
+EXACT = 1e-6  # 4-bit groups rebuild the fp32 weights to this fraction of their largest |w|
+
+
+def group_error(weight: torch.Tensor) -> float:
+    """How far `weight` [N, K] is from 4-bit groups of 32 (min/max affine, as Q4_1), as a
+    fraction of its largest |w|: about 1e-7 for a dequantized Q4_1 or Q4_0 tensor, about
+    1e-2 for weights that were never 4-bit."""
+    w = weight.detach().float().reshape(weight.shape[0], -1, GROUP)
+    low = w.amin(-1, keepdim=True)
+    step = (w.amax(-1, keepdim=True) - low) / 15
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.round((w - low) / safe).clamp_(0, 15)
+    return float((q * step + low - w).abs().max() / w.abs().max().clamp_min(1e-30))
+
+
+def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    head = model.get_output_embeddings()
+    return [m for m in model.modules() if quantizable(m) and m is not head]
+
+
+def _sweep_seconds(layers: list[nn.Module], rounds: int = 5) -> float:
+    """Median seconds of one 1-row product with every layer in order (a decode step's
+    weight stream)."""
+    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            for layer in layers:
+                layer(inputs[layer.in_features])
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def choose_weights(model: nn.Module, use_cache: bool = True) -> tuple[str, str]:
+    """("int4" or "float32", why) for an fp32 model: int4 only when its decoder weights are
+    exactly 4-bit groups (the GGUF's own Q4_x, so nothing is re-quantized) and the int4
+    products were measured faster than fp32's on this machine (cached per CPU, torch,
+    thread count and shapes)."""
+    from earlyexit.engine.kernels import cpu_model
+    from earlyexit.paths import atomic_file, home
+
+    linears = _decoder_linears(model)
+    if not linears or linears[0].weight.dtype != torch.float32:
+        return "float32", "not an fp32 model with quantizable linear layers"
+    worst = max(group_error(m.weight) for m in linears)
+    if worst > EXACT:
+        return "float32", (
+            f"weights are not 4-bit groups (off by {worst:.1e} of max |w|): int4 would "
+            "re-quantize them; ask for --dtype int4 to do so"
+        )
+    shapes = [tuple(m.weight.shape) for m in linears]
+    cpu, threads = cpu_model(), torch.get_num_threads()
+    key = hashlib.sha256(repr((cpu, torch.__version__, threads, shapes)).encode()).hexdigest()
+    path = home() / "kernels" / f"weights-{key[:16]}.json"
+    if use_cache and path.exists():
+        timing = json.loads(path.read_text())
+    else:
+        quantized = [QuantLinear(m.weight, 4) for m in linears]
+        fp32, int4 = [], []
+        for _ in range(3):  # interleaved: drift hits both
+            fp32.append(_sweep_seconds(linears))
+            int4.append(_sweep_seconds(quantized))
+        timing = {"cpu": cpu, "threads": threads, "fp32_ms": 1e3 * statistics.median(fp32)}
+        timing["int4_ms"] = 1e3 * statistics.median(int4)
+        if use_cache:
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(timing, indent=1))
+    ratio = timing["int4_ms"] / timing["fp32_ms"]
+    measured = (
+        f"decoder products {timing['int4_ms']:.1f} ms int4 vs {timing['fp32_ms']:.1f} ms fp32 "
+        f"per token on {timing['cpu']}, {timing['threads']} threads"
+    )
+    if ratio <= AUTO_MARGIN:
+        return "int4", f"weights are exact 4-bit groups; {measured}"
+    return "float32", f"int4 not faster here: {measured}"

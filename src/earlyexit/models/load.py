@@ -37,19 +37,20 @@ class LoadedModel:
 
 
 QUANTIZED = ("int4", "int8")  # fp32 model, linear weights in 4-bit groups (engine/quant.py)
+AUTO = "auto"  # int4 where exact and measured faster on this machine, else float32
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """The dtype the model is loaded in (int4/int8 load fp32, then quantize the weights)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in QUANTIZED:
+    if dtype in QUANTIZED or dtype == AUTO:
         return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
         raise EarlyExitError(
-            f"unknown dtype '{dtype}': use float32, bfloat16, int8 or int4"
+            f"unknown dtype '{dtype}': use auto, float32, bfloat16, int8 or int4"
         ) from None
 
 
@@ -81,6 +82,8 @@ def resolve_source(name_or_path: str) -> tuple[str, str, str | None]:
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """`dtype`: float32, bfloat16, int4 / int8 (fp32 model, 4-bit-group weights), or auto
+    (int4 where the weights are exact 4-bit groups and int4 was measured faster here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
@@ -97,10 +100,17 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> Loade
         raise EarlyExitError(f"could not load model '{name_or_path}': {first} ({hint})") from None
     model.eval()
     model.requires_grad_(False)
-    if dtype in QUANTIZED:
+    weights, why = (str(dtype).removeprefix("torch."), "asked for") if dtype != AUTO else ("", "")
+    if dtype == AUTO:
+        from earlyexit.engine.quant import choose_weights
+
+        weights, why = choose_weights(model)
+    if weights in QUANTIZED:
         from earlyexit.engine.quant import quantize_model
 
-        quantize_model(model, str(dtype))
+        quantize_model(model, weights)
+    model.config.earlyexit_weights = weights  # what the engine multiplies by, and why
+    model.config.earlyexit_weights_reason = why
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
