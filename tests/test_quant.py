@@ -249,3 +249,10 @@ def test_auto_on_real_weights(smol: LayerEngine, gemma: LayerEngine) -> None:
     assert max(group_error(m.weight) for m in _decoder_linears(smol.model)) < EXACT
     weights, why = choose_weights(gemma.model)
     assert weights == "float32" and "not 4-bit groups" in why
+
+
+@pytest.mark.weights
+def test_int4_model_keeps_the_fp32_fingerprint(smol: LayerEngine, smol_int4: LayerEngine) -> None:
+    """Readouts and draft blocks trained on the fp32 model serve the int4 one (and back)."""
+    assert smol_int4.weights == "int4" and smol.weights == "float32"
+    assert smol_int4.fingerprint == smol.fingerprint

@@ -161,5 +161,7 @@ class Architecture:
 
     def fingerprint_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The input embedding and one weight of the last layer: enough to tell models apart."""
-        weight = self.layers[-1].get_submodule(self.family.fingerprint_weight).weight
-        return self.embed.weight, weight
+        module = self.layers[-1].get_submodule(self.family.fingerprint_weight)
+        # quantized layers (engine/quant.py) keep their source rows: the fp32 model's id
+        weight = getattr(module, "source_rows", None)
+        return self.embed.weight, module.weight if weight is None else weight

@@ -92,6 +92,9 @@ class QuantLinear(nn.Module):
         self._parts = [(scale.to(ACT), zero.to(ACT)) for scale, zero in parts]
         self._pack_all()
         self._weight: torch.Tensor | None = None
+        # the source weights' first rows, exactly: model fingerprints stay those of the
+        # fp32 model, so readouts and draft blocks trained on it serve this one
+        self.source_rows = weight.detach()[:8].float().clone()
 
     def _pack_all(self) -> None:
         pad = self.padded - self.out_features
@@ -188,6 +191,7 @@ def _stacked_state(members: list[QuantLinear], weight: torch.Tensor) -> dict:
             for i in range(len(first._parts))
         ],
         "_weight": None,
+        "source_rows": weight[:8].clone(),
     }
 
 
@@ -209,6 +213,10 @@ class StackedMember(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.member.weight
+
+    @property
+    def source_rows(self) -> torch.Tensor:
+        return self.member.source_rows
 
     def dequantized(self) -> torch.Tensor:
         return self.member.dequantized()
