@@ -266,6 +266,11 @@ def quantize_model(model: nn.Module, mode: str) -> int:
             setattr(parent, name, QuantLinear(child.weight, bits))
             swapped += 1
     stack_siblings(model)
+    # verify passes bit-identical to one-token steps (rowwise.py: bf16 rounding would
+    # turn SDPA's query-count-dependent noise into flipped tokens)
+    from earlyexit.engine.rowwise import ROWWISE
+
+    model.config._attn_implementation = ROWWISE
     model.config.earlyexit_weights = mode
     return swapped
 
