@@ -300,3 +300,22 @@ def test_int4_lossless_is_exactly_greedy(smol_int4: LayerEngine) -> None:
         out = ee.generate(prompt, method=method, max_new_tokens=48)
         assert out.tokens == full.tokens, method
         assert out.report.draft_accepted > 0  # verify passes over several rows happened
+
+
+@pytest.mark.weights
+def test_int4_padded_batch_generate_equals_the_engine(smol_int4: LayerEngine) -> None:
+    """The model's own generate on a left-padded batch builds SDPA masks for the row-wise
+    attention too: same tokens as the engine (a 2-D mask passed through would not)."""
+    ids, pad = smol_int4.encode(["Water boils at", "Once upon a time, in a land far far away"])
+    ours = smol_int4.greedy(ids, 10, pad)
+    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    with torch.inference_mode():
+        theirs = smol_int4.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=smol_int4.tokenizer.pad_token_id,
+        )[:, ids.shape[1] :]
+    assert torch.equal(ours, theirs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ROWWISE = "earlyexit_rowwise"
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
@@ -60,3 +61,6 @@ def rowwise_attention(
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)
+# the model's own forward / generate builds its masks by attention name: SDPA's masks
+# (without this, transformers passes the 2-D padding mask through unchanged)
+AttentionMaskInterface.register(ROWWISE, sdpa_mask)
