@@ -68,3 +68,36 @@ def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     assert records["static"]["shallow_fraction"] == 1.0 and records["full"]["avg_layers"] == 30
     assert all(r["n"] == 2 and r["task"] == "squad" for r in records.values())
     assert all(r["shallow_layer"] == 24 for r in records.values())  # default: 4/5 of 30
+
+
+def test_bench_generate_on_a_users_file(tmp_path: Path) -> None:
+    """--data with fields, a template and a metric: the built-in record keys, plus the rows
+    of the file that were used (a seeded sample, not the first rows)."""
+    data = tmp_path / "notes.csv"
+    lines = ["text,summary"] + [
+        f'"Tom meets Ann at {h} at the station.",Tom meets Ann at {h}.' for h in range(1, 9)
+    ]
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "gen.json"
+    args = ["bench", "generate", "--data", str(data), "--prompt-field", "text"]
+    args += ["--reference-field", "summary", "--template", "Summarize: {prompt}"]
+    args += [
+        "--metric",
+        "rougeL",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--method",
+        "full,lossless",
+    ]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())["records"]
+    assert [r["method"] for r in records] == ["full", "lossless"]
+    for record in records:
+        assert record["task"] == "notes" and record["metric"] == "rougeL" and record["n"] == 3
+        assert len(record["rows"]) == 3 and set(record["rows"]) <= set(range(8))
+    assert records[0]["rows"] == records[1]["rows"] != [0, 1, 2]
+    bad = runner.invoke(app, [*args[:-2], "--method", "full", "--prompt-field", "body"])
+    assert bad.exit_code == 2 and "no field 'body'" in bad.output

@@ -60,3 +60,53 @@ def test_generation_sweep_plot(tmp_path: Path) -> None:
     ]
     png = plot_generation_sweep(records, "t", tmp_path / "g.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- a user's own generation file -----------------------------------------------------
+
+
+def _qa_file(tmp_path, rows):  # noqa: ANN001, ANN202
+    import json
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_generation_file_items_are_a_seeded_sample(tmp_path) -> None:  # noqa: ANN001
+    from earlyexit.tasks.generation import load_generation_file
+
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(30)]
+    rows[5]["a"] = ["answer 5", "five"]  # several references as a JSON list
+    path = _qa_file(tmp_path, rows)
+    task = load_generation_file(path, "q", "a", "Answer briefly: {prompt}", "exact", 16, seed=1)
+    items = task.items()
+    assert task.name == "qa" and task.metric == "em" and task.max_new_tokens == 16
+    assert sorted(item.row for item in items) == list(range(30))
+    assert [item.row for item in items[:10]] != list(range(10))  # not file order
+    for item in items:
+        assert item.instruction == f"Answer briefly: question {item.row}"
+    assert next(i for i in items if i.row == 5).references == ("answer 5", "five")
+    again = load_generation_file(path, "q", "a", "Answer briefly: {prompt}", "exact", 16, seed=1)
+    assert [i.row for i in again.items(10)] == [i.row for i in task.items(10)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "args", "message"),
+    [
+        ([{"q": "x", "a": "y"}], ("q", "answer"), "no field 'answer'.*fields present: q, a"),
+        ([{"q": " ", "a": "y"}], ("q", "a"), "'q' is empty"),
+        ([{"q": "x", "a": []}], ("q", "a"), "'a' needs a non-empty string"),
+        ([{"q": "x", "a": "y"}], ("q", "a", "{prompt}", "meteor"), "unknown metric 'meteor'"),
+        ([{"q": "x", "a": "y"}], ("q", "a", "Summarize:"), "must contain \\{prompt\\}"),
+        ([], ("q", "a"), "holds no rows"),
+    ],
+)
+def test_generation_file_errors(tmp_path, rows, args, message) -> None:  # noqa: ANN001
+    from earlyexit.errors import EarlyExitError
+    from earlyexit.tasks.generation import load_generation_file
+
+    path = _qa_file(tmp_path, rows)
+    with pytest.raises(EarlyExitError, match=message) as info:
+        load_generation_file(path, *args)
+    assert "\n" not in str(info.value)

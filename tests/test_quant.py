@@ -319,3 +319,29 @@ def test_int4_padded_batch_generate_equals_the_engine(smol_int4: LayerEngine) ->
             pad_token_id=smol_int4.tokenizer.pad_token_id,
         )[:, ids.shape[1] :]
     assert torch.equal(ours, theirs)
+
+
+def test_many_rows_use_the_measured_dense_product() -> None:
+    """Prefill-sized products may run on a dense copy (the int4 kernel is slow there); up to
+    SMALL_ROWS rows (verify passes) the int4 kernel always serves."""
+    from earlyexit.engine.quant import SMALL_ROWS, choose_many_rows
+
+    gen = torch.Generator().manual_seed(10)
+    model = _tiny(q4_1_weight(64, 128, gen)[0])
+    model.config = type("Config", (), {})()
+    quantize_model(model, "int4")
+    layer = model[0]
+    choice = layer.many_rows
+    assert choice in ("int4", "bf16", "fp32") and choose_many_rows(model) == choice  # cached
+    few = torch.randn(SMALL_ROWS, 128, generator=gen)
+    many = torch.randn(3 * SMALL_ROWS, 128, generator=gen)
+    kernel = {}
+    for rows in (few, many):
+        layer.many_rows = "int4"
+        kernel[rows.shape[0]] = layer(rows)
+    for dense in ("bf16", "fp32"):
+        layer.many_rows, layer._dense_weight = dense, None
+        assert torch.equal(layer(few), kernel[SMALL_ROWS])
+        out = layer(many)
+        scale = many.abs() @ layer.dequantized().abs().T
+        assert ((out - kernel[3 * SMALL_ROWS]).abs() <= 2.0**-7 * scale).all()

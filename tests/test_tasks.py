@@ -301,7 +301,26 @@ def test_custom_csv_with_quoted_fields(tmp_path: Path) -> None:
     path = tmp_path / "q.csv"
     path.write_text('text,label\n"hello, world",a\n"two\nlines",b\n"x",a\n', encoding="utf-8")
     task = load_custom_task(path, "text", "label", {"a": "yes", "b": "no"}, demo_pool=0)
-    assert [ex.text for ex in task.test()] == ["hello, world", "two lines", "x"]
+    texts = {ex.row: ex.text for ex in task.test()}
+    assert texts == {0: "hello, world", 1: "two lines", 2: "x"}
+
+
+def test_custom_test_order_is_a_fair_seeded_sample(tmp_path: Path) -> None:
+    """A file sorted by label: the first 20 test rows hold both classes (file order would
+    give one), the order is the seed's, and every example knows its data row."""
+    path = tmp_path / "sorted.jsonl"
+    rows = [{"t": f"neg {i}", "y": 0} for i in range(100)] + [
+        {"t": f"pos {i}", "y": 1} for i in range(100)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    words = {"0": "negative", "1": "positive"}
+    task = load_custom_task(path, "t", "y", words, demo_pool=20, seed=3)
+    first = task.examples("test", 20)
+    assert 5 <= sum(ex.label for ex in first) <= 15
+    assert all(rows[ex.row]["t"] == ex.text for ex in task.test())
+    again = load_custom_task(path, "t", "y", words, demo_pool=20, seed=3).examples("test", 20)
+    other = load_custom_task(path, "t", "y", words, demo_pool=20, seed=4).examples("test", 20)
+    assert again == first and other != first
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def bench_generate(
         "full,static,free,lossless", help=f"Comma-separated: {method_list(GENERATION)}."
     ),
     shallow_layer: int | None = SHALLOW_OPT,
-    limit: int = typer.Option(20, min=1, help="Items (first N)."),
+    limit: int = typer.Option(20, min=1, help="Items (first N; of --data: a seeded sample)."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Default: the task's."),
     target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
     measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
@@ -109,6 +109,15 @@ def bench_generate(
     plots: Path | None = typer.Option(None, help="With --sweep: one PNG per task here."),
     draft_tokens: int | None = DRAFT_TOKENS_OPT,
     block_layer: int | None = BLOCK_LAYER_OPT,
+    data: Path | None = typer.Option(
+        None, help="Your own CSV/TSV/JSONL file instead of --task (a seeded sample of it)."
+    ),
+    prompt_field: str = typer.Option("prompt", help="With --data: the prompt field."),
+    reference_field: str = typer.Option("reference", help="With --data: the reference field."),
+    template: str = typer.Option(
+        "{prompt}", help="With --data: wraps the prompt field, e.g. 'Summarize: {prompt}'."
+    ),
+    metric: str = typer.Option("rougeL", help="With --data: rougeL, f1, bleu or exact."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -120,7 +129,22 @@ def bench_generate(
     from earlyexit.runtime.generation import GenConfig, parse_method
     from earlyexit.tasks.generation import get_generation_task
 
-    tasks = [get_generation_task(name) for name in parse_list(task, "--task")]
+    if data is not None:
+        from earlyexit.tasks.generation import load_generation_file
+
+        tasks = [
+            load_generation_file(
+                data,
+                prompt_field,
+                reference_field,
+                template.replace("\\n", "\n"),  # a typed \n is a newline
+                metric,
+                max_new_tokens or 64,
+                seed,
+            )
+        ]
+    else:
+        tasks = [get_generation_task(name) for name in parse_list(task, "--task")]
     methods = parse_list(method, "--method")
     for level in parse_list(sweep, "--sweep", float) if sweep else []:
         methods += [f"calm:{level}", f"free:{level}"]

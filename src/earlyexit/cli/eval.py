@@ -49,6 +49,11 @@ def eval_command(
     labels: str | None = typer.Option(
         None, help="With --data: label=word pairs ('0=negative,1=positive') or a YAML/JSON file."
     ),
+    template: str | None = typer.Option(
+        None,
+        help="With --data: the prompt around each text, e.g. 'Review: {text}\nSentiment:' "
+        "(default 'Input: {text}\nLabel:'); '\n' is a newline.",
+    ),
     dtype: str = DTYPE_OPT,
     sweep: bool = typer.Option(False, help="Also replay threshold/tolerance/k sweeps."),
     plots: Path | None = typer.Option(None, help="Write one sweep PNG per task into this dir."),
@@ -67,7 +72,7 @@ def eval_command(
     from earlyexit.tasks.builtin import get_task
 
     if data is not None:
-        tasks = [_custom_task(data, text_column, label_column, labels, seed)]
+        tasks = [_custom_task(data, text_column, label_column, labels, seed, template)]
     else:
         tasks = [get_task(name) for name in parse_list(task, "--task")]
     methods = parse_list(method, "--method")
@@ -123,7 +128,14 @@ def eval_command(
         console.print(f"wrote {markdown}")
 
 
-def _custom_task(data: Path, text_column: str, label_column: str, labels: str | None, seed: int):  # noqa: ANN202
+def _custom_task(  # noqa: ANN202
+    data: Path,
+    text_column: str,
+    label_column: str,
+    labels: str | None,
+    seed: int,
+    template: str | None = None,
+):
     from earlyexit.tasks.custom import load_custom_task
 
     if not labels:
@@ -134,7 +146,13 @@ def _custom_task(data: Path, text_column: str, label_column: str, labels: str | 
         if any(len(pair) != 2 for pair in pairs):
             raise EarlyExitError(f"--labels must be label=word pairs, got '{labels}'")
         label_words = {key.strip(): word for key, word in pairs}
-    return load_custom_task(data, text_column, label_column, label_words, seed=seed)
+    if template is not None:
+        if "{text}" not in template:
+            raise EarlyExitError(
+                "--template must contain {text}, e.g. 'Review: {text}\\nSentiment:'"
+            )
+        template = template.replace("\\n", "\n")  # a typed \n is a newline
+    return load_custom_task(data, text_column, label_column, label_words, template, seed=seed)
 
 
 def render_records(records: list[dict], title: str) -> Table:

@@ -41,6 +41,10 @@ ACT = torch.bfloat16  # the kernel's fast activation and scale dtype (see the do
 # projections that read the same input: one product over their stacked rows
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+# products over more rows than a verify pass (prefill) may use a dense dequantized weight;
+# up to this many rows the int4 kernel always serves, so verify passes stay row-invariant
+SMALL_ROWS = 8
+DENSE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
@@ -92,6 +96,8 @@ class QuantLinear(nn.Module):
         self._parts = [(scale.to(ACT), zero.to(ACT)) for scale, zero in parts]
         self._pack_all()
         self._weight: torch.Tensor | None = None
+        self.many_rows = "int4"  # the product for > SMALL_ROWS rows (choose_many_rows)
+        self._dense_weight: torch.Tensor | None = None
         # the source weights' first rows, exactly: model fingerprints stay those of the
         # fp32 model, so readouts and draft blocks trained on it serve this one
         self.source_rows = weight.detach()[:8].float().clone()
@@ -108,13 +114,25 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step is ~200 of these products of a few microseconds each: few ops here
-        flat = x.reshape(-1, self.in_features).to(ACT)
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > SMALL_ROWS and self.many_rows != "int4":
+            return self._dense(flat).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        flat = flat.to(ACT)
         out = _MM(flat, self.packed[0], GROUP, self.scales[0])
         if self.bits == 8:
             out.add_(_MM(flat, self.packed[1], GROUP, self.scales[1]))
         if self.padded != self.out_features:
             out = out[:, : self.out_features]
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """A many-row product (prefill) on the dequantized weight, in `many_rows`'s dtype:
+        the int4 kernel is built for few rows (2400 rows: 33 ms against 2 ms for bf16 on
+        the Xeon we measured). The weight is made on first use and kept."""
+        dtype = DENSE[self.many_rows]
+        if self._dense_weight is None:
+            self._dense_weight = self.dequantized().to(dtype)
+        return nn.functional.linear(flat.to(dtype), self._dense_weight)
 
     def planes(self) -> list[torch.Tensor]:
         """Per 4-bit plane, the fp32 weight the kernel multiplies by: (q - 8) * scale + zero
@@ -145,7 +163,7 @@ class QuantLinear(nn.Module):
         part._parts = [(s.index_select(0, ids), z.index_select(0, ids)) for s, z in self._parts]
         part.out_features = len(ids)
         part.padded = -(-part.out_features // TILE) * TILE
-        part._weight = None
+        part._weight, part._dense_weight = None, None
         part._pack_all()
         return part
 
@@ -192,6 +210,8 @@ def _stacked_state(members: list[QuantLinear], weight: torch.Tensor) -> dict:
         ],
         "_weight": None,
         "source_rows": weight[:8].clone(),
+        "many_rows": "int4",
+        "_dense_weight": None,
     }
 
 
@@ -220,6 +240,15 @@ class StackedMember(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return self.member.dequantized()
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """A many-row product (prefill) on the dequantized weight, in `many_rows`'s dtype:
+        the int4 kernel is built for few rows (2400 rows: 33 ms against 2 ms for bf16 on
+        the Xeon we measured). The weight is made on first use and kept."""
+        dtype = DENSE[self.many_rows]
+        if self._dense_weight is None:
+            self._dense_weight = self.dequantized().to(dtype)
+        return nn.functional.linear(flat.to(dtype), self._dense_weight)
 
     def planes(self) -> list[torch.Tensor]:
         return self.member.planes()
@@ -266,6 +295,9 @@ def quantize_model(model: nn.Module, mode: str) -> int:
             setattr(parent, name, QuantLinear(child.weight, bits))
             swapped += 1
     stack_siblings(model)
+    many = choose_many_rows(model)
+    for layer in _products(model):
+        layer.many_rows = many
     # verify passes bit-identical to one-token steps (rowwise.py: bf16 rounding would
     # turn SDPA's query-count-dependent noise into flipped tokens)
     from earlyexit.engine.rowwise import ROWWISE
@@ -367,3 +399,53 @@ def choose_weights(model: nn.Module, use_cache: bool = True) -> tuple[str, str]:
     if ratio <= AUTO_MARGIN:
         return "int4", f"weights are exact 4-bit groups; {measured}"
     return "float32", f"int4 not faster here: {measured}"
+
+
+def _products(model: nn.Module) -> list[QuantLinear]:
+    """The QuantLinear layers that multiply: unstacked ones and the stacked groups'."""
+    found: dict[int, QuantLinear] = {}
+    for module in model.modules():
+        if isinstance(module, StackedMember):
+            linear = module.group_ref[0].linear
+            found[id(linear)] = linear
+        elif isinstance(module, QuantLinear) and module.packed:
+            found[id(module)] = module
+    return list(found.values())
+
+
+def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -> str:
+    """The fastest product for many rows (prefill) on this machine: the int4 kernel, or a
+    dense bf16 / fp32 copy of the dequantized weight; timed once on the model's largest
+    quantized layer at `rows` rows and cached per CPU, torch, threads and shape."""
+    from earlyexit.engine.kernels import cpu_model
+    from earlyexit.paths import atomic_file, home
+
+    layers = [m for m in _products(model) if m.bits == 4] or _products(model)
+    if not layers:
+        return "int4"
+    layer = max(layers, key=lambda m: m.out_features * m.in_features)
+    shape = (layer.out_features, layer.in_features, layer.bits)
+    cpu, threads = cpu_model(), torch.get_num_threads()
+    key = hashlib.sha256(repr((cpu, torch.__version__, threads, shape, rows)).encode())
+    path = home() / "kernels" / f"many-rows-{key.hexdigest()[:16]}.json"
+    if use_cache and path.exists():
+        return json.loads(path.read_text())["choice"]
+    x = torch.randn(rows, layer.in_features)
+    dense = {name: layer.dequantized().to(dtype) for name, dtype in DENSE.items()}
+    products = {
+        "int4": lambda: _MM(x.to(ACT), layer.packed[0], GROUP, layer.scales[0]),
+        **{name: (lambda w=w: nn.functional.linear(x.to(w.dtype), w)) for name, w in dense.items()},
+    }
+    times: dict[str, list[float]] = {name: [] for name in products}
+    with torch.inference_mode():
+        for _ in range(5):  # interleaved; the first round is a warm-up
+            for name, product in products.items():
+                start = time.perf_counter()
+                product()
+                times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
+    choice = min(ms, key=ms.get)
+    if use_cache:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"cpu": cpu, "rows": rows, "ms": ms, "choice": choice}))
+    return choice

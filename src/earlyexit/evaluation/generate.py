@@ -97,6 +97,8 @@ def bench_generation(
                 # seconds per drafted token, in decode-phase tokens of `full`
                 "draft_cost": _draft_cost(results, full_rate),
                 "seconds": sum(r.seconds for r in results),
+                # which rows of a user's file were used (None for built-in tasks)
+                "rows": [item.row for item in items] if items[0].row is not None else None,
             }
         )
     return records

@@ -137,6 +137,8 @@ def evaluate_task(
                 "policy": policy.describe(),
                 "readout": config.readout,
                 "n": len(examples),
+                # which rows of a user's file were tested (None for built-in tasks)
+                "rows": [ex.row for ex in examples] if examples[0].row is not None else None,
                 "shots": config.shots,
                 "batch": config.batch,
                 "calibration": len(calibration.examples) if calibration else 0,

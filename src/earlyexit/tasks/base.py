@@ -30,6 +30,7 @@ class Example:
     text: str
     label: int
     choices: tuple[str, ...] | None = None
+    row: int | None = None  # a user file's data row (0-based), for the records
 
 
 @dataclass

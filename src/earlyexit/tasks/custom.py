@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -34,7 +35,8 @@ def load_custom_task(
     seed: int = 0,
 ) -> Task:
     """A task over one file: a seeded pool of `demo_pool` rows (default: a fifth, at most
-    200) serves the demonstrations and the remaining rows are the test set.
+    200) serves the demonstrations and the remaining rows, in a seeded order, are the test
+    set (so its first N are a fair sample).
 
     `label_words` maps each label value as written in the file to its word (a leading space
     is added if missing), or names a YAML/JSON file holding that map; its order sets the
@@ -143,7 +145,11 @@ def _split(
             )
         text = row[text_column]
         examples.append(
-            Example(" ".join(str(text if text is not None else "").split()), classes[label])
+            Example(
+                " ".join(str(text if text is not None else "").split()),
+                classes[label],
+                row=len(examples),
+            )
         )
     if not examples:
         raise EarlyExitError(f"{file} holds no examples; add rows under a header line")
@@ -153,6 +159,9 @@ def _split(
             f"demo_pool={n_pool} leaves no test examples in {file} ({len(examples)} rows)"
         )
     pool, test = seeded_split(tuple(examples), n_pool, seed)
+    # the test side in a seeded order, not file order: `--limit N` is then a fair sample
+    # even of a file sorted by label (many public sentiment files are)
+    random.Random(seed + 1).shuffle(test)
     return tuple(pool), tuple(test)
 
 

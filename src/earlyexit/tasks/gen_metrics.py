@@ -66,7 +66,7 @@ def task_scores(
         return rouge(predictions, references)
     if metric == "bleu":
         return bleu(predictions, references)
-    if metric in ("f1", "em"):
+    if metric in ("f1", "em"):  # em: exact match after SQuAD's normalisation
         return squad(predictions, references)
     raise ValueError(f"unknown generation metric {metric}")
 

@@ -11,6 +11,7 @@ import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from earlyexit.errors import EarlyExitError
@@ -24,6 +25,7 @@ DOCUMENT_CHARS = 1500  # keep prompts short enough for a small model and a 2-cor
 class GenerationItem:
     instruction: str
     references: tuple[str, ...]
+    row: int | None = None  # a user file's data row (0-based), for the records
 
 
 @dataclass
@@ -115,6 +117,63 @@ GENERATION_TASKS: dict[str, GenerationTask] = {
     "squad": GenerationTask("squad", _squad, "f1", 16),
     "iwslt-en-de": GenerationTask("iwslt-en-de", _iwslt, "bleu", 64),
 }
+
+
+METRICS = ("rougeL", "f1", "bleu", "exact")
+
+
+def load_generation_file(
+    path: str | Path,
+    prompt_field: str,
+    reference_field: str,
+    template: str = "{prompt}",
+    metric: str = "rougeL",
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> GenerationTask:
+    """A user's CSV/TSV/JSONL file as a generation task. `template` wraps the prompt field
+    (then the chat template, as for built-in tasks); several references may be given as a
+    JSON list in the reference field. Items come in a seeded random order, so any prefix
+    (`--limit N`) is a fair sample of the file; each item keeps its data row."""
+    import random
+
+    from earlyexit.tasks.custom import FORMATS, _rows
+
+    if metric not in METRICS:
+        raise EarlyExitError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
+    if "{prompt}" not in template:
+        raise EarlyExitError("the template must contain {prompt}, e.g. 'Summarize: {prompt}'")
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise EarlyExitError(f"dataset file {file} does not exist; check the path")
+    fmt = FORMATS.get(file.suffix.lower())
+    if fmt is None:
+        raise EarlyExitError(
+            f"unsupported dataset file type '{file.suffix or file.name}': use {', '.join(FORMATS)}"
+        )
+    items = []
+    for index, (where, row) in enumerate(_rows(file, fmt)):
+        for field_name in (prompt_field, reference_field):
+            if field_name not in row:
+                present = ", ".join(str(c) for c in row) or "none"
+                raise EarlyExitError(
+                    f"{file}: no field '{field_name}' ({where}); fields present: {present}"
+                )
+        prompt, reference = row[prompt_field], row[reference_field]
+        refs = reference if isinstance(reference, list) else [reference]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EarlyExitError(f"{file} {where}: '{prompt_field}' is empty; fill or drop it")
+        if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise EarlyExitError(
+                f"{file} {where}: '{reference_field}' needs a non-empty string (or a list of them)"
+            )
+        instruction = template.replace("{prompt}", prompt.strip())
+        items.append(GenerationItem(instruction, tuple(r.strip() for r in refs), index))
+    if not items:
+        raise EarlyExitError(f"{file} holds no rows; add rows under a header line")
+    random.Random(seed).shuffle(items)
+    internal = "em" if metric == "exact" else metric
+    return GenerationTask(file.stem, lambda: list(items), internal, max_new_tokens)
 
 
 def get_generation_task(name: str) -> GenerationTask:
