@@ -42,7 +42,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def _clean_ptb(text: str) -> str:
+def clean_ptb(text: str) -> str:
     # SST keeps PTB bracket tokens; the model has seen parentheses, not "-lrb-"
     return (
         text.replace("-lrb-", "(").replace("-rrb-", ")").replace("-LRB-", "(").replace("-RRB-", ")")
@@ -61,7 +61,7 @@ def _label_lines(path: Path, num_classes: int) -> tuple[Example, ...]:
             raise EarlyExitError(
                 f"{path} line {lineno} is not '<label> <sentence>'; check the file"
             )
-        rows.append(Example(_clean_ptb(" ".join(text.split())), int(head)))
+        rows.append(Example(clean_ptb(" ".join(text.split())), int(head)))
     return tuple(rows)
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 
 def sst2_docs(dataset):  # noqa: ANN001, ANN201 - a datasets.Dataset
-    """stsa.binary lines are "<label> <sentence>"."""
+    """stsa.binary lines are "<label> <sentence>"; the sentence cleaned as `earlyexit eval`
+    cleans it (whitespace, PTB bracket tokens), so both score the same prompts."""
+    from earlyexit.tasks.builtin import clean_ptb
 
     def split(row: dict) -> dict:
         label, _, sentence = row["text"].partition(" ")
-        return {"label": int(label), "sentence": sentence.strip()}
+        return {"label": int(label), "sentence": clean_ptb(" ".join(sentence.split()))}
 
     return dataset.map(split, remove_columns=dataset.column_names)
 
