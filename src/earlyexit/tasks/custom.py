@@ -43,15 +43,7 @@ def load_custom_task(
     class indices. The file is read when examples are first asked for, but checked now, so
     that a bad file fails before any model is loaded.
     """
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise EarlyExitError(f"dataset file {file} does not exist; check the path")
-    fmt = FORMATS.get(file.suffix.lower())
-    if fmt is None:
-        raise EarlyExitError(
-            f"unsupported dataset file type '{file.suffix or file.name}': "
-            f"use {', '.join(FORMATS)} (e.g. convert {file.name} to CSV)"
-        )
+    file, fmt = dataset_file(path)
     words = _label_map(label_words)
     index = {label: i for i, label in enumerate(words)}
     task_name = name or file.stem
@@ -71,6 +63,20 @@ def load_custom_task(
     )
     split()  # validate eagerly: columns, labels, JSON syntax
     return task
+
+
+def dataset_file(path: str | Path) -> tuple[Path, str]:
+    """A user's dataset file, resolved, and its format (csv, tsv or jsonl)."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise EarlyExitError(f"dataset file {file} does not exist; check the path")
+    fmt = FORMATS.get(file.suffix.lower())
+    if fmt is None:
+        raise EarlyExitError(
+            f"unsupported dataset file type '{file.suffix or file.name}': "
+            f"use {', '.join(FORMATS)} (e.g. convert {file.name} to CSV)"
+        )
+    return file, fmt
 
 
 def _label_map(spec: Mapping[str, str] | str | Path) -> dict[str, str]:

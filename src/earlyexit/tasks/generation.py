@@ -137,20 +137,13 @@ def load_generation_file(
     (`--limit N`) is a fair sample of the file; each item keeps its data row."""
     import random
 
-    from earlyexit.tasks.custom import FORMATS, _rows
+    from earlyexit.tasks.custom import _rows, dataset_file
 
     if metric not in METRICS:
         raise EarlyExitError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
     if "{prompt}" not in template:
         raise EarlyExitError("the template must contain {prompt}, e.g. 'Summarize: {prompt}'")
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise EarlyExitError(f"dataset file {file} does not exist; check the path")
-    fmt = FORMATS.get(file.suffix.lower())
-    if fmt is None:
-        raise EarlyExitError(
-            f"unsupported dataset file type '{file.suffix or file.name}': use {', '.join(FORMATS)}"
-        )
+    file, fmt = dataset_file(path)
     items = []
     for index, (where, row) in enumerate(_rows(file, fmt)):
         for field_name in (prompt_field, reference_field):
