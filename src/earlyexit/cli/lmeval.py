@@ -17,7 +17,7 @@ def lm_eval_command(
     tasks: str = typer.Option(
         ...,
         help="Comma-separated harness tasks: the local ee_sst2, ee_boolq, ee_arc_easy, "
-        "ee_piqa, ee_samsum, or any task the harness can load.",
+        "ee_piqa, ee_mmlu, ee_samsum, ee_squad, or any task the harness can load.",
     ),
     model: str = MODEL_OPT,
     method: str = typer.Option("full", help=f"Generation method ({method_list(GENERATION)})."),

@@ -44,3 +44,28 @@ def samsum_rouge(doc: dict, results: list[str]) -> dict[str, float]:
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return {"rougeL": scorer.score(doc["summary"], results[0].strip())["rougeL"].fmeasure}
+
+
+def squad_docs(dataset):  # noqa: ANN001, ANN201
+    """SQuAD v1.1's articles -> one row per question (context, question, answers)."""
+    import datasets
+
+    rows = [
+        {
+            "context": paragraph["context"],
+            "question": qa["question"],
+            "answers": [answer["text"] for answer in qa["answers"]],
+        }
+        for article in dataset
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def squad_scores(doc: dict, results: list[str]) -> dict[str, float]:
+    """The official SQuAD v1.1 exact match and token F1 (earlyexit's implementation)."""
+    from earlyexit.tasks.gen_metrics import squad
+
+    scores = squad([results[0].strip()], [tuple(doc["answers"])])
+    return {"exact": scores["em"], "f1": scores["f1"]}
