@@ -117,3 +117,27 @@ def test_unknown_task_is_one_line(lm: EarlyExitLM) -> None:
 
     with pytest.raises(EarlyExitError, match="unknown harness task 'ee_nope'"):
         run_harness("smollm2-135m", "full", ["ee_nope"], limit=1, lm=lm)
+
+
+def test_scoring_at_the_confidence_exit(smol: LayerEngine) -> None:
+    """score_exit=confidence:T scores each request at the first layer whose readout gap at
+    the context's end reaches T: T = 1 never exits (the full model's scores), a
+    low T exits early and changes the scores; each request's layer is recorded."""
+    ee = EarlyExit.from_engine(smol)
+    pairs = [("Review: a gripping film\nSentiment:", " positive"), ("Water boils at", " 100")]
+    requests = _requests("loglikelihood", pairs)
+    full = EarlyExitLM(ee=ee).loglikelihood(requests, True)
+    never = EarlyExitLM(ee=ee, score_exit="confidence:1.0")
+    last = never.loglikelihood(requests, True)
+    assert never.exit_layers == [30, 30]
+    for (score, greedy), (expected, expected_greedy) in zip(last, full, strict=True):
+        # the head runs per row here, over the batch there: 2.6e-6 apart (fp32)
+        assert score == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    early = EarlyExitLM(ee=ee, score_exit="confidence:0.01")
+    scores = early.loglikelihood(requests, True)
+    assert all(layer < 30 for layer in early.exit_layers) and len(early.exit_layers) == 2
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(scores, full, strict=True))
+    from earlyexit.errors import EarlyExitError
+
+    with pytest.raises(EarlyExitError, match="confidence:T"):
+        EarlyExitLM(ee=ee, score_exit="adainfer")

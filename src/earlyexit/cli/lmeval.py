@@ -33,6 +33,11 @@ def lm_eval_command(
         help="Score loglikelihoods at this layer instead of the last (changes "
         "every score: it measures the layer-K model).",
     ),
+    score_exit: str | None = typer.Option(
+        None,
+        help="Score each loglikelihood at the layer `confidence:T` picks for its context "
+        "(first layer whose top-1 minus top-2 gap >= T; changes every score).",
+    ),
 ) -> None:
     """Run harness tasks with earlyexit as the model; print the harness's table."""
     try:
@@ -56,8 +61,16 @@ def lm_eval_command(
         num_fewshot,
         apply_chat_template,
         score_layer,
+        score_exit=score_exit,
     )
     console.print(make_table(results), highlight=False)
+    exits = results["earlyexit"]["score_exit"]
+    if exits:
+        console.print(
+            f"scored at the {score_exit} exit: mean layer {exits['mean_layer']:.1f} of "
+            f"{exits['requests']} requests",
+            highlight=False,
+        )
     summary = results["earlyexit"]["generation"]
     if summary:
         console.print(

@@ -5,10 +5,14 @@
   through the chosen generation method (full, free, lossless, calm, ...); greedy unless the
   task asks to sample.
 - `loglikelihood` / `loglikelihood_rolling`: the engine's prefill over context +
-  continuation, read out at the last layer (the full model: the default), or, with
-  `score_layer=K`, at layer K through the model's own norm and head (the saved readout's
-  adapter if one is trained). Scoring at an exit layer changes every score: it measures
-  what the layer-K model knows, not the full model.
+  continuation, read out at the last layer (the full model: the default), or
+  - with `score_layer=K`, at layer K through the model's own norm and head (the saved
+    readout's adapter if one is trained);
+  - with `score_exit=confidence:T`, at the layer `earlyexit eval`'s `confidence:T` method
+    picks for the context: the first whose readout at the context's last position has a
+    top-1 minus top-2 probability gap >= T (the last layer if none).
+  Scoring at an exit layer changes every score: it measures what the layer-K model knows,
+  not the full model; `exit_layers` records the layer each request was scored at.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class EarlyExitLM(LM):
         dtype: str = "auto",
         batch_size: int | str = 8,
         score_layer: int | str | None = None,
+        score_exit: str | None = None,
         max_length: int | str | None = None,
         ee: EarlyExit | None = None,
         **knobs: Any,
@@ -55,6 +60,10 @@ class EarlyExitLM(LM):
         layers = self.engine.num_layers
         if self.score_layer is not None and not 1 <= self.score_layer <= layers:
             raise EarlyExitError(f"score_layer must lie in 1..{layers}")
+        self.exit_policy = _exit_policy(score_exit) if score_exit else None
+        if self.exit_policy is not None and self.score_layer is not None:
+            raise EarlyExitError("give score_layer or score_exit, not both")
+        self.exit_layers: list[int] = []  # per scored request, with score_exit
         self.max_length = int(max_length or self.ee.context_length)
         self._readout = None
         self.generation_reports: list = []  # every generate_until request's report
@@ -177,7 +186,8 @@ class EarlyExitLM(LM):
             for r, (ids, _) in enumerate(rows):
                 input_ids[r, width - len(ids) :] = torch.tensor(ids)
                 pad[r] = width - len(ids)
-            logprobs = self._log_probs(input_ids, pad)
+            last = torch.tensor([width - len(cont) - 1 for _, cont in rows])
+            logprobs = self._log_probs(input_ids, pad, last)
             for r, i in enumerate(batch):
                 cont = rows[r][1]
                 tail = logprobs[r, width - len(cont) :]
@@ -187,8 +197,14 @@ class EarlyExitLM(LM):
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _log_probs(self, input_ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def _log_probs(
+        self, input_ids: torch.Tensor, pad: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        """Log-probabilities at every position; `last`: each row's last context position
+        (where score_exit decides)."""
         engine = self.engine
+        if self.exit_policy is not None:
+            return self._log_probs_at_exit(input_ids, pad, last)
         if self.score_layer is None or self.score_layer == engine.num_layers:
             hidden = engine.prefill(input_ids, pad).hidden
             logits = engine.logits(hidden)
@@ -197,7 +213,46 @@ class EarlyExitLM(LM):
             logits = self._layer_readout().logits(state.hidden, self.score_layer)
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def _log_probs_at_exit(
+        self, input_ids: torch.Tensor, pad: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        engine, readout = self.engine, self._layer_readout()
+        layers = engine.num_layers
+        state = engine.prefill(input_ids, pad, keep_layers=True)
+        assert state.layer_hidden is not None
+        rows = torch.arange(input_ids.shape[0])
+        exit_at = torch.full((len(rows),), layers)
+        for layer in range(1, layers):
+            waiting = exit_at == layers
+            if not waiting.any():
+                break
+            states = state.layer_hidden[layer - 1][rows, last].unsqueeze(1)
+            logits = readout.logits(states, layer)[:, 0]
+            stop = self.exit_policy.should_exit(layer, logits, layers)
+            exit_at[waiting & stop] = layer
+        out = []
+        for r, layer in enumerate(exit_at.tolist()):
+            hidden = state.layer_hidden[layer - 1][r : r + 1]
+            logits = engine.logits(hidden) if layer == layers else readout.logits(hidden, layer)
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+        self.exit_layers.extend(exit_at.tolist())
+        return torch.cat(out)
+
     def _layer_readout(self) -> Any:
         if self._readout is None:
             self._readout = self.ee.general_readout
         return self._readout
+
+
+def _exit_policy(spec: str) -> Any:
+    """`confidence:T` as `earlyexit eval` builds it (top-1 minus top-2 gap >= T)."""
+    from earlyexit.policies.simple import ConfidencePolicy
+
+    name, _, value = spec.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if name != "confidence" or not 0.0 < threshold <= 1.0:
+        raise EarlyExitError(f"score_exit must be confidence:T with T in (0, 1], not '{spec}'")
+    return ConfidencePolicy(threshold)

@@ -44,6 +44,7 @@ def run_harness(
     apply_chat_template: bool = False,
     score_layer: int | None = None,
     lm: Any = None,
+    score_exit: str | None = None,
 ) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` on `tasks` (ee_* configs or any task the harness knows)
     with earlyexit as the model; the harness's results dict, also written to `output`."""
@@ -55,7 +56,12 @@ def run_harness(
     if not tasks:
         raise EarlyExitError(f"name at least one task (local ones: {', '.join(LOCAL_TASKS)})")
     lm = lm or EarlyExitLM(
-        model, method=method, dtype=dtype, batch_size=batch_size, score_layer=score_layer
+        model,
+        method=method,
+        dtype=dtype,
+        batch_size=batch_size,
+        score_layer=score_layer,
+        score_exit=score_exit,
     )
     with tempfile.TemporaryDirectory(prefix="earlyexit-tasks-") as tmp:
         manager = TaskManager(include_path=str(render_tasks(Path(tmp))))
@@ -79,6 +85,12 @@ def run_harness(
         "weights": lm.engine.weights,
         "method": lm.method,
         "score_layer": lm.score_layer,
+        "score_exit": {
+            "requests": len(lm.exit_layers),
+            "mean_layer": sum(lm.exit_layers) / len(lm.exit_layers),
+        }
+        if lm.exit_layers
+        else None,
         "generation": lm.generation_summary(),
     }
     if output is not None:
