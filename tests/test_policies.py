@@ -214,3 +214,29 @@ def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None
     assert database.size == 24 and database.meta["task"] == "sst2"
     probe = TaskProbe.load(sst2.readout, saved / "probe")
     assert torch.equal(probe.weight, ev.readout.weight)
+
+
+def test_static_cal_picks_the_shallowest_layer_within_tolerance() -> None:
+    """static-cal on calibration traces whose layers agree with the final answer on a rising
+    share of prompts: the first layer reaching 1 - tol, chosen without test labels."""
+    import torch
+
+    from earlyexit.runtime.calibration import Calibration, MethodBuilder, method_args
+
+    prompts, layers = 100, 6
+    final = torch.arange(prompts) % 2
+    traces = torch.zeros(prompts, layers, 2)
+    agree_upto = [0.5, 0.7, 0.95, 0.985, 1.0, 1.0]  # share of prompts agreeing per layer
+    for layer, share in enumerate(agree_upto):
+        answer = final.clone()
+        answer[int(share * prompts) :] = 1 - final[int(share * prompts) :]
+        traces[torch.arange(prompts), layer, answer] = 1.0
+    cal = Calibration([], torch.zeros(prompts, layers, 4), traces)
+    builder = MethodBuilder(None, None, None, None, cal)  # type: ignore[arg-type]
+    assert builder.build("static-cal").describe()["layer"] == 5  # 1% tolerance
+    assert builder.build("static-cal:0.02").describe()["layer"] == 4
+    assert builder.build("static-cal:0.1").describe()["layer"] == 3
+    assert builder.build("static-cal:0.6").describe()["layer"] == 1
+    for bad in ("static-cal:1", "static-cal:-0.1", "static-cal:0.1:2"):
+        with pytest.raises(EarlyExitError, match="bad argument"):
+            method_args(bad)

@@ -69,6 +69,12 @@ EVAL: tuple[Method, ...] = (
         ("static", "static:20"),
     ),
     Method(
+        "static-cal[:tol]",
+        "the skeptic's baseline: the shallowest static layer whose calibration readouts "
+        "agree with the final layer's on all but tol of the prompts (AdaInfer's tolerance)",
+        ("static-cal", "static-cal:0.02"),
+    ),
+    Method(
         "confidence[:T]",
         "exit at the first layer whose readout confidence reaches T (default 0.9)",
         ("confidence", "confidence:0.8"),

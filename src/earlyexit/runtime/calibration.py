@@ -62,6 +62,8 @@ def method_args(spec: str) -> tuple[str, list[float]]:
         counts = name in ("static", "raee", "raee-paper")  # a layer / neighbour count
         if counts and values and (not values[0].is_integer() or values[0] < 1):
             raise ValueError
+        if name == "static-cal" and values and not 0 <= values[0] < 1:  # a tolerance
+            raise ValueError
     except ValueError:
         raise EarlyExitError(f"bad argument in method '{spec}': use {', '.join(METHODS)}") from None
     return name, values
@@ -145,6 +147,8 @@ class MethodBuilder:
             return FullPolicy()
         if name == "static":
             return StaticPolicy(int(args[0]) if args else (2 * self.engine.num_layers) // 3)
+        if name == "static-cal":
+            return self.static_calibrated(args[0] if args else 0.01)
         if name == "confidence":
             return ConfidencePolicy(args[0] if args else 0.9)
         if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
@@ -167,6 +171,16 @@ class MethodBuilder:
         if cal.vocab is None:
             cal.vocab = vocab_traces(self.general, cal.states)
         return cal.vocab
+
+    def static_calibrated(self, tolerance: float) -> ExitPolicy:
+        """The shallowest layer whose calibration readouts (out-of-fold for probes) agree
+        with the final layer's answer on at least 1 - tolerance of the prompts: a static
+        exit chosen without test labels, as AdaInfer's margin is."""
+        traces = self._calibration().traces
+        final = traces[:, -1].argmax(-1)
+        agree = (traces.argmax(-1) == final[:, None]).float().mean(0)
+        layer = next(i + 1 for i, a in enumerate(agree.tolist()) if a >= 1 - tolerance)
+        return StaticPolicy(layer)
 
     def adainfer(self, tolerance: float, stopper: str = "svm", vocab: bool = False) -> ExitPolicy:
         cal = self._calibration()
@@ -216,5 +230,5 @@ class MethodBuilder:
 
 
 def needs_calibration(methods: list[str], config: EvalConfig) -> bool:
-    calibrated = ("adainfer", "raee")
+    calibrated = ("adainfer", "raee", "static-cal")
     return config.readout == "probe" or any(m.startswith(calibrated) for m in methods)
