@@ -18,6 +18,8 @@ w = (q - 8) * scale + zero. So
 The only rounding beyond the source model's: scale and zero are bfloat16 (the kernel's fast
 dtype; its fp32 and fp16 modes ran 30-45x slower), and each product's input and output are
 rounded to bfloat16. Everything else (norms, attention, residual stream, KV) stays fp32.
+The kernel is built for few rows: products over more than SMALL_ROWS rows (prefill) run on
+a dense dequantized copy when that was timed faster (`choose_many_rows`; bf16 here).
 tests/test_quant.py checks the weights against the dequantized model and the logits
 against the fp32 model's.
 """
