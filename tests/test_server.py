@@ -6,8 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
 from earlyexit.api import EarlyExit
+from earlyexit.bench.server_bench import running_server
 from earlyexit.engine import LayerEngine
-from earlyexit.server import create_app
 
 MODEL = "smollm2-135m"
 PROMPT = "The three primary colours are"
@@ -34,24 +31,10 @@ def ee(smol: LayerEngine) -> EarlyExit:
 
 @pytest.fixture(scope="module")
 def server(ee: EarlyExit) -> Iterator[str]:
-    """uvicorn on a free localhost port, in a thread; yields the base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(ee, "lossless"), host="127.0.0.1", port=port, log_level="warning"
-    )
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not instance.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=60)
-    assert not thread.is_alive()
+    """uvicorn on a free localhost port, in a thread (the same as `bench serve` runs); it
+    must start within a minute and stop when the module is done."""
+    with running_server(ee, "lossless") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

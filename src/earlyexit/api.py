@@ -367,6 +367,9 @@ class EarlyExit:
 
     def __init__(self, engine: LayerEngine) -> None:
         self.engine = engine
+        # torch's CPU threads when the object was made; every request runs with them,
+        # from whichever thread calls (OpenMP keeps the count per thread)
+        self.threads = torch.get_num_threads()
         self._lock = threading.Lock()
         self._general: ExitReadout | None = None
         self._decoders: dict[tuple, _Built] = {}
@@ -532,6 +535,10 @@ class EarlyExit:
         )
         return _Request(parsed, text, decode, options)
 
+    def _use_threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
     @property
     def context_length(self) -> int:
         """Tokens the model attends over: prompt plus completion must fit in it."""
@@ -651,6 +658,7 @@ class EarlyExit:
     def _run(self, request: _Request, listener: Callable[[int, int], None] | None) -> Generation:
         """One decode, the lock held by the caller. `listener` (a stream's) sees each token
         as it is emitted; the text is assembled here either way."""
+        self._use_threads()
         began = time.perf_counter()
         built = self._built(request)
         setup = time.perf_counter() - began
@@ -757,6 +765,7 @@ class EarlyExit:
         # `full` reads the last layer only: the model's own head, whatever the readout
         needs = name != "full" and needs_calibration([method], config)
         with self._lock:
+            self._use_threads()
             began = time.perf_counter()
             state = self._task_state(key, task_obj, config)
             run_readout, policy, artifacts = self._policy(state, method, needs)
@@ -1009,7 +1018,6 @@ class Stream(Iterator[StreamChunk]):
 
     def _start(self) -> None:
         owner, request, out, cancel = self._owner, self._request, self._queue, self._cancel
-        threads = torch.get_num_threads()
 
         def listener(token: int, layer: int) -> None:
             if cancel.is_set():
@@ -1017,7 +1025,6 @@ class Stream(Iterator[StreamChunk]):
             out.put(("token", token, layer))
 
         def work() -> None:  # holds no reference to the Stream: dropping it cancels
-            torch.set_num_threads(threads)
             try:
                 while not owner._lock.acquire(timeout=0.05):
                     if cancel.is_set():

@@ -49,8 +49,9 @@ class MethodLoad:
 
 
 @contextmanager
-def running_server(ee: EarlyExit, method: str) -> Iterator[str]:
-    """The server on a free localhost port in a thread; yields its base URL."""
+def running_server(ee: EarlyExit, method: str, start_seconds: float = 60) -> Iterator[str]:
+    """The server on a free localhost port in a thread; yields its base URL, and checks that
+    it stops (within a minute) on the way out."""
     import uvicorn
 
     from earlyexit.server import create_app
@@ -62,8 +63,10 @@ def running_server(ee: EarlyExit, method: str) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + start_seconds
     while not server.started:
-        if not thread.is_alive():
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
     try:
@@ -71,6 +74,8 @@ def running_server(ee: EarlyExit, method: str) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+    if thread.is_alive():
+        raise RuntimeError("the server did not stop")
 
 
 def _deterministic(method: str, temperature: float) -> bool:

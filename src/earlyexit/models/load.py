@@ -100,11 +100,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> Loade
         raise EarlyExitError(f"could not load model '{name_or_path}': {first} ({hint})") from None
     model.eval()
     model.requires_grad_(False)
-    weights, why = (str(dtype).removeprefix("torch."), "asked for") if dtype != AUTO else ("", "")
     if dtype == AUTO:
         from earlyexit.engine.quant import choose_weights
 
         weights, why = choose_weights(model)
+    else:
+        weights, why = str(dtype).removeprefix("torch."), "asked for"
     if weights in QUANTIZED:
         from earlyexit.engine.quant import quantize_model
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 import anyio
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -101,16 +100,13 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
-def create_app(
-    ee: EarlyExit, method: str = "lossless", name: str | None = None, threads: int | None = None
-) -> FastAPI:
+def create_app(ee: EarlyExit, method: str = "lossless", name: str | None = None) -> FastAPI:
     """The FastAPI app serving `ee` under `name` (default: the model's name), with
     `method` as every request's default (a request's `early_exit.method` overrides it)."""
     from earlyexit.runtime.generation import parse_method
 
     parse_method(method)  # an unknown default fails at start, not on the first request
     served = name or ee.name
-    threads = threads or torch.get_num_threads()
     metrics = ServerMetrics(ee.num_layers)
     app = FastAPI(title="earlyexit", description="OpenAI-compatible early-exit inference")
     app.add_middleware(_Metered, metrics=metrics)
@@ -141,13 +137,6 @@ def create_app(
         if asked is not None and asked != served:
             raise ModelNotFound(asked, served)
 
-    def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            torch.set_num_threads(threads)  # per thread under OpenMP
-            return fn()
-
-        return run
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": served, "default_method": method}
@@ -173,14 +162,14 @@ def create_app(
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if not req.stream:
             generation: Generation = await run_in_threadpool(
-                in_thread(lambda: ee.generate(prompt, chat=False, **args))
+                lambda: ee.generate(prompt, chat=False, **args)
             )
             metrics.generation(generation.report)
             build = protocol.chat_completion if chat else protocol.completion
             return JSONResponse(build(rid, served, generation, knobs))
         stream = ee.stream(prompt, chat=False, **args)  # bad arguments fail here: a 400
         return StreamingResponse(
-            _events(stream, rid, served, chat, req.include_usage, knobs, metrics, threads),
+            _events(stream, rid, served, chat, req.include_usage, knobs, metrics),
             media_type="text/event-stream",
         )
 
@@ -197,17 +186,15 @@ def create_app(
         check_model(req.model)
         task = None if req.labels is not None and req.task in (None, "") else req.task
         result = await run_in_threadpool(
-            in_thread(
-                lambda: ee.classify(
-                    req.texts,
-                    task=task,
-                    labels=req.labels,
-                    method=req.method,
-                    shots=req.shots,
-                    seed=req.seed,
-                    calibration=req.calibration,
-                    readout=req.readout,
-                )
+            lambda: ee.classify(
+                req.texts,
+                task=task,
+                labels=req.labels,
+                method=req.method,
+                shots=req.shots,
+                seed=req.seed,
+                calibration=req.calibration,
+                readout=req.readout,
             )
         )
         report = result.report
@@ -241,11 +228,9 @@ async def _events(
     include_usage: bool,
     knobs: dict[str, Any],
     metrics: ServerMetrics,
-    threads: int,
 ) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them; telemetry on the chunk with the
     finish_reason, usage in its own last chunk when asked, then [DONE]."""
-    torch.set_num_threads(threads)
     try:
         if chat:
             yield _sse(protocol.chunk(rid, model, chat, "", first=True))

@@ -165,46 +165,32 @@ def telemetry(generation: Generation, knobs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def completion(
-    rid: str, model: str, generation: Generation, knobs: dict[str, Any]
+def _response(
+    obj: str, choice: dict[str, Any], rid: str, model: str, generation: Generation, knobs: dict
 ) -> dict[str, Any]:
+    choice = {"index": 0, **choice, "finish_reason": generation.finish_reason, "logprobs": None}
     return {
         "id": rid,
-        "object": "text_completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": generation.text,
-                "finish_reason": generation.finish_reason,
-                "logprobs": None,
-            }
-        ],
+        "choices": [choice],
         "usage": usage(generation.report),
         **telemetry(generation, knobs),
     }
+
+
+def completion(
+    rid: str, model: str, generation: Generation, knobs: dict[str, Any]
+) -> dict[str, Any]:
+    return _response("text_completion", {"text": generation.text}, rid, model, generation, knobs)
 
 
 def chat_completion(
     rid: str, model: str, generation: Generation, knobs: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": generation.text},
-                "finish_reason": generation.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(generation.report),
-        **telemetry(generation, knobs),
-    }
+    message = {"message": {"role": "assistant", "content": generation.text}}
+    return _response("chat.completion", message, rid, model, generation, knobs)
 
 
 def chunk(
