@@ -40,7 +40,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # Fixtures that load real weights: a test that uses one (directly or through another fixture)
 # is marked `weights` below, so `-m "not weights"` never loads a model. Tests that load
 # weights another way (the CLI, a tokenizer) carry the mark themselves.
-WEIGHT_FIXTURES = frozenset({"smol", "gemma", "engine"})
+WEIGHT_FIXTURES = frozenset({"smol", "smol_int4", "gemma", "engine"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,6 +52,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smol() -> LayerEngine:
     return LayerEngine(load_model("smollm2-135m", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def smol_int4() -> LayerEngine:
+    return LayerEngine(load_model("smollm2-135m", dtype="int4"))
 
 
 @pytest.fixture(scope="session")

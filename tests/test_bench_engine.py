@@ -41,10 +41,12 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     records = result["records"]
     fp32 = {
         (path, batch)
-        for path in ("hf", "engine", "engine-plain", "engine-skinny")
+        for path in ("hf", "engine", "engine-own-layers", "engine-plain", "engine-skinny")
         for batch in (1, 2)
     }
-    int4 = {(path, batch) for path in ("hf", "engine") for batch in (1, 2)}  # no kernel choice
+    int4 = {  # no kernel choice
+        (path, batch) for path in ("hf", "engine", "engine-own-layers") for batch in (1, 2)
+    }
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "float32"} == fp32
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "int4"} == int4
     for r in records:
@@ -94,4 +96,10 @@ def test_each_engine_path_is_checked_against_hf_on_its_own_tokens(
     finally:
         torch.set_num_threads(threads)
     match = {r["path"]: r["matches_hf"] for r in result["records"]}
-    assert match == {"hf": None, "engine": True, "engine-plain": False, "engine-skinny": True}
+    assert match == {
+        "hf": None,
+        "engine": True,
+        "engine-own-layers": True,
+        "engine-plain": False,
+        "engine-skinny": True,
+    }

@@ -26,7 +26,6 @@ from earlyexit.engine.quant import (
     quantize_model,
     stack_siblings,
 )
-from earlyexit.models import load_model
 from earlyexit.paths import home
 
 BF16_HALF_ULP = 2.0**-8  # largest relative rounding of one value to bf16 (8-bit significand)
@@ -145,11 +144,6 @@ def test_plain_copy_and_quantize_model_round_trip() -> None:
 
 
 # ---- real weights ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smol_int4() -> LayerEngine:
-    return LayerEngine(load_model("smollm2-135m", dtype="int4"))
 
 
 @pytest.mark.weights

@@ -43,7 +43,8 @@ WARMUP = (
 
 @dataclass
 class DecodeRecord:
-    # "hf", "engine" (kernels chosen by timing), "engine-plain", "engine-skinny" (fp32 only),
+    # "hf", "engine" (kernels chosen by timing, lean layer steps), "engine-own-layers" (every
+    # layer through the model's own forward), "engine-plain", "engine-skinny" (fp32 only),
     # "llama.cpp" (the model's GGUF, batch 1, timed interleaved with the others)
     path: str
     dtype: str
@@ -107,7 +108,13 @@ def _decoders(
 
         return run
 
+    def own_layers(n: int) -> torch.Tensor:  # the same engine without the lean steps
+        with engine.own_layers():
+            return engine.greedy(ids, n, pad)
+
     paths: dict[str, Callable] = {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
+    if any(step is not None for step in engine.steps):
+        paths["engine-own-layers"] = own_layers
     if engine.weights == "float32":
         paths["engine-plain"] = forced("plain")
         paths["engine-skinny"] = forced("skinny")
@@ -295,7 +302,8 @@ def render_table(result: dict[str, Any]) -> Table:
         f"(prefill excluded), {result['threads']} threads, {result['cpu']}"
     )
     cols = ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens")
-    extra = ("all-plain tok/s", "all-skinny tok/s", "llama.cpp tok/s", "engine/llama.cpp")
+    extra = ("own layers tok/s", "all-plain tok/s", "all-skinny tok/s")
+    extra += ("llama.cpp tok/s", "engine/llama.cpp")
     for col in (*cols, *extra):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     rows: dict[tuple[str, int], dict[str, dict]] = {}
@@ -303,7 +311,7 @@ def render_table(result: dict[str, Any]) -> Table:
         rows.setdefault((r["dtype"], r["batch"]), {})[r["path"]] = r
     for (dtype, batch), pair in rows.items():
         hf, eng = pair["hf"]["tokens_per_s"], pair["engine"]["tokens_per_s"]
-        paths = [p for p in ("engine", "engine-plain", "engine-skinny") if p in pair]
+        paths = [p for p in pair if p.startswith("engine")]
         same = "yes" if all(pair[p]["matches_hf"] for p in paths) else "no"
 
         def rate(path: str, pair: dict = pair) -> str:
@@ -317,6 +325,7 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{eng:.1f}",
             f"{eng / hf:.3f}",
             same,
+            rate("engine-own-layers"),
             rate("engine-plain"),
             rate("engine-skinny"),
             rate("llama.cpp"),

@@ -20,6 +20,7 @@ import torch
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.kernels import KernelChoice, choose_kernels
+from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
 from earlyexit.engine.quant import QuantLinear
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
@@ -79,6 +80,20 @@ class LayerEngine:
         # LM-head rows of the last restricted vocabulary read (shallow exits reuse one)
         self._head_rows: tuple[torch.Tensor, torch.Tensor | QuantLinear] | None = None
         self.set_kernels(kernels)
+        # per layer, a lean step with the layer's own arithmetic where one exists
+        # (engine/layer_step.py), else None: the model's own forward
+        self.steps: list[LayerFn | None] = layer_steps(self.arch.layers)
+
+    @contextmanager
+    def own_layers(self) -> Iterator[None]:
+        """Within the block every layer runs the model's own forward (side-by-side timing
+        of the lean steps, which give bit-identical results)."""
+        steps = self.steps
+        self.steps = [None] * self.num_layers
+        try:
+            yield
+        finally:
+            self.steps = steps
 
     def set_kernels(self, kernels: str | KernelChoice) -> KernelChoice:
         """Choose (a mode) or reapply (a choice) the few-row matmul kernels."""
@@ -168,6 +183,10 @@ class LayerEngine:
                     self.arch.window_of(kind),
                     hidden.device,
                 )
+            step = self.steps[layer]
+            if step is not None:
+                hidden = step(hidden, masks[kind], rope[kind], cache)
+                continue
             hidden = self.arch.layers[layer](
                 hidden,
                 attention_mask=masks[kind],
