@@ -28,7 +28,7 @@ def _paragraph(start: str) -> str:
 def _syntax_regex(syntax: str) -> re.Pattern[str]:
     """`name[:a[:X]|:b]` -> a regex: brackets optional, X a number, other words literal."""
     pattern = ""
-    for token in re.findall(r"[\w-]+|[\[\]|:]", syntax):
+    for token in re.findall(r"[\w.-]+|[\[\]|:]", syntax):
         if token == "[":
             pattern += "(?:"
         elif token == "]":

@@ -460,7 +460,8 @@ class EarlyExit:
 
         Methods: those of `earlyexit generate` (the registry in `earlyexit.methods`):
         `lossless[...]` (draft and verify: the full model's own output), `full`, `static`,
-        `calm[:T]`, `free[...]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`.
+        `calm[:T]`, `free[...]` (lossy early exit), and the peers `hf`, `hf-pld[:N]`,
+        `llama.cpp`.
         `temperature` 0 is greedy; `seed` fixes sampling (None: a fresh one). `stop`: strings
         that end the completion (not included in `text`). `chat`: render `prompt` as a user
         turn through the tokenizer's chat template; a list of {"role", "content"} messages
@@ -646,7 +647,9 @@ class EarlyExit:
         kernels = self.engine.kernels
         artifacts["kernels"] = (
             f"{kernels.mode}" + (" (cached timings)" if kernels.cached else "")
-            if method.name not in ("hf", "hf-pld")
+            if method.name not in ("hf", "hf-pld", "llama.cpp")
+            else "llama.cpp's own (on the model's GGUF)"
+            if method.name == "llama.cpp"
             else "the model's own forward (transformers' generate)"
         )
         why = getattr(self.engine.model.config, "earlyexit_weights_reason", "")

@@ -59,6 +59,11 @@ GENERATION: tuple[Method, ...] = (
     Method(
         "hf-pld[:N]", "transformers' prompt lookup (N tokens looked up)", ("hf-pld", "hf-pld:4")
     ),
+    Method(
+        "llama.cpp",
+        "llama.cpp on the model's GGUF, greedy (optional extra `llamacpp`, see README)",
+        ("llama.cpp",),
+    ),
 )
 
 EVAL: tuple[Method, ...] = (

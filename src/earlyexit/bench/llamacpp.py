@@ -1,4 +1,5 @@
-"""llama.cpp on the same GGUF and prompts: the CPU speed anchor of `bench engine`.
+"""llama.cpp on the same GGUF and prompts: the CPU speed anchor of `bench engine`, and the
+`llama.cpp` peer of `bench generate` (runtime/peers.py).
 
 Optional: `llama-cpp-python` is built from source (see README, "llama.cpp anchor"). When it
 is missing, or the model has no GGUF, the bench says so in one line and goes on.
@@ -6,10 +7,13 @@ is missing, or the model has no GGUF, the bench says so in one line and goes on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from earlyexit.errors import EarlyExitError
 
 INSTALL = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON '
@@ -43,30 +47,43 @@ def unavailable(model: str) -> str | None:
     return None
 
 
+def open_llama(model: str, threads: int) -> Any:
+    """llama.cpp's `Llama` on the model's GGUF, or a one-line error saying why not."""
+    why = unavailable(model)
+    if why is not None:
+        raise EarlyExitError(why)
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=str(model_gguf(model)),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+
+def greedy_tokens(llm: Any, prompt: list[int]) -> Iterator[int]:
+    """llama.cpp's greedy continuation of `prompt` token by token (its KV reset first)."""
+    llm.reset()
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        yield int(token)
+
+
 def llama_cpp_decoder(
     model: str, prompt_ids: torch.Tensor, threads: int
 ) -> Callable[[int], torch.Tensor]:
     """f(n): greedy-decode exactly n tokens after `prompt_ids` [1, T] with llama.cpp (the
     same token ids as the engine's, the KV cache reset every call), returning [1, n] ids."""
-    from llama_cpp import Llama
-
-    path = model_gguf(model)
     if prompt_ids.shape[0] != 1:
         raise ValueError("llama.cpp is measured at batch 1")
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    llm = open_llama(model, threads)
     prompt = prompt_ids[0].tolist()
 
     def run(n: int) -> torch.Tensor:
-        llm.reset()
         out: list[int] = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            out.append(int(token))
+        for token in greedy_tokens(llm, prompt):
+            out.append(token)
             if len(out) == n:
                 break
         return torch.tensor([out])

@@ -31,7 +31,7 @@ from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
-from earlyexit.runtime.peers import decode_hf
+from earlyexit.runtime.peers import decode_hf, llama_cpp_peer
 from earlyexit.tasks.generation import render_prompt
 
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
@@ -76,7 +76,7 @@ class GenMethod:
     """A parsed generation method: `name[:drafter][:value]`."""
 
     spec: str
-    name: str  # full | static | calm | free | lossless | hf | hf-pld
+    name: str  # full | static | calm | free | lossless | hf | hf-pld | llama.cpp
     # lossless: ngram | shallow | composite | adapter; free: ngram | plain | adapter
     drafter: str | None = None
     value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
@@ -93,7 +93,8 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
     machine's verify-pass costs; T is the shallow drafter's confidence threshold, calibrated
     when not given; `adapter` drafts through the trained draft block, readouts/draft_block.py,
     at its fixed default threshold unless T), and
-    the peers `hf` (transformers' greedy `generate`) and `hf-pld[:N]` (its prompt lookup).
+    the peers `hf` (transformers' greedy `generate`), `hf-pld[:N]` (its prompt lookup) and
+    `llama.cpp` (on the model's GGUF).
     """
     name, _, arg = spec.partition(":")
     parts = arg.split(":") if arg else []
@@ -107,7 +108,7 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
     elif name == "free":
         drafter = parts.pop(0) if parts and parts[0] in ("plain", "adapter") else "ngram"
         usage = f"bad threshold in method '{spec}': use free[:plain|:adapter][:T]"
-    elif name in ("full", "static", "hf"):
+    elif name in ("full", "static", "hf", "llama.cpp"):
         usage = f"bad method '{spec}': `{name}` takes no argument"
     elif name == "calm":
         usage = f"bad threshold in method '{spec}': use {name}[:T]"
@@ -115,7 +116,7 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
         usage = f"bad method '{spec}': use hf-pld[:N], N tokens to look up"
     else:
         raise EarlyExitError(f"unknown generation method '{spec}': use {', '.join(GEN_METHODS)}")
-    if len(parts) > (0 if name in ("full", "static", "hf") else 1):
+    if len(parts) > (0 if name in ("full", "static", "hf", "llama.cpp") else 1):
         raise EarlyExitError(usage)
     try:
         value = float(parts[0]) if parts else None
@@ -126,7 +127,7 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
     counts = name == "hf-pld" or (name == "lossless" and drafter == "ngram")
     if counts and value is not None and (not value.is_integer() or not 1 <= value <= MAX_DRAFT):
         raise EarlyExitError(f"{usage} (N: 1..{MAX_DRAFT} tokens)")
-    if name in ("hf", "hf-pld") and sampling is not None and not sampling.greedy:
+    if name in ("hf", "hf-pld", "llama.cpp") and sampling is not None and not sampling.greedy:
         raise EarlyExitError(f"'{spec}' is measured greedy only; drop --temperature")
     return GenMethod(spec, name, drafter, value)
 
@@ -141,6 +142,8 @@ def build_decoder(
         return _lossless(method, engine, shallow, config)
     if name == "hf":
         return lambda prompt, cfg: decode_hf(engine, prompt, cfg)
+    if name == "llama.cpp":
+        return llama_cpp_peer(engine)
     if name == "hf-pld":
         lookup = int(fixed or 4)
         return lambda prompt, cfg: decode_hf(engine, prompt, cfg, prompt_lookup=lookup)

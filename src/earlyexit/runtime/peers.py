@@ -1,9 +1,11 @@
 """The peers a user would try first, timed like our decoders: transformers' own `generate`
-(greedy) and its prompt lookup (`prompt_lookup_num_tokens`), batch 1.
+(greedy) and its prompt lookup (`prompt_lookup_num_tokens`), and llama.cpp on the model's
+GGUF (optional extra `llamacpp`), batch 1.
 
-They run the model's own forward, outside the engine's scope, so they multiply exactly as
-they would without earlyexit loaded. The first token's time comes from a streamer (called
-with the prompt, then with each new token), so their decode-phase rate is measured as ours.
+The transformers peers run the model's own forward, outside the engine's scope, so they
+multiply exactly as they would without earlyexit loaded. Their first token's time comes
+from a streamer (called with the prompt, then with each new token), so their decode-phase
+rate is measured as ours.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, prompt_ids
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, Stopping, prompt_ids
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 
@@ -82,3 +84,41 @@ def decode_hf(
         num_layers=total,
         prefill_seconds=first - began,
     )
+
+
+def llama_cpp_peer(
+    engine: LayerEngine,
+) -> Callable[[str | torch.Tensor, DecodeConfig], DecodeResult]:
+    """A decoder running llama.cpp, greedy, on the GGUF the engine's model was made from
+    (loaded once, with torch's thread count); a one-line error when it cannot run."""
+    from earlyexit.bench.llamacpp import model_gguf, open_llama
+
+    loaded = engine.loaded
+    model = loaded.name if model_gguf(loaded.name) is not None else loaded.source
+    llm = open_llama(model, torch.get_num_threads())
+    return lambda prompt, config: decode_llama_cpp(llm, engine, prompt, config)
+
+
+def decode_llama_cpp(
+    llm: object, engine: LayerEngine, prompt: str | torch.Tensor, config: DecodeConfig
+) -> DecodeResult:
+    """llama.cpp's greedy continuation of the engine's prompt ids, stopped as ours are (EOS
+    kept, max_new_tokens, stop strings), the first token timed as ours."""
+    from earlyexit.bench.llamacpp import greedy_tokens
+
+    if not config.sampling.greedy:
+        raise EarlyExitError("llama.cpp is measured greedy only; drop --temperature")
+    ids = prompt_ids(engine, prompt)[0].tolist()
+    total = engine.num_layers
+    stopping = Stopping(engine, config)
+    result = DecodeResult([], [], 0.0, 0, num_layers=total, listener=config.on_token)
+    began = time.perf_counter()
+    for token in greedy_tokens(llm, ids):
+        if not result.tokens:
+            result.prefill_seconds = time.perf_counter() - began
+        result.push(token, total)
+        if stopping.done(result.tokens):
+            break
+    result.seconds = time.perf_counter() - began
+    result.layer_tokens = total * max(0, len(result.tokens) - 1)
+    return result
