@@ -20,7 +20,11 @@ from earlyexit.decoding.shallow_deep import (
     decode_static,
 )
 from earlyexit.decoding.speculative import decode_speculative
-from earlyexit.decoding.threshold import BetaMixtureThreshold, mixture_threshold
+from earlyexit.decoding.threshold import (
+    BetaMixtureThreshold,
+    OfficialFreeThreshold,
+    mixture_threshold,
+)
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.readouts.readout import ExitReadout
@@ -147,6 +151,37 @@ def test_beta_mixture_threshold_separates_groups() -> None:
     assert stuck.value == 0.95
 
 
+def test_official_free_threshold_settings() -> None:
+    """The paper code's settings: no refit inside a sequence, a refit at each sequence's
+    start from all pairs so far, values on the 10-point grid over [0.3, 0.9] (equal
+    weights: a rare disagreement counts as much as a common agreement), frozen after
+    max_refits sequences."""
+    rng = np.random.default_rng(0)
+    pairs = [(c, True) for c in rng.beta(8, 2, 300)] + [(c, False) for c in rng.beta(2, 6, 30)]
+    official = OfficialFreeThreshold(initial=0.9, max_refits=2)
+    official.observe(pairs)
+    assert official.value == 0.9  # observed, not yet refit
+    official.begin_sequence()
+    grid = np.linspace(0.3, 0.9, 10)
+    assert official.value in grid and official.value < 0.9 and official.refits == 1
+    # by hand: the first grid point from the top where the agree-likelihood ratio clears 0.4
+    from scipy.stats import beta
+
+    from earlyexit.decoding.threshold import beta_moments
+
+    conf = np.clip(np.array([c for c, _ in pairs]), 1e-4, 1 - 1e-4)
+    good = beta.pdf(grid, *beta_moments(conf[:300]))
+    bad = beta.pdf(grid, *beta_moments(conf[300:]))
+    assert official.value == grid[10 - int((good / (good + bad) > 0.4).sum())]
+    # equal weights: ours, which weighs agreement by its 91% share, goes lower at zeta 0.4
+    assert mixture_threshold(conf, np.arange(330) < 300, 0.4, 0.5) <= official.value
+    official.begin_sequence()
+    frozen = official.value
+    official.observe([(c, False) for c in np.linspace(0.5, 1.0, 500).tolist()])
+    official.begin_sequence()  # a third sequence: frozen after two refits
+    assert official.value == frozen and official.refits == 2
+
+
 def test_copy_state_kv_equals_the_layers_own_keys_values(engine: LayerEngine) -> None:
     # K/V copied from a state must be what the layer itself computes from that state
     ids, pad = engine.encode([PROMPT])
@@ -175,8 +210,9 @@ def test_calibrated_threshold_meets_tolerance(smol: LayerEngine) -> None:
     from earlyexit.decoding.calibrate import calibrated_threshold, confidence_pairs
 
     config = DecodeConfig(max_new_tokens=12, stop_at_eos=False)
-    confs, agreed = confidence_pairs(smol, _shallow(smol), [PROMPT], config)
+    confs, agreed, sequence = confidence_pairs(smol, _shallow(smol), [PROMPT], config)
     assert len(confs) == 11 and confs.min() >= 0 and confs.max() <= 1
+    assert sequence.tolist() == [0] * 11  # one prompt
     for tolerance in (0.0, 0.2, 0.5):
         level = calibrated_threshold(confs, agreed, tolerance)
         exits = confs >= level

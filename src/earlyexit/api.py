@@ -620,7 +620,14 @@ class EarlyExit:
             else:  # calm, shallow drafts: calibrated (the pairs are cached: no new work)
                 level = calm_threshold(self.engine, shallow, config)
                 threshold = lambda: level  # noqa: E731
-            if method.value is None and (method.name, method.drafter) != ("lossless", "adapter"):
+            if method.official:
+                artifacts["calibration"] = (
+                    "none: FREE's official threshold settings, fitted on this object's requests"
+                )
+            elif method.value is None and (method.name, method.drafter) != (
+                "lossless",
+                "adapter",
+            ):
                 how = "warm-starts FREE's adaptive" if method.name == "free" else "sets the"
                 artifacts["calibration"] = (
                     f"{config.calibration_prompts} held-out instructions decoded at full depth "

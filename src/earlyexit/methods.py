@@ -32,11 +32,21 @@ GENERATION: tuple[Method, ...] = (
         ("calm", "calm:0.9"),
     ),
     Method(
-        "free[:plain|:adapter][:T]",
+        "free[:plain|:adapter][:T|:official]",
         "FREE: confident shallow tokens emitted, their deep KV filled at the next catch-up; "
         "n-gram drafts verified there unless plain; adapter: the exit reads the trained "
-        "draft block; no T: the Beta-mixture adaptive threshold",
-        ("free", "free:0.5", "free:plain", "free:plain:0.5", "free:adapter", "free:adapter:0.5"),
+        "draft block; no T: our Beta-mixture adaptive threshold; official: the paper code's "
+        "threshold settings",
+        (
+            "free",
+            "free:0.5",
+            "free:official",
+            "free:plain",
+            "free:plain:0.5",
+            "free:plain:official",
+            "free:adapter",
+            "free:adapter:0.5",
+        ),
     ),
     Method(
         "lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]",

@@ -118,6 +118,16 @@ def bench_generate(
         "{prompt}", help="With --data: wraps the prompt field, e.g. 'Summarize: {prompt}'."
     ),
     metric: str = typer.Option("rougeL", help="With --data: rougeL, f1, bleu or exact."),
+    risk: float | None = typer.Option(
+        None,
+        help="Learn-then-Test: `free` without a threshold takes the lowest one at which at "
+        "most RISK of answers differ from the full model's (probability 1 - DELTA over the "
+        "calibration prompts; certifying needs enough of them, see --calibration-prompts).",
+    ),
+    delta: float = typer.Option(0.1, help="With --risk: the allowed failure probability."),
+    calibration_prompts: int = typer.Option(
+        8, min=1, help="Held-out instructions that calibrate calm, free and --risk."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -151,9 +161,6 @@ def bench_generate(
     sampling = SamplingConfig(temperature, top_p, seed)
     for spec in methods:
         parse_method(spec, sampling)  # a bad method fails before the model loads
-    engine = load_engine(model, dtype)
-    shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
-    console.print(f"shallow exit: {where}", highlight=False)
     config = GenConfig(
         limit=limit,
         max_new_tokens=max_new_tokens,
@@ -161,7 +168,13 @@ def bench_generate(
         sampling=sampling,
         draft_tokens=draft_tokens,
         block_layer=block_layer,
-    )
+        calibration_prompts=calibration_prompts,
+        risk=risk,
+        delta=delta,
+    )  # bad --risk / --delta fail here, before the model loads
+    engine = load_engine(model, dtype)
+    shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
+    console.print(f"shallow exit: {where}", highlight=False)
     records = []
     for t in tasks:
         task_records = bench_generation(engine, shallow, t, methods, config)
@@ -194,20 +207,22 @@ def bench_generate(
 
 
 def generation_table(title: str, records: list[dict]):  # noqa: ANN201 - a rich Table
-    cols = ["task", "method", "n", "quality", "full", "agree", "shallow", "layers", "tok/s"]
-    cols += ["speedup", "with prefill", "tok/pass", "accepted", "draft cost"]
+    from earlyexit.evaluation.markdown import interval, method_label
+
+    cols = ["task", "method", "n", "quality (95% CI)", "full", "agree", "shallow", "layers"]
+    cols += ["tok/s", "speedup (95% CI)", "with prefill", "tok/pass", "accepted", "draft cost"]
     rows = [
         [
             r["task"],
-            r["method"],
+            method_label(r),
             str(r["n"]),
-            f"{r['quality']:.3f}",
+            f"{r['quality']:.3f} ({interval(r['quality_ci'])})",
             f"{r['full_quality']:.3f}",
             f"{r['agreement']:.3f}",
             f"{r['shallow_fraction']:.0%}",
             f"{r['avg_layers']:.1f}",
             f"{r['tokens_per_s']:.1f}",
-            f"{r['speedup']:.2f}x",
+            f"{r['speedup']:.2f}x ({interval(r['speedup_ci'])})",
             f"{r['e2e_speedup']:.2f}x",
             "-" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}",
             "-" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.0%}",

@@ -54,6 +54,13 @@ def eval_command(
         help="With --data: the prompt around each text, e.g. 'Review: {text}\nSentiment:' "
         "(default 'Input: {text}\nLabel:'); '\n' is a newline.",
     ),
+    risk: float | None = typer.Option(
+        None,
+        help="Learn-then-Test: `confidence` and `static-cal` without an argument take the most "
+        "aggressive setting whose disagreement with the full model is at most RISK "
+        "(with probability 1 - DELTA over the calibration draw).",
+    ),
+    delta: float = typer.Option(0.1, help="With --risk: the allowed failure probability."),
     dtype: str = DTYPE_OPT,
     sweep: bool = typer.Option(False, help="Also replay threshold/tolerance/k sweeps."),
     plots: Path | None = typer.Option(None, help="Write one sweep PNG per task into this dir."),
@@ -85,6 +92,8 @@ def eval_command(
         calibration=calibration,
         readout=readout,
         embedder=embedder,
+        risk=risk,
+        delta=delta,
     )
     engine = load_engine(model, dtype)
     general = default_readout(engine)
@@ -156,20 +165,23 @@ def _custom_task(  # noqa: ANN202
 
 
 def render_records(records: list[dict], title: str) -> Table:
-    cols = ["task", "method", "n", "quality", "full", "avg exit", "saved", "speedup", "ideal"]
+    from earlyexit.evaluation.markdown import interval, method_label
+
+    cols = ["task", "method", "n", "quality (95% CI)", "full", "avg exit", "saved"]
+    cols += ["speedup (95% CI)", "ideal", "decide"]
     rows = [
         [
             r["task"],
-            r["method"],
+            method_label(r),
             str(r["n"]),
-            f"{r['quality']:.3f}",
+            f"{r['quality']:.3f} ({interval(r['quality_ci'])})",
             f"{r['full_quality']:.3f}",
             f"{r['avg_exit_layer']:.1f}/{r['num_layers']}",
             f"{r['layers_saved']:.0%}",
-            f"{r['speedup']:.2f}x",
+            f"{r['speedup']:.2f}x ({interval(r['speedup_ci'])})",
             f"{r['ideal_speedup']:.2f}x",
             f"{r['decision_overhead']:.1%}",
         ]
         for r in records
     ]
-    return results_table(title, [*cols, "decide"], rows)
+    return results_table(title, cols, rows)

@@ -23,13 +23,15 @@ from earlyexit.engine.engine import LayerEngine
 @torch.inference_mode()
 def confidence_pairs(
     engine: LayerEngine, shallow: ShallowExit, prompts: list[str], config: DecodeConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, agreed) for every generated token of full-depth greedy decoding."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, agreed, prompt index) for every generated token of full-depth greedy
+    decoding."""
     k, total = shallow.layer, engine.num_layers
     confs: list[float] = []
     agreed: list[bool] = []
+    sequence: list[int] = []
     config = replace(config, sampling=SamplingConfig())  # teacher forcing on greedy output
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         run = begin(engine, prompt, config, reader=shallow)
         tokens = run.result.tokens
         while not run.stopping.done(tokens):
@@ -39,7 +41,8 @@ def confidence_pairs(
             tokens.append(int(engine.logits(hidden[:, -1]).argmax(-1)))
             confs.append(conf)
             agreed.append(guess == tokens[-1])
-    return np.array(confs), np.array(agreed, dtype=bool)
+            sequence.append(index)
+    return np.array(confs), np.array(agreed, dtype=bool), np.array(sequence, dtype=int)
 
 
 def calibrated_threshold(confs: np.ndarray, agreed: np.ndarray, tolerance: float) -> float:
@@ -54,3 +57,19 @@ def calibrated_threshold(confs: np.ndarray, agreed: np.ndarray, tolerance: float
     # the largest prefix (lowest threshold) that still meets the tolerance
     last = int(np.nonzero(ok)[0].max())
     return float(confs[order][last])
+
+
+def sequence_risk_losses(
+    confs: np.ndarray, agreed: np.ndarray, sequence: np.ndarray, grid: list[float], prompts: int
+) -> np.ndarray:
+    """[prompts, len(grid)] 0/1: would an exit at threshold grid[j] change prompt i's
+    answer? For FREE this is exact: its exits at tokens whose shallow confidence reaches
+    the threshold, and a token that agrees with the deep one leaves everything after it as
+    full decoding has it (the deep KV is filled in later), so the answer differs from the
+    full model's exactly when some exited token disagreed. The shallow confidence of a
+    token depends only on layers below the exit, identical in both runs. A prompt without
+    pairs (its answer was one token) cannot change: loss 0."""
+    worst = np.full(prompts, -np.inf)  # the most confident disagreement per prompt
+    wrong = ~agreed
+    np.maximum.at(worst, sequence[wrong], confs[wrong])
+    return (worst[:, None] >= np.asarray(grid)[None, :]).astype(float)

@@ -201,6 +201,9 @@ class Threshold:
     def observe(self, pairs: list[tuple[float, bool]]) -> None:
         pass
 
+    def begin_sequence(self) -> None:
+        """Called before each request's decode (FREE's official threshold refits here)."""
+
 
 class Stopping:
     def __init__(self, engine: LayerEngine, config: DecodeConfig) -> None:

@@ -1,4 +1,5 @@
-"""FREE's adaptive exit threshold, fitted online with a two-component Beta mixture.
+"""FREE's adaptive exit threshold, fitted online with a two-component Beta mixture: ours
+(`BetaMixtureThreshold`) and the paper's settings (`OfficialFreeThreshold`).
 
 Every catch-up pass tells, for each token that exited shallow, its shallow confidence and
 whether the deep layers agreed. Confidences of agreeing and of disagreeing tokens are each
@@ -84,3 +85,44 @@ class BetaMixtureThreshold(Threshold):
                 np.array(self.confidences), np.array(self.agreed), self.target, self.value
             )
             self.value = min(max(value, self.bounds[0]), self.bounds[1])
+
+
+class OfficialFreeThreshold(Threshold):
+    """The settings of FREE's official code, for side-by-side runs with ours: refit at the
+    start of every sequence on all pairs seen so far, for the first `max_refits` sequences,
+    then frozen; each labelled group's Beta fitted by moments; the two likelihoods compared
+    with equal weights (the prior share of agreement ignored); the threshold read off a
+    10-point grid on [0.3, 0.9] as the point where the "agree" likelihood ratio clears zeta
+    = 0.4 (the grid is assumed monotone: counted from the top). Its range is the grid's, so
+    it can neither reach 0 nor 1."""
+
+    GRID = np.linspace(0.3, 0.9, 10)
+
+    def __init__(self, initial: float = 0.9, zeta: float = 0.4, max_refits: int = 300) -> None:
+        super().__init__(initial)
+        self.zeta, self.max_refits = zeta, max_refits
+        self.confidences: list[float] = []
+        self.agreed: list[bool] = []
+        self.refits = 0
+
+    def observe(self, pairs: list[tuple[float, bool]]) -> None:
+        for conf, agreed in pairs:
+            self.confidences.append(conf)
+            self.agreed.append(agreed)
+
+    def begin_sequence(self) -> None:
+        from scipy.stats import beta
+
+        agreed = np.array(self.agreed, dtype=bool)
+        if self.refits >= self.max_refits or agreed.sum() < 2 or (~agreed).sum() < 2:
+            return
+        self.refits += 1
+        confidences = np.clip(np.array(self.confidences), 1e-4, 1 - 1e-4)
+        params = [beta_moments(confidences[group]) for group in (~agreed, agreed)]
+        means = [a / (a + b) for a, b in params]
+        good, bad = (params[1], params[0]) if means[1] >= means[0] else (params[0], params[1])
+        ratio = beta.pdf(self.GRID, *good) / np.maximum(
+            beta.pdf(self.GRID, *good) + beta.pdf(self.GRID, *bad), 1e-300
+        )
+        count = int((ratio > self.zeta).sum())
+        self.value = float(self.GRID[min(max(len(self.GRID) - count, 0), len(self.GRID) - 1)])

@@ -12,11 +12,13 @@ warm-up decode, prompt by prompt in turn. Two rates, both over full's in the sam
 
 from __future__ import annotations
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
+from earlyexit.risk import bootstrap_ci
 from earlyexit.runtime.generation import GenConfig, build_decoder
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
 from earlyexit.tasks.generation import GenerationTask, render_prompt
@@ -72,8 +74,11 @@ def bench_generation(
                 "method": spec,
                 "n": len(items),
                 "shallow_layer": shallow.layer,
+                # FREE's threshold as Learn-then-Test certified it, when --risk set it
+                "ltt": ltt.to_dict() if (ltt := getattr(decoders[spec], "ltt", None)) else None,
                 "metric": task.metric,
                 "quality": scores[task.metric],
+                "quality_ci": _quality_ci(task.metric, outputs, references),
                 "scores": scores,
                 "full_quality": full_scores[task.metric],
                 "agreement": rouge(outputs, [(t,) for t in full_texts])["rougeL"],
@@ -87,6 +92,7 @@ def bench_generation(
                 "tokens": generated,
                 "tokens_per_s": rate,
                 "speedup": rate / full_rate,
+                "speedup_ci": _speedup_ci(results, runs["full"]),
                 "e2e_tokens_per_s": e2e_rate,
                 "e2e_speedup": e2e_rate / full_e2e_rate,
                 "prefill_share": sum(r.prefill_seconds for r in results)
@@ -102,6 +108,42 @@ def bench_generation(
             }
         )
     return records
+
+
+# metrics that are a mean over items: their interval resamples per-item scores
+_ITEM_MEANS = ("rouge1", "rouge2", "rougeL", "f1", "em")
+
+
+def _quality_ci(metric: str, outputs: list[str], references: list) -> list[float]:
+    """95% bootstrap interval of the task metric over the prompts."""
+    if metric in _ITEM_MEANS:
+        items = [
+            task_scores(metric, [o], [r])[metric] for o, r in zip(outputs, references, strict=True)
+        ]
+        return bootstrap_ci(items)
+
+    def corpus(rows: np.ndarray) -> float:  # BLEU: recomputed on each resample (slower)
+        return task_scores(metric, [outputs[i] for i in rows], [references[i] for i in rows])[
+            metric
+        ]
+
+    return bootstrap_ci(np.arange(len(outputs)), corpus, rounds=200)
+
+
+def _speedup_ci(results: list[DecodeResult], full: list[DecodeResult]) -> list[float]:
+    """95% interval of the decode-phase speedup over full, prompts resampled in pairs."""
+    tokens = np.array(
+        [[len(r.tokens) - 1, len(f.tokens) - 1] for r, f in zip(results, full, strict=True)]
+    )
+    seconds = np.array(
+        [[r.decode_seconds, f.decode_seconds] for r, f in zip(results, full, strict=True)]
+    )
+
+    def speedup(rows: np.ndarray) -> float:
+        rate = tokens[rows].sum(0) / np.maximum(seconds[rows].sum(0), 1e-9)
+        return float(rate[0] / max(rate[1], 1e-9))
+
+    return bootstrap_ci(np.arange(len(results)), speedup)
 
 
 def _tokens_per_s(results: list[DecodeResult]) -> float:

@@ -26,6 +26,7 @@ from earlyexit.policies import FullPolicy
 from earlyexit.policies.base import ExitPolicy
 from earlyexit.readouts.probe import TaskProbe
 from earlyexit.readouts.readout import ExitReadout
+from earlyexit.risk import bootstrap_ci, speedup_ci
 from earlyexit.runtime.calibration import (
     EvalConfig,
     MethodBuilder,
@@ -55,6 +56,15 @@ def run_interleaved(runners: dict[str, PolicyRunner]) -> dict[str, PolicyRun]:
             if index < len(runner.groups):
                 runner.run_group(index)
     return {name: runner.result() for name, runner in runners.items()}
+
+
+def quality_ci(task: Task, predictions: list[int], gold: list[int]) -> list[float]:
+    """95% bootstrap interval of the task's metric over the test examples."""
+    preds, labels = np.asarray(predictions), np.asarray(gold)
+    return bootstrap_ci(
+        np.arange(len(labels)),
+        lambda rows: task.score(preds[rows].tolist(), labels[rows].tolist()),
+    )
 
 
 @dataclass
@@ -135,6 +145,8 @@ def evaluate_task(
                 "task": task.name,
                 "method": spec,
                 "policy": policy.describe(),
+                # Learn-then-Test's choice of the knob, when --risk chose it
+                "ltt": builder.ltt[spec].to_dict() if spec in builder.ltt else None,
                 "readout": config.readout,
                 "n": len(examples),
                 # which rows of a user's file were tested (None for built-in tasks)
@@ -144,6 +156,7 @@ def evaluate_task(
                 "calibration": len(calibration.examples) if calibration else 0,
                 "metric": task.metric,
                 "quality": task.score(run.predictions, gold),
+                "quality_ci": quality_ci(task, run.predictions, gold),
                 "full_quality": full_quality,
                 "agreement_with_full": accuracy(run.predictions, full_predictions),
                 "avg_exit_layer": avg_exit,
@@ -151,6 +164,11 @@ def evaluate_task(
                 "layers_saved": 1 - avg_exit / engine.num_layers,
                 "ideal_speedup": engine.num_layers / avg_exit,
                 "speedup": reference.seconds / run.seconds,
+                "speedup_ci": speedup_ci(
+                    reference.round_seconds,
+                    run.round_seconds,
+                    run.seconds - sum(run.round_seconds),  # planning (RAEE's retrieval)
+                ),
                 "decision_overhead": run.decision_seconds / run.seconds,
                 "seconds": run.seconds,
                 "full_seconds": reference.seconds,

@@ -15,11 +15,12 @@ from earlyexit.errors import EarlyExitError
 from earlyexit.methods import EVAL_METHODS as METHODS
 from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
 from earlyexit.policies.adainfer import fit_adainfer
-from earlyexit.policies.base import ExitPolicy
+from earlyexit.policies.base import ExitPolicy, readout_features
 from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import fit_task_probe
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.retrieval.database import ExitDatabase, build_database
+from earlyexit.risk import LTTChoice, learn_then_test
 from earlyexit.runtime.classification import (
     Readout,
     collect_states,
@@ -34,6 +35,7 @@ from earlyexit.tasks.base import Example, Task
 # rule (`raee-paper`) keeps its argmax (slack 0). The leave-one-out was a one-off script,
 # not part of the package.
 RAEE_SLACK = 0.1
+NEVER_EXIT = 1.01  # a confidence (gap) threshold no readout reaches: full depth
 READOUTS = ("probe", "general")
 METHOD_NAMES = {m.split("[")[0] for m in METHODS}
 
@@ -78,10 +80,19 @@ class EvalConfig:
     calibration: int = 200  # train-split prompts for probes, stoppers and the RAEE database
     readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
     embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
+    # Learn-then-Test (risk.py): `confidence` and `static-cal` given without an argument
+    # take the most aggressive setting whose disagreement with the full model is at most
+    # `risk` with probability at least 1 - `delta` (None: their defaults)
+    risk: float | None = None
+    delta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise EarlyExitError(f"unknown readout '{self.readout}': use probe or general")
+        if self.risk is not None and not 0 < self.risk < 1:
+            raise EarlyExitError(f"--risk must lie in (0, 1), not {self.risk}")
+        if not 0 < self.delta < 1:
+            raise EarlyExitError(f"--delta must lie in (0, 1), not {self.delta}")
 
 
 @dataclass
@@ -140,6 +151,7 @@ class MethodBuilder:
         self.calibration = calibration
         self._embedder = None
         self._database: ExitDatabase | None = database
+        self.ltt: dict[str, LTTChoice] = {}  # per spec whose knob Learn-then-Test chose
 
     def build(self, spec: str) -> ExitPolicy:
         name, args = method_args(spec)
@@ -147,9 +159,16 @@ class MethodBuilder:
             return FullPolicy()
         if name == "static":
             return StaticPolicy(int(args[0]) if args else (2 * self.engine.num_layers) // 3)
+        risk = self.config.risk if self.config is not None and not args else None
         if name == "static-cal":
+            if risk is not None:
+                self.ltt[spec] = self.static_risk_controlled(risk, self.config.delta)
+                return StaticPolicy(int(self.ltt[spec].setting))
             return self.static_calibrated(args[0] if args else 0.01)
         if name == "confidence":
+            if risk is not None:
+                self.ltt[spec] = self.confidence_risk_controlled(risk, self.config.delta)
+                return ConfidencePolicy(self.ltt[spec].setting)
             return ConfidencePolicy(args[0] if args else 0.9)
         if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
             tolerance = args[0] if args else 0.01
@@ -181,6 +200,38 @@ class MethodBuilder:
         agree = (traces.argmax(-1) == final[:, None]).float().mean(0)
         layer = next(i + 1 for i, a in enumerate(agree.tolist()) if a >= 1 - tolerance)
         return StaticPolicy(layer)
+
+    def _disagreement(self, exits: torch.Tensor) -> torch.Tensor:
+        """[N, S] 0/1: does the answer at exit layer exits[n, s] (1-based) differ from
+        the final layer's, on the calibration traces (out-of-fold for probes)."""
+        answers = self._calibration().traces.argmax(-1)  # [N, L]
+        early = answers.gather(1, exits - 1)
+        return (early != answers[:, -1:]).float()
+
+    def static_risk_controlled(self, risk: float, delta: float) -> LTTChoice:
+        """Learn-then-Test over static layers, deepest first."""
+        layers = self._calibration().traces.shape[1]
+        grid = list(range(layers - 1, 0, -1))
+        exits = torch.tensor(grid).expand(self._calibration().traces.shape[0], -1)
+        losses = self._disagreement(exits.contiguous()).numpy()
+        return learn_then_test(grid, losses, risk, delta, safe=layers)
+
+    def confidence_risk_controlled(self, risk: float, delta: float) -> LTTChoice:
+        """Learn-then-Test over confidence (gap) thresholds, 0.99 down to 0.01; the safe
+        setting NEVER_EXIT lies above any gap."""
+        traces = self._calibration().traces
+        n, layers = traces.shape[:2]
+        gaps = torch.stack(
+            [readout_features(traces[:, i], i + 1, layers)[:, 1] for i in range(layers)], dim=1
+        )
+        grid = [round(0.99 - 0.01 * i, 2) for i in range(99)]
+        exits = torch.full((n, len(grid)), layers, dtype=torch.long)
+        for j, threshold in enumerate(grid):
+            hit = gaps[:, :-1] >= threshold  # the runner exits every row at the last layer
+            first = hit.float().argmax(1) + 1
+            exits[:, j] = torch.where(hit.any(1), first, torch.full_like(first, layers))
+        losses = self._disagreement(exits).numpy()
+        return learn_then_test(grid, losses, risk, delta, safe=NEVER_EXIT)
 
     def adainfer(self, tolerance: float, stopper: str = "svm", vocab: bool = False) -> ExitPolicy:
         cal = self._calibration()
@@ -231,4 +282,9 @@ class MethodBuilder:
 
 def needs_calibration(methods: list[str], config: EvalConfig) -> bool:
     calibrated = ("adainfer", "raee", "static-cal")
-    return config.readout == "probe" or any(m.startswith(calibrated) for m in methods)
+    risk_controlled = config.risk is not None and "confidence" in methods
+    return (
+        config.readout == "probe"
+        or risk_controlled
+        or any(m.startswith(calibrated) for m in methods)
+    )

@@ -8,7 +8,7 @@ that exit leave the batch at once, so a batch gains from every early exit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,8 @@ class PolicyRun:
     exit_layers: list[int]
     seconds: float  # forward passes + decisions, tokenisation excluded
     decision_seconds: float  # readouts + policy
+    # per batch (one interleaved round each), in run order; planning time not included
+    round_seconds: list[float] = field(default_factory=list)
 
 
 def _batches(prompts: list[str], batch: int) -> list[list[str]]:
@@ -130,6 +132,7 @@ class PolicyRunner:
         self.check = policy.readout_layers(engine.num_layers)
         self.predictions = [-1] * len(prompts)
         self.exits = [engine.num_layers] * len(prompts)
+        self.round_seconds: list[float] = []
         began = time.perf_counter()
         self.plan = policy.plan(texts if texts is not None else prompts)
         if self.plan is not None:
@@ -142,7 +145,9 @@ class PolicyRunner:
             ]
 
     def result(self) -> PolicyRun:
-        return PolicyRun(self.predictions, self.exits, self.seconds, self.deciding)
+        return PolicyRun(
+            self.predictions, self.exits, self.seconds, self.deciding, self.round_seconds
+        )
 
     @torch.inference_mode()
     def run_group(self, index: int) -> None:
@@ -188,7 +193,8 @@ class PolicyRunner:
             rows, hidden = rows[keep], hidden.index_select(0, keep)
             cache.select_rows(keep)
             policy.keep(keep)
-        self.seconds += time.perf_counter() - began
+        self.round_seconds.append(time.perf_counter() - began)
+        self.seconds += self.round_seconds[-1]
 
 
 def run_policy(

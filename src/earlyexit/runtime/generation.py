@@ -26,13 +26,14 @@ from earlyexit.decoding.shallow_deep import (
     decode_static,
 )
 from earlyexit.decoding.speculative import decode_speculative
-from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.decoding.threshold import BetaMixtureThreshold, OfficialFreeThreshold
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
+from earlyexit.risk import LTTChoice, learn_then_test
 from earlyexit.runtime.peers import decode_hf, llama_cpp_peer
-from earlyexit.tasks.generation import render_prompt
+from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
 # the draft block's confidence (top-1 minus top-2) above which it keeps drafting
@@ -54,6 +55,17 @@ class GenConfig:
     # `lossless:adapter`: the trained draft block at this layer (None: the only one saved)
     block_layer: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
+    # Learn-then-Test: `free` without a threshold takes the lowest one at which at most
+    # `risk` of answers differ from the full model's, with probability 1 - `delta` over
+    # the calibration prompts (None: FREE's adaptive threshold)
+    risk: float | None = None
+    delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.risk is not None and not 0 < self.risk < 1:
+            raise EarlyExitError(f"--risk must lie in (0, 1), not {self.risk}")
+        if not 0 < self.delta < 1:
+            raise EarlyExitError(f"--delta must lie in (0, 1), not {self.delta}")
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
@@ -66,8 +78,10 @@ class ThresholdDecoder:
 
     run: Decoder
     threshold: Threshold
+    ltt: LTTChoice | None = None  # what Learn-then-Test certified, when --risk set it
 
     def __call__(self, prompt: str, config: DecodeConfig) -> DecodeResult:
+        self.threshold.begin_sequence()
         return self.run(prompt, config)
 
 
@@ -80,14 +94,16 @@ class GenMethod:
     # lossless: ngram | shallow | composite | adapter; free: ngram | plain | adapter
     drafter: str | None = None
     value: float | None = None  # threshold (calm, free, shallow drafts) or a token count
+    official: bool = False  # free:...:official: FREE's own adaptive-threshold settings
 
 
 def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod:
     """Check a method name and its arguments without any model (the CLI does it first).
 
-    `full`, `static`, `calm[:T]`, `free[:plain|:adapter][:T]` (no T: FREE's adaptive
-    threshold; n-gram drafts verified at its catch-ups unless `plain`, the paper's FREE;
-    `adapter`: the exit reads the trained draft block),
+    `full`, `static`, `calm[:T]`, `free[:plain|:adapter][:T|:official]` (no T: our
+    Beta-mixture adaptive threshold, `official`: the paper code's settings; n-gram drafts
+    verified at its catch-ups unless `plain`, the paper's FREE; `adapter`: the exit reads
+    the trained draft block),
     `lossless[:ngram[:N]|:shallow[:T]|:composite[:T]|:adapter[:T]]` (draft and verify; N
     fixes the n-gram drafts per pass, else they are chosen per match length from this
     machine's verify-pass costs; T is the shallow drafter's confidence threshold, calibrated
@@ -107,7 +123,9 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
         )
     elif name == "free":
         drafter = parts.pop(0) if parts and parts[0] in ("plain", "adapter") else "ngram"
-        usage = f"bad threshold in method '{spec}': use free[:plain|:adapter][:T]"
+        usage = f"bad threshold in method '{spec}': use free[:plain|:adapter][:T|:official]"
+        if parts == ["official"]:
+            return GenMethod(spec, name, drafter, None, official=True)
     elif name in ("full", "static", "hf", "llama.cpp"):
         usage = f"bad method '{spec}': `{name}` takes no argument"
     elif name == "calm":
@@ -158,11 +176,21 @@ def build_decoder(
         shallow = block_exit(engine, config.block_layer)
     # free: one threshold per decoder, kept across prompts: FREE fits it online over the
     # stream of requests (one 48-token answer holds too few disagreements to fit a
-    # mixture), warm-started from the held-out calibration pairs `calm` uses
-    shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
+    # mixture), warm-started from the held-out calibration pairs `calm` uses; with --risk,
+    # the fixed threshold Learn-then-Test certifies on those prompts
+    ltt = None
+    if method.official:
+        shared: Threshold = OfficialFreeThreshold(config.initial_threshold)
+    elif fixed is None and config.risk is not None:
+        ltt = risk_controlled_threshold(engine, shallow, config)
+        shared = Threshold(ltt.setting)
+    else:
+        shared = Threshold(fixed) if fixed is not None else _adaptive(engine, shallow, config)
     if method.drafter == "plain":
         return ThresholdDecoder(
-            lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared), shared
+            lambda prompt, cfg: decode_shallow_deep(engine, shallow, prompt, cfg, shared),
+            shared,
+            ltt,
         )
     new_ngram = _ngram_factory(engine, config.draft_tokens)
     return ThresholdDecoder(
@@ -170,6 +198,7 @@ def build_decoder(
             engine, shallow, prompt, cfg, shared, ngram=new_ngram()
         ),
         shared,
+        ltt,
     )
 
 
@@ -222,7 +251,7 @@ def _lossless(
 
 def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
     threshold = BetaMixtureThreshold(config.target, config.initial_threshold)
-    confs, agreed = calibration_pairs(engine, shallow, config)
+    confs, agreed, _ = calibration_pairs(engine, shallow, config)
     threshold.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
     return threshold
 
@@ -233,11 +262,10 @@ _PAIRS: weakref.WeakKeyDictionary[ShallowExit, dict] = weakref.WeakKeyDictionary
 
 def calibration_pairs(
     engine: LayerEngine, shallow: ShallowExit, config: GenConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, agreed) per token of full decoding of held-out instructions (never
-    evaluation items); computed once per shallow exit and setting."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, agreed, prompt index) per token of full decoding of held-out
+    instructions (never evaluation items); computed once per shallow exit and setting."""
     from earlyexit.decoding.calibrate import confidence_pairs
-    from earlyexit.tasks.generation import self_distill_instructions
 
     cached = _PAIRS.setdefault(shallow, {})
     key = (config.calibration_prompts, config.max_new_tokens)
@@ -255,5 +283,25 @@ def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig)
     """CALM's threshold: at most `calm_tolerance` disagreement on the calibration pairs."""
     from earlyexit.decoding.calibrate import calibrated_threshold
 
-    confs, agreed = calibration_pairs(engine, shallow, config)
+    confs, agreed, _ = calibration_pairs(engine, shallow, config)
     return calibrated_threshold(confs, agreed, config.calm_tolerance)
+
+
+NEVER_EXIT = 1.01  # a shallow confidence no token reaches: every token at full depth
+RISK_GRID = [round(0.99 - 0.01 * i, 2) for i in range(99)]  # safest first
+
+
+def risk_controlled_threshold(
+    engine: LayerEngine, shallow: ShallowExit, config: GenConfig
+) -> LTTChoice:
+    """FREE's threshold by Learn-then-Test (risk.py): the lowest on RISK_GRID at which at
+    most `config.risk` of answers differ from the full model's, with probability at least
+    1 - `config.delta`, certified on the held-out calibration prompts (sequence level)."""
+    from earlyexit.decoding.calibrate import sequence_risk_losses
+
+    if config.risk is None:
+        raise ValueError("risk_controlled_threshold needs config.risk")
+    confs, agreed, sequence = calibration_pairs(engine, shallow, config)
+    prompts = len(self_distill_instructions(config.calibration_prompts))
+    losses = sequence_risk_losses(confs, agreed, sequence, RISK_GRID, prompts)
+    return learn_then_test(RISK_GRID, losses, config.risk, config.delta, safe=NEVER_EXIT)
