@@ -114,6 +114,10 @@ def test_eval_bad_method_and_readout_fail_before_loading_a_model() -> None:
     for bad in ("static:abc", "static:2.5", "static:inf", "raee:12:x", "full:3", "adainfer:1:2"):
         result = runner.invoke(app, ["eval", "--model", "no-such-model", "--method", bad])
         assert result.exit_code == 2 and f"bad argument in method '{bad}'" in result.output
+    for command in (["eval"], ["bench", "generate"]):
+        for flag, value in (("--risk", "1.5"), ("--delta", "0")):
+            result = runner.invoke(app, [*command, "--model", "no-such-model", flag, value])
+            assert result.exit_code == 2 and f"{flag} must lie in (0, 1)" in result.output
 
 
 def test_generate_bad_method_fails_before_loading_a_model() -> None:

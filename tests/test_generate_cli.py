@@ -51,10 +51,17 @@ def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     out = tmp_path / "gen.json"
     args = ["bench", "generate", "--task", "squad", "--limit", "2", "--max-new-tokens", "6"]
     methods = "full,static,calm:0.5,free,lossless,lossless:ngram:3,hf,hf-pld"
-    result = runner.invoke(app, [*args, "--method", methods, "--json", str(out)])
+    risk = ["--risk", "0.5", "--delta", "0.5"]  # Learn-then-Test picks free's threshold
+    result = runner.invoke(app, [*args, "--method", methods, *risk, "--json", str(out)])
     assert result.exit_code == 0, result.output
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
     assert list(records) == methods.split(",")
+    ltt = records["free"]["ltt"]
+    assert ltt["n"] == 8 and ltt["risk"] == 0.5 and "LTT" in result.output
+    assert all(r["ltt"] is None for spec, r in records.items() if spec != "free")
+    for r in records.values():
+        assert r["quality_ci"][0] <= r["quality"] <= r["quality_ci"][1]
+        assert r["speedup_ci"][0] <= r["speedup_ci"][1]
     keys = {"task", "method", "n", "quality", "full_quality", "agreement", "shallow_fraction"}
     assert all(keys | {"avg_layers", "tokens_per_s", "speedup"} <= set(r) for r in records.values())
     for exact in ("lossless", "lossless:ngram:3", "hf", "hf-pld"):

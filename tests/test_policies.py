@@ -170,8 +170,36 @@ def test_evaluate_task_records(sst2: Setup) -> None:
     assert static["full_quality"] == full["quality"] and static["metric"] == "accuracy"
     for r in records:
         assert r["n"] == 8 and r["speedup"] > 0 and 0 <= r["decision_overhead"] < 1
+        low, high = r["quality_ci"]  # 95% bootstrap over the 8 examples
+        assert 0 <= low <= r["quality"] <= high <= 1
+        low, high = r["speedup_ci"]  # over the 2 interleaved rounds (batch 4)
+        assert 0 < low <= high and r["ltt"] is None
     with pytest.raises(EarlyExitError, match="unknown method 'magic'"):
         evaluate_task(sst2.engine, sst2.readout, get_task("sst2"), ["magic"], config)
+
+
+def test_eval_cli_risk_control(tmp_path: Path) -> None:
+    """`eval --risk`: confidence and static-cal without arguments are chosen by
+    Learn-then-Test and say so; with explicit arguments they are left alone."""
+    from typer.testing import CliRunner
+
+    from earlyexit.cli import app
+
+    out = tmp_path / "eval.json"
+    args = ["eval", "--task", "sst2", "--shots", "2", "--limit", "8", "--calibration", "40"]
+    args += ["--method", "confidence,static-cal,confidence:0.5", "--risk", "0.2", "--delta", "0.2"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert "LTT" in result.output
+    for spec in ("confidence", "static-cal"):
+        ltt = records[spec]["ltt"]
+        assert ltt["risk"] == 0.2 and ltt["delta"] == 0.2 and ltt["n"] == 40
+        assert ltt["certified"] == (ltt["p_value"] is not None)
+    assert records["confidence"]["policy"]["threshold"] == records["confidence"]["ltt"]["setting"]
+    assert records["static-cal"]["policy"]["layer"] == records["static-cal"]["ltt"]["setting"]
+    assert records["confidence:0.5"]["ltt"] is None
+    assert records["confidence:0.5"]["policy"]["threshold"] == 0.5
 
 
 def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None:
