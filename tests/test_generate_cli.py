@@ -66,6 +66,7 @@ def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     assert all(keys | {"avg_layers", "tokens_per_s", "speedup"} <= set(r) for r in records.values())
     for exact in ("lossless", "lossless:ngram:3", "hf", "hf-pld"):
         assert records[exact]["token_agreement"] == 1.0, exact
+        assert records[exact]["same_answers"] == 1.0, exact
     assert records["full"]["tokens_per_pass"] == 1.0
     assert records["lossless:ngram:3"]["draft_acceptance"] is not None
     assert 0 <= records["lossless:ngram:3"]["draft_cost"] < 0.1  # a dictionary look-up

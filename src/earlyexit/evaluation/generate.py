@@ -85,6 +85,11 @@ def bench_generation(
                 "token_agreement": token_agreement(
                     [r.tokens for r in results], [r.tokens for r in runs["full"]]
                 ),
+                # answers identical to full's: the sequence-level risk --risk bounds
+                "same_answers": sum(
+                    r.tokens == f.tokens for r, f in zip(results, runs["full"], strict=True)
+                )
+                / len(items),
                 "shallow_fraction": sum(r.shallow_fraction * len(r.tokens) for r in results)
                 / max(1, generated),
                 "avg_layers": sum(r.layer_tokens for r in results)
