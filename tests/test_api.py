@@ -21,6 +21,7 @@ from earlyexit.decoding.shallow_deep import DecodeResult
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
+from earlyexit.tasks import Example, get_task
 
 PROMPT = "Name three colours."
 TOKENS = 16
@@ -159,7 +160,7 @@ def test_bad_input_fails_before_any_model_work(
         ({"method": "fastest"}, "unknown method 'fastest'"),
         ({"task": "reviews.csv"}, "needs labels="),
         ({"task": None}, "task=None needs labels="),
-        ({"readout": "lens"}, "unknown readout 'lens'"),
+        ({"readout": "magic"}, "unknown readout 'magic'"),
         ({"method": "raee", "embedder": "backbone:99"}, "unknown embedder 'backbone:99'"),
     ]:
         with pytest.raises(EarlyExitError, match=message):
@@ -258,6 +259,19 @@ def test_classify_sst2_labels_each_text_and_names_its_artifacts(ee: EarlyExit, s
     again = ee.classify(REVIEWS, task="sst2", method="adainfer", calibration=24)
     assert again.classes == sst2.classes and again.exit_layers == sst2.exit_layers
     assert again.report.setup_seconds < 0.05 * report.setup_seconds  # kept, not refitted
+
+
+def test_classify_with_the_models_own_head(ee: EarlyExit) -> None:
+    """readout='lens' reads every layer through the model's own norm and head (RAEE's
+    paper protocol): at full depth it is the model's own label-word argmax."""
+    lens = ee.classify(REVIEWS, task="sst2", method="full", readout="lens", shots=0)
+    assert lens.report.artifacts["readout"].startswith("logit lens: the model's own norm")
+    engine, task = ee.engine, get_task("sst2")
+    ids = task.label_token_ids(engine.tokenizer)
+    for text, cls in zip(REVIEWS, lens.classes, strict=True):
+        prompt = task.prompt(Example(text, 0))
+        logits = engine.logits(engine.prefill(engine.encode([prompt])[0]).hidden[:, -1])
+        assert cls == int(logits[0, ids].argmax())
 
 
 def test_classify_loads_a_saved_raee_database(smol: LayerEngine, ee: EarlyExit, sst2) -> None:  # noqa: ANN001

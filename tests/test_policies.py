@@ -90,6 +90,32 @@ def test_adainfer_calibrated_margin_and_round_trip(sst2: Setup, tmp_path: Path) 
     )
 
 
+def test_adainfer_saved_applies_another_tasks_stopper(sst2: Setup, tmp_path: Path) -> None:
+    """`adainfer-saved` runs the stopper in --stopper unchanged (fitted on SST-2 here, as
+    `eval --save` writes it) and needs no calibration of its own; without the file, or
+    with a bad one, eval stops before any model pass."""
+    from earlyexit.runtime.calibration import (
+        EvalConfig,
+        MethodBuilder,
+        check_methods,
+        needs_calibration,
+    )
+
+    path = tmp_path / "sst2" / "adainfer.json"
+    fitted = fit_adainfer(sst2.traces, tolerance=0.0)
+    fitted.save(path)
+    config = EvalConfig(readout="general", stopper=path)
+    check_methods(["full", "adainfer-saved"], config)
+    assert not needs_calibration(["adainfer-saved"], config)
+    builder = MethodBuilder(sst2.engine, sst2.readout, get_task("mr"), config, None)
+    assert builder.build("adainfer-saved") == fitted
+    with pytest.raises(EarlyExitError, match="adainfer-saved needs --stopper FILE"):
+        check_methods(["adainfer-saved"], EvalConfig())
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(EarlyExitError, match="bad.json"):
+        check_methods(["adainfer-saved"], EvalConfig(stopper=tmp_path / "bad.json"))
+
+
 def test_adainfer_bad_files(tmp_path: Path) -> None:
     with pytest.raises(EarlyExitError, match="train one first"):
         AdaInferPolicy.load(tmp_path / "absent.json")
@@ -163,6 +189,8 @@ def test_evaluate_task_records(sst2: Setup) -> None:
     records = evaluate_task(
         sst2.engine, sst2.readout, get_task("sst2"), ["full", "static:12"], config
     ).records
+    drawn = [ex.row for ex in get_task("sst2").test_sample(8, seed=0)]
+    assert all(r["rows"] == drawn and r["sample"] == "seeded" for r in records)
     assert [r["method"] for r in records] == ["full", "static:12"]
     full, static = records
     assert full["avg_exit_layer"] == 30 and full["agreement_with_full"] == 1.0
@@ -200,6 +228,34 @@ def test_eval_cli_risk_control(tmp_path: Path) -> None:
     assert records["static-cal"]["policy"]["layer"] == records["static-cal"]["ltt"]["setting"]
     assert records["confidence:0.5"]["ltt"] is None
     assert records["confidence:0.5"]["policy"]["threshold"] == 0.5
+
+
+def test_eval_raee_paper_protocol(tmp_path: Path) -> None:
+    """`--protocol raee-paper`: zero shots, the model's own head (lens), the database over
+    the whole training split (a custom file's demonstration pool here: 12 rows), and the
+    paper's rule at k = 12, from one flag."""
+    from typer.testing import CliRunner
+
+    from earlyexit.cli import app
+
+    data = tmp_path / "reviews.jsonl"
+    reviews = [("a wonderful, moving film", 1), ("dull and far too long", 0)] * 30
+    lines = [json.dumps({"text": f"{t}, take {i}", "label": y}) for i, (t, y) in enumerate(reviews)]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "paper.json"
+    args = ["eval", "--data", str(data), "--labels", "0=negative,1=positive", "--limit", "8"]
+    result = CliRunner().invoke(app, [*args, "--protocol", "raee-paper", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["config"]["shots"] == 0 and payload["config"]["readout"] == "lens"
+    assert payload["config"]["calibration"] is None  # the whole training split
+    records = {r["method"]: r for r in payload["records"]}
+    assert list(records) == ["full", "raee-paper:12"]
+    policy = records["raee-paper:12"]["policy"]
+    assert policy["k"] == 12 and policy["rule"] == "paper" and policy["database_size"] == 12
+    assert records["raee-paper:12"]["calibration"] == 12
+    bad = CliRunner().invoke(app, ["eval", "--model", "no-such-model", "--protocol", "calm"])
+    assert bad.exit_code == 2 and "unknown protocol 'calm': use raee-paper" in bad.output
 
 
 def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None:

@@ -201,6 +201,28 @@ def test_bad_task_definitions() -> None:
     assert task.demonstrations(0) == []
 
 
+def test_test_sample_is_seeded_or_file_order() -> None:
+    """`seeded` draws a fair random sample (a label-sorted file's first rows are one class),
+    reproducible per seed, each example with its file row; `first` is the file's prefix."""
+    rows = [Example(f"text {i}", int(i >= 50)) for i in range(100)]  # sorted by label
+    task = Task("sorted", [" a", " b"], "{text}", train=list, test=lambda: rows)
+    first = task.test_sample(20, how="first")
+    assert [ex.row for ex in first] == list(range(20)) and {ex.label for ex in first} == {0}
+    drawn = task.test_sample(20, seed=0)
+    assert {ex.label for ex in drawn} == {0, 1} and len({ex.row for ex in drawn}) == 20
+    assert all(rows[ex.row].text == ex.text for ex in drawn)
+    assert task.test_sample(20, seed=0) == drawn != task.test_sample(20, seed=1)
+    assert task.test_sample(10, seed=0) == drawn[:10]  # a prefix of the draw
+    sst2 = get_task("sst2")
+    sample = sst2.test_sample(50, seed=3)
+    assert all(sst2.test()[ex.row].text == ex.text for ex in sample)
+    assert [ex.text for ex in sst2.test_sample(5, how="first")] == [
+        ex.text for ex in sst2.test()[:5]
+    ]
+    with pytest.raises(EarlyExitError, match="unknown sample 'last'"):
+        task.test_sample(5, how="last")
+
+
 def test_metrics() -> None:
     assert compute_metric("accuracy", [0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
     assert compute_metric("mcc", [0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(1.0)

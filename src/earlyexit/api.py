@@ -372,6 +372,7 @@ class EarlyExit:
         self.threads = torch.get_num_threads()
         self._lock = threading.Lock()
         self._general: ExitReadout | None = None
+        self._lens: ExitReadout | None = None
         self._decoders: dict[tuple, _Built] = {}
         self._shallow_exits: dict[tuple, tuple[ShallowExit, str]] = {}
         self._tasks: dict[tuple, _TaskState] = {}
@@ -435,9 +436,20 @@ class EarlyExit:
             self._general = default_readout(self.engine)
         return self._general
 
-    def _general_line(self) -> str:
+    def _base_readout(self, config: EvalConfig) -> ExitReadout:
+        """The readout under the task probes and the RAEE traces: the saved general one,
+        or with readout='lens' the model's own norm and head (RAEE's paper protocol)."""
+        if config.readout != "lens":
+            return self.general_readout
+        if self._lens is None:
+            self._lens = ExitReadout(self.engine)
+        return self._lens
+
+    def _general_line(self, config: EvalConfig | None = None) -> str:
         from earlyexit.readouts.store import readout_dir
 
+        if config is not None and config.readout == "lens":
+            return "logit lens: the model's own norm and head (readout='lens')"
         if self.general_readout.trained_layers:
             return f"trained readout 'default' ({readout_dir(self.engine)})"
         return "logit lens (untrained; `earlyexit heads train` trains readouts)"
@@ -791,7 +803,7 @@ class EarlyExit:
                 policy,
                 batch,
                 items,
-                self.general_readout,
+                self._base_readout(config),
             )
         avg = sum(run.exit_layers) / len(run.exit_layers)
         report = ClassificationReport(
@@ -900,12 +912,11 @@ class EarlyExit:
                     "labels={...}) or a Task with a train split, or use method 'full' (or "
                     "static / confidence with readout='general')"
                 )
+            base = self._base_readout(config)
             readout, calibration = calibrate(
-                self.engine, self.general_readout, task, state.demos, state.candidates, config
+                self.engine, base, task, state.demos, state.candidates, config
             )
-            state.builder = MethodBuilder(
-                self.engine, self.general_readout, task, config, calibration
-            )
+            state.builder = MethodBuilder(self.engine, base, task, config, calibration)
             state.readout = readout
             count = len(calibration.examples)
             if config.readout == "probe":
@@ -938,7 +949,7 @@ class EarlyExit:
         }
         if any(database.meta.get(k) != v for k, v in wanted.items()):
             return None
-        readout: Any = self.general_readout
+        readout: Any = self._base_readout(config)
         lines = {"database": f"RAEE database loaded from {path} ({database.size} examples)"}
         if config.readout == "probe":
             readout = TaskProbe.load(self.general_readout, path / "probe")
@@ -946,9 +957,9 @@ class EarlyExit:
                 return None
             lines["readout"] = f"task probe loaded from {path / 'probe'}"
         else:
-            lines["readout"] = self._general_line()
+            lines["readout"] = self._general_line(config)
         builder = MethodBuilder(
-            self.engine, self.general_readout, state.task, config, None, database=database
+            self.engine, self._base_readout(config), state.task, config, None, database=database
         )
         state.saved = (builder, readout, lines)
         return state.saved
@@ -958,8 +969,8 @@ class EarlyExit:
         if method in state.policies:
             return state.policies[method]
         name, _ = method_args(method)
-        general = self.general_readout
-        artifacts = {"general_readout": self._general_line()}
+        general = self._base_readout(state.config)
+        artifacts = {"general_readout": self._general_line(state.config)}
         saved = self._saved_raee(state) if name in ("raee", "raee-paper") else None
         if saved is not None:
             builder, readout, lines = saved
@@ -971,7 +982,7 @@ class EarlyExit:
         else:
             builder = MethodBuilder(self.engine, general, state.task, state.config, None)
             readout = general
-            artifacts["readout"] = self._general_line()
+            artifacts["readout"] = self._general_line(state.config)
         policy = builder.build(method)
         if name.startswith("adainfer"):
             stopper = "CRF" if name == "adainfer-crf" else "SVM"

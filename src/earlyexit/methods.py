@@ -105,6 +105,12 @@ EVAL: tuple[Method, ...] = (
         ("adainfer-crf", "adainfer-crf:0.02"),
     ),
     Method(
+        "adainfer-saved",
+        "AdaInfer with a stopper fitted on another task (--stopper FILE, from eval --save): "
+        "the paper's one-stopper-for-all-tasks claim",
+        ("adainfer-saved",),
+    ),
+    Method(
         "adainfer-vocab[:tol]",
         "adainfer plus full-vocabulary top-1/gap features (a full LM-head readout per layer)",
         ("adainfer-vocab", "adainfer-vocab:0.02"),

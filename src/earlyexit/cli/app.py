@@ -90,7 +90,8 @@ DTYPE_OPT = typer.Option(
 READOUT_OPT = typer.Option(
     "probe",
     help="probe: per-layer task probes fitted on the calibration prompts; general: the saved "
-    "readouts (`heads train`) over the label words.",
+    "readouts (`heads train`) over the label words; lens: the model's own norm and head at "
+    "every layer (RAEE's paper).",
 )
 SHALLOW_OPT = typer.Option(
     None, min=1, help="Shallow exit layer k (1..L-1); default 4/5 of the depth (24 of 30)."

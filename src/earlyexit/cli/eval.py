@@ -21,23 +21,44 @@ from earlyexit.cli.app import (
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import EVAL, method_list
 
+DEFAULT_METHODS = "full,confidence:0.9,adainfer,adainfer-crf,raee,raee-paper"
+RAEE_PAPER_METHODS = "full,raee-paper:12"
+
 
 @app.command("eval")
 @friendly
 def eval_command(
     model: str = MODEL_OPT,
     task: str = typer.Option("sst2", "--task", "-t", help="Comma-separated built-in task names."),
-    method: str = typer.Option(
-        "full,confidence:0.9,adainfer,adainfer-crf,raee,raee-paper",
+    method: str | None = typer.Option(
+        None,
         "--method",
-        help=f"Comma-separated: {method_list(EVAL)}.",
+        help=f"Comma-separated: {method_list(EVAL)}. Default: {DEFAULT_METHODS} "
+        f"({RAEE_PAPER_METHODS} with --protocol raee-paper).",
+    ),
+    protocol: str | None = typer.Option(
+        None,
+        help="raee-paper: RAEE's published setting: zero-shot prompts, the model's own head "
+        "over the label words at every layer (--readout lens), the database over the whole "
+        "training split, k = 12 (overrides --shots, --readout and --calibration).",
     ),
     shots: int = typer.Option(4, min=0, help="In-context demonstrations (class-balanced)."),
-    limit: int | None = typer.Option(200, min=1, help="Test examples per task (first N)."),
+    limit: int | None = typer.Option(200, min=1, help="Test examples per task."),
+    sample: str = typer.Option(
+        "seeded",
+        help="Which test examples: seeded (a random sample drawn with --seed; files sorted "
+        "by label or subject make a first-N prefix unfair) or first (the first N in file "
+        "order, as the harness's --limit).",
+    ),
     batch: int = typer.Option(8, min=1, help="Batch size (the same for every method)."),
-    seed: int = typer.Option(0, help="Seed for demonstrations and calibration examples."),
+    seed: int = typer.Option(
+        0, help="Seed for the test sample, demonstrations and calibration examples."
+    ),
     calibration: int = typer.Option(
-        200, min=10, help="Train-split prompts for probes, stoppers and the RAEE database."
+        200,
+        min=10,
+        help="Train-split prompts for probes, stoppers and the RAEE database "
+        "(--protocol raee-paper: all of them).",
     ),
     readout: str = READOUT_OPT,
     embedder: str = typer.Option("minilm-l6", help="RAEE's embedder: minilm-l6 or backbone:K."),
@@ -61,6 +82,9 @@ def eval_command(
         "(with probability 1 - DELTA over the calibration draw).",
     ),
     delta: float = typer.Option(0.1, help="With --risk: the allowed failure probability."),
+    stopper: Path | None = typer.Option(
+        None, help="adainfer-saved: a stopper file from `eval --save DIR` on another task."
+    ),
     dtype: str = DTYPE_OPT,
     sweep: bool = typer.Option(False, help="Also replay threshold/tolerance/k sweeps."),
     plots: Path | None = typer.Option(None, help="Write one sweep PNG per task into this dir."),
@@ -73,30 +97,40 @@ def eval_command(
     """Early-exit classification: quality, layers saved and wall-clock speedup vs full."""
     from earlyexit.evaluation.runner import evaluate_task
     from earlyexit.evaluation.sweeps import sweep_task
-    from earlyexit.readouts.store import default_readout
     from earlyexit.reporting import write_json
-    from earlyexit.runtime.calibration import EvalConfig, check_methods
+    from earlyexit.runtime.calibration import EvalConfig, base_readout, check_methods
     from earlyexit.tasks.builtin import get_task
 
     if data is not None:
         tasks = [_custom_task(data, text_column, label_column, labels, seed, template)]
     else:
         tasks = [get_task(name) for name in parse_list(task, "--task")]
-    methods = parse_list(method, "--method")
-    check_methods(methods)
+    if protocol not in (None, "raee-paper"):
+        raise EarlyExitError(f"unknown protocol '{protocol}': use raee-paper")
+    paper = protocol == "raee-paper"
+    if paper:  # RAEE's published setting
+        shots, readout, all_train = 0, "lens", True
+        console.print("protocol raee-paper: 0 shots, readout lens, the whole training split")
+    else:
+        all_train = False
+    default = RAEE_PAPER_METHODS if paper else DEFAULT_METHODS
+    methods = parse_list(method or default, "--method")
     config = EvalConfig(
         shots=shots,
         limit=limit,
         seed=seed,
         batch=batch,
-        calibration=calibration,
+        calibration=None if all_train else calibration,
         readout=readout,
         embedder=embedder,
         risk=risk,
         delta=delta,
+        sample=sample,
+        stopper=stopper,
     )
+    check_methods(methods, config)
     engine = load_engine(model, dtype)
-    general = default_readout(engine)
+    general = base_readout(engine, readout)
     records, points = [], []
     for t in tasks:
         evaluation = evaluate_task(engine, general, t, methods, config)

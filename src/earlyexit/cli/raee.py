@@ -26,8 +26,7 @@ def raee_build(
 ) -> None:
     """Build a RAEE exit database (and its task probe) from a labelled split; atomic write."""
     from earlyexit.paths import home
-    from earlyexit.readouts.store import default_readout
-    from earlyexit.runtime.calibration import EvalConfig, MethodBuilder, calibrate
+    from earlyexit.runtime.calibration import EvalConfig, MethodBuilder, base_readout, calibrate
     from earlyexit.tasks.builtin import get_task
 
     task_obj = get_task(task)
@@ -35,7 +34,7 @@ def raee_build(
         shots=shots, seed=seed, calibration=examples, readout=readout, embedder=embedder
     )
     engine = load_engine(model)
-    general = default_readout(engine)
+    general = base_readout(engine, readout)
     demos = task_obj.demonstrations(shots, seed)
     candidates = task_obj.label_token_ids(engine.tokenizer)
     exit_readout, cal = calibrate(engine, general, task_obj, demos, candidates, config)

@@ -103,7 +103,7 @@ def evaluate_task(
 ) -> TaskEvaluation:
     check_methods(methods)
     demos = task.demonstrations(config.shots, config.seed)
-    examples = task.examples("test", config.limit)
+    examples = task.test_sample(config.limit, config.seed, config.sample)
     if not examples:
         raise EarlyExitError(f"task '{task.name}' has no test examples")
     prompts = [task.prompt(ex, demos) for ex in examples]
@@ -149,8 +149,9 @@ def evaluate_task(
                 "ltt": builder.ltt[spec].to_dict() if spec in builder.ltt else None,
                 "readout": config.readout,
                 "n": len(examples),
-                # which rows of a user's file were tested (None for built-in tasks)
-                "rows": [ex.row for ex in examples] if examples[0].row is not None else None,
+                # which rows of the test file were scored, in sample order
+                "sample": config.sample,
+                "rows": [ex.row for ex in examples],
                 "shots": config.shots,
                 "batch": config.batch,
                 "calibration": len(calibration.examples) if calibration else 0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import EVAL_METHODS as METHODS
 from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
-from earlyexit.policies.adainfer import fit_adainfer
+from earlyexit.policies.adainfer import fit_adainfer, load_stopper
 from earlyexit.policies.base import ExitPolicy, readout_features
 from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import fit_task_probe
@@ -27,7 +28,7 @@ from earlyexit.runtime.classification import (
     readout_traces,
     vocab_traces,
 )
-from earlyexit.tasks.base import Example, Task
+from earlyexit.tasks.base import SAMPLES, Example, Task
 
 # The `raee` method's default slack, chosen by leave-one-out on an SST-2 *training* database
 # (240 examples, k=12): accuracy 0.842 / 0.842 / 0.846 / 0.850 at slack 0 / .05 / .1 / .2
@@ -36,16 +37,27 @@ from earlyexit.tasks.base import Example, Task
 # not part of the package.
 RAEE_SLACK = 0.1
 NEVER_EXIT = 1.01  # a confidence (gap) threshold no readout reaches: full depth
-READOUTS = ("probe", "general")
+# probe: task probes over the general readout; general: the saved readouts (`heads
+# train`), else the logit lens; lens: always the model's own norm and head (RAEE's paper)
+READOUTS = ("probe", "general", "lens")
 METHOD_NAMES = {m.split("[")[0] for m in METHODS}
+NO_ARGUMENT = ("full", "adainfer-saved")
 
 
-def check_methods(methods: list[str]) -> None:
-    """Fail on an unknown method or a bad argument before any model pass is spent."""
+def check_methods(methods: list[str], config: EvalConfig | None = None) -> None:
+    """Fail on an unknown method, a bad argument or a missing input (`adainfer-saved`
+    without a stopper file) before any model pass is spent."""
     if not methods:
         raise EarlyExitError(f"no method given: use {', '.join(METHODS)}")
     for spec in methods:
         method_args(spec)
+    if config is not None and "adainfer-saved" in methods:
+        if config.stopper is None:
+            raise EarlyExitError(
+                "adainfer-saved needs --stopper FILE: a stopper saved by `eval --save DIR` "
+                "(DIR/<task>/adainfer.json)"
+            )
+        load_stopper(config.stopper)  # a bad file fails here, in one line
 
 
 def method_args(spec: str) -> tuple[str, list[float]]:
@@ -54,7 +66,7 @@ def method_args(spec: str) -> tuple[str, list[float]]:
     if name not in METHOD_NAMES:
         raise EarlyExitError(f"unknown method '{spec}': use {', '.join(METHODS)}")
     parts = arg.split(":") if arg else []
-    most = 2 if name in ("raee", "raee-paper") else (0 if name == "full" else 1)
+    most = 2 if name in ("raee", "raee-paper") else (0 if name in NO_ARGUMENT else 1)
     try:
         if len(parts) > most:
             raise ValueError
@@ -77,7 +89,8 @@ class EvalConfig:
     limit: int | None = 200
     seed: int = 0
     batch: int = 8
-    calibration: int = 200  # train-split prompts for probes, stoppers and the RAEE database
+    # train-split prompts for probes, stoppers and the RAEE database (None: all of them)
+    calibration: int | None = 200
     readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
     embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
     # Learn-then-Test (risk.py): `confidence` and `static-cal` given without an argument
@@ -85,10 +98,16 @@ class EvalConfig:
     # `risk` with probability at least 1 - `delta` (None: their defaults)
     risk: float | None = None
     delta: float = 0.1
+    # the test examples: a seeded random sample (`seed`), or the first `limit` in file order
+    sample: str = "seeded"
+    # `adainfer-saved`: a stopper fitted elsewhere (another task: AdaInfer's generality claim)
+    stopper: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.sample not in SAMPLES:
+            raise EarlyExitError(f"unknown --sample '{self.sample}': use seeded or first")
         if self.readout not in READOUTS:
-            raise EarlyExitError(f"unknown readout '{self.readout}': use probe or general")
+            raise EarlyExitError(f"unknown readout '{self.readout}': use probe, general or lens")
         if self.risk is not None and not 0 < self.risk < 1:
             raise EarlyExitError(f"--risk must lie in (0, 1), not {self.risk}")
         if not 0 < self.delta < 1:
@@ -105,7 +124,18 @@ class Calibration:
     vocab: torch.Tensor | None = None  # [N, L, 2], computed on first use
 
 
-def calibration_examples(task: Task, demos: list[Example], count: int, seed: int) -> list[Example]:
+def base_readout(engine: LayerEngine, readout: str) -> ExitReadout:
+    """The readout a config's methods read through (under the probes when `probe`)."""
+    if readout == "lens":
+        return ExitReadout(engine)
+    from earlyexit.readouts.store import default_readout
+
+    return default_readout(engine)
+
+
+def calibration_examples(
+    task: Task, demos: list[Example], count: int | None, seed: int
+) -> list[Example]:
     pool = [ex for ex in task.examples("train") if ex not in demos]
     if len(pool) < 10:
         raise EarlyExitError(
@@ -170,6 +200,10 @@ class MethodBuilder:
                 self.ltt[spec] = self.confidence_risk_controlled(risk, self.config.delta)
                 return ConfidencePolicy(self.ltt[spec].setting)
             return ConfidencePolicy(args[0] if args else 0.9)
+        if name == "adainfer-saved":
+            if self.config is None or self.config.stopper is None:
+                raise EarlyExitError("adainfer-saved needs --stopper FILE")
+            return load_stopper(self.config.stopper)
         if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
             tolerance = args[0] if args else 0.01
             stopper = "crf" if name == "adainfer-crf" else "svm"
@@ -286,5 +320,5 @@ def needs_calibration(methods: list[str], config: EvalConfig) -> bool:
     return (
         config.readout == "probe"
         or risk_controlled
-        or any(m.startswith(calibrated) for m in methods)
+        or any(m.startswith(calibrated) and m != "adainfer-saved" for m in methods)
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from earlyexit.errors import EarlyExitError
 
 LETTERS = "ABCDEFGHIJ"
 SPLITS = ("train", "test")
+SAMPLES = ("seeded", "first")  # how `test_sample` draws: seeded random, or file order
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Example:
     text: str
     label: int
     choices: tuple[str, ...] | None = None
-    row: int | None = None  # a user file's data row (0-based), for the records
+    row: int | None = None  # the test file's data row (0-based), for the records
 
 
 @dataclass
@@ -77,6 +78,26 @@ class Task:
                 f"unknown split '{split}' for task '{self.name}': use train or test"
             )
         rows = self.train() if split == "train" else self.test()
+        return rows if limit is None else rows[:limit]
+
+    def test_sample(
+        self, limit: int | None = None, seed: int = 0, how: str = "seeded"
+    ) -> list[Example]:
+        """`limit` test examples, each with its row in the test file. `seeded`: a random
+        sample drawn with `seed`, in drawn order (so any prefix is a fair sample too; many
+        files are sorted by label or subject, and a first-N prefix is then one class or one
+        subject); `first`: the first `limit` rows in file order (what the harness's `--limit`
+        takes)."""
+        if how not in SAMPLES:
+            raise EarlyExitError(f"unknown sample '{how}': use {' or '.join(SAMPLES)}")
+        rows = [
+            ex if ex.row is not None else replace(ex, row=index)
+            for index, ex in enumerate(self.test())
+        ]
+        if how == "first":
+            rows.sort(key=lambda ex: ex.row)
+        else:
+            random.Random(seed).shuffle(rows)
         return rows if limit is None else rows[:limit]
 
     def render(self, example: Example) -> str:
