@@ -93,6 +93,7 @@ READOUT_OPT = typer.Option(
     "readouts (`heads train`) over the label words; lens: the model's own norm and head at "
     "every layer (RAEE's paper).",
 )
+DELTA_OPT = typer.Option(0.1, help="With --risk: the allowed failure probability.")
 SHALLOW_OPT = typer.Option(
     None, min=1, help="Shallow exit layer k (1..L-1); default 4/5 of the depth (24 of 30)."
 )

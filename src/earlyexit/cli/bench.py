@@ -8,6 +8,7 @@ import typer
 
 from earlyexit.cli.app import (
     BLOCK_LAYER_OPT,
+    DELTA_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
     MODEL_OPT,
@@ -124,7 +125,7 @@ def bench_generate(
         "most RISK of answers differ from the full model's (probability 1 - DELTA over the "
         "calibration prompts; certifying needs enough of them, see --calibration-prompts).",
     ),
-    delta: float = typer.Option(0.1, help="With --risk: the allowed failure probability."),
+    delta: float = DELTA_OPT,
     calibration_prompts: int = typer.Option(
         8, min=1, help="Held-out instructions that calibrate calm, free and --risk."
     ),

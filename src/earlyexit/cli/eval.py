@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from earlyexit.cli.app import (
+    DELTA_OPT,
     DTYPE_OPT,
     MODEL_OPT,
     READOUT_OPT,
@@ -81,7 +82,7 @@ def eval_command(
         "aggressive setting whose disagreement with the full model is at most RISK "
         "(with probability 1 - DELTA over the calibration draw).",
     ),
-    delta: float = typer.Option(0.1, help="With --risk: the allowed failure probability."),
+    delta: float = DELTA_OPT,
     stopper: Path | None = typer.Option(
         None, help="adainfer-saved: a stopper file from `eval --save DIR` on another task."
     ),
