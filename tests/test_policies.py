@@ -114,6 +114,19 @@ def test_adainfer_saved_applies_another_tasks_stopper(sst2: Setup, tmp_path: Pat
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(EarlyExitError, match="bad.json"):
         check_methods(["adainfer-saved"], EvalConfig(stopper=tmp_path / "bad.json"))
+    from typer.testing import CliRunner
+
+    from earlyexit.cli import app
+
+    out = tmp_path / "mr.json"
+    args = ["eval", "--task", "mr", "--limit", "8", "--readout", "general", "--shots", "2"]
+    args += ["--method", "full,adainfer-saved", "--stopper", str(path), "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["config"]["stopper"] == str(path)
+    saved = payload["records"][1]
+    assert saved["method"] == "adainfer-saved" and saved["policy"]["margin"] == fitted.margin
 
 
 def test_adainfer_bad_files(tmp_path: Path) -> None:

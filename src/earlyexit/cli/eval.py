@@ -153,7 +153,9 @@ def eval_command(
             payload = {
                 "model": engine.loaded.name,
                 "general_readout": "trained adapters" if general.trained_layers else "logit lens",
-                "config": vars(config),
+                "config": {
+                    k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()
+                },
                 "records": records,
                 "sweeps": points,
             }
