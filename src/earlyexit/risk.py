@@ -4,7 +4,7 @@
 calibrates with). An exit knob is a grid of settings ordered from safest to most aggressive
 (a confidence threshold from high to low, a static layer from deep to shallow). Each
 calibration example gives a loss in [0, 1] per setting: 1 when the early answer disagrees
-with the full model's (classification), or the share of tokens that differ (generation).
+with the full model's (a class; a whole generated answer), or a graded share.
 For each setting j the null hypothesis "its risk exceeds eps" gets a valid p-value from the
 calibration mean; fixed-sequence testing walks the grid in order and stops at the first
 p-value above delta. Every setting passed has risk <= eps, simultaneously, with probability
@@ -29,6 +29,9 @@ from scipy import stats
 
 BOOTSTRAP_ROUNDS = 1000
 LEVEL = 0.95
+# confidence (top-1 minus top-2) thresholds, safest first, and one no readout reaches
+CONFIDENCE_GRID = [round(0.99 - 0.01 * i, 2) for i in range(99)]
+NEVER_EXIT = 1.01
 
 
 def binomial_p_value(losses: np.ndarray, eps: float) -> float:

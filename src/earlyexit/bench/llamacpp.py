@@ -56,7 +56,7 @@ def open_llama(model: str, threads: int) -> Any:
 
     return Llama(
         model_path=str(model_gguf(model)),
-        n_ctx=2048,
+        n_ctx=0,  # the model's own context length, as the engine allows
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,

@@ -21,7 +21,7 @@ from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import fit_task_probe
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.retrieval.database import ExitDatabase, build_database
-from earlyexit.risk import LTTChoice, learn_then_test
+from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, learn_then_test
 from earlyexit.runtime.classification import (
     Readout,
     collect_states,
@@ -36,7 +36,6 @@ from earlyexit.tasks.base import SAMPLES, Example, Task
 # rule (`raee-paper`) keeps its argmax (slack 0). The leave-one-out was a one-off script,
 # not part of the package.
 RAEE_SLACK = 0.1
-NEVER_EXIT = 1.01  # a confidence (gap) threshold no readout reaches: full depth
 # probe: task probes over the general readout; general: the saved readouts (`heads
 # train`), else the logit lens; lens: always the model's own norm and head (RAEE's paper)
 READOUTS = ("probe", "general", "lens")
@@ -258,7 +257,7 @@ class MethodBuilder:
         gaps = torch.stack(
             [readout_features(traces[:, i], i + 1, layers)[:, 1] for i in range(layers)], dim=1
         )
-        grid = [round(0.99 - 0.01 * i, 2) for i in range(99)]
+        grid = CONFIDENCE_GRID
         exits = torch.full((n, len(grid)), layers, dtype=torch.long)
         for j, threshold in enumerate(grid):
             hit = gaps[:, :-1] >= threshold  # the runner exits every row at the last layer

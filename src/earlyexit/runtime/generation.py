@@ -31,7 +31,7 @@ from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
-from earlyexit.risk import LTTChoice, learn_then_test
+from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, learn_then_test
 from earlyexit.runtime.peers import decode_hf, llama_cpp_peer
 from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
@@ -287,14 +287,10 @@ def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig)
     return calibrated_threshold(confs, agreed, config.calm_tolerance)
 
 
-NEVER_EXIT = 1.01  # a shallow confidence no token reaches: every token at full depth
-RISK_GRID = [round(0.99 - 0.01 * i, 2) for i in range(99)]  # safest first
-
-
 def risk_controlled_threshold(
     engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> LTTChoice:
-    """FREE's threshold by Learn-then-Test (risk.py): the lowest on RISK_GRID at which at
+    """FREE's threshold by Learn-then-Test (risk.py): the lowest on CONFIDENCE_GRID at which at
     most `config.risk` of answers differ from the full model's, with probability at least
     1 - `config.delta`, certified on the held-out calibration prompts (sequence level)."""
     from earlyexit.decoding.calibrate import sequence_risk_losses
@@ -303,5 +299,5 @@ def risk_controlled_threshold(
         raise ValueError("risk_controlled_threshold needs config.risk")
     confs, agreed, sequence = calibration_pairs(engine, shallow, config)
     prompts = len(self_distill_instructions(config.calibration_prompts))
-    losses = sequence_risk_losses(confs, agreed, sequence, RISK_GRID, prompts)
-    return learn_then_test(RISK_GRID, losses, config.risk, config.delta, safe=NEVER_EXIT)
+    losses = sequence_risk_losses(confs, agreed, sequence, CONFIDENCE_GRID, prompts)
+    return learn_then_test(CONFIDENCE_GRID, losses, config.risk, config.delta, safe=NEVER_EXIT)
