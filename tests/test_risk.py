@@ -20,6 +20,7 @@ from earlyexit.decoding.shallow_deep import (
 from earlyexit.decoding.shallow_deep import decode_shallow_deep as decode_free
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
+from earlyexit.policies.adainfer import simulate_exits
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.risk import (
     binomial_p_value,
@@ -131,14 +132,15 @@ def _held_out_risk(traces: torch.Tensor, exits: torch.Tensor) -> float:
 
 
 def test_ltt_on_real_traces_over_repeated_splits(sst2_traces: torch.Tensor) -> None:
-    """The issue's check: static-cal and confidence chosen by LTT on a random half of 240
-    real SST-2 prompts keep the other half's disagreement with the full model within eps
-    in at least 1 - delta of 100 random splits, and they do exit early."""
+    """The issue's check: static-cal, confidence and AdaInfer's margin chosen by LTT on a
+    random half of 240 real SST-2 prompts keep the other half's disagreement with the full
+    model within eps in at least 1 - delta of 100 random splits, and they do exit early."""
     eps, delta = 0.1, 0.2
     config = EvalConfig(risk=eps, delta=delta)
     n, layers = sst2_traces.shape[:2]
     generator = torch.Generator().manual_seed(0)
-    within = {"static-cal": 0, "confidence": 0}
+    within = {"static-cal": 0, "confidence": 0, "adainfer": 0}
+    saved: list[float] = []
     chosen_layers: list[int] = []
     for _ in range(100):
         order = torch.randperm(n, generator=generator)
@@ -156,9 +158,16 @@ def test_ltt_on_real_traces_over_repeated_splits(sst2_traces: torch.Tensor) -> N
         hit = gaps[:, :-1] >= confidence.threshold
         exits = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.tensor(layers))
         within["confidence"] += _held_out_risk(sst2_traces[test], exits) <= eps
-        assert set(builder.ltt) == {"static-cal", "confidence"}
+        stopper = builder.build("adainfer")  # fitted on half the calibration, LTT on the rest
+        exits, _ = simulate_exits(stopper, sst2_traces[test])
+        within["adainfer"] += _held_out_risk(sst2_traces[test], exits) <= eps
+        saved.append(1 - float(exits.float().mean()) / layers)
+        assert set(builder.ltt) == {"static-cal", "confidence", "adainfer"}
+        assert builder.ltt["adainfer"].n == len(cal) - len(cal) // 2
+        assert stopper.margin == builder.ltt["adainfer"].setting
     assert all(count >= 100 * (1 - delta) for count in within.values()), within
     assert np.mean(chosen_layers) < layers - 1  # not the vacuous full-depth choice
+    assert np.mean(saved) > 0.1
 
 
 def test_free_sequence_risk_is_exact(smol: LayerEngine) -> None:

@@ -15,7 +15,12 @@ from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import EVAL_METHODS as METHODS
 from earlyexit.policies import ConfidencePolicy, FullPolicy, StaticPolicy
-from earlyexit.policies.adainfer import fit_adainfer, load_stopper
+from earlyexit.policies.adainfer import (
+    first_exits,
+    fit_adainfer,
+    load_stopper,
+    trace_features,
+)
 from earlyexit.policies.base import ExitPolicy, readout_features
 from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import fit_task_probe
@@ -92,9 +97,9 @@ class EvalConfig:
     calibration: int | None = 200
     readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
     embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
-    # Learn-then-Test (risk.py): `confidence` and `static-cal` given without an argument
-    # take the most aggressive setting whose disagreement with the full model is at most
-    # `risk` with probability at least 1 - `delta` (None: their defaults)
+    # Learn-then-Test (risk.py): `confidence`, `static-cal` and the `adainfer` stoppers given
+    # without an argument take the most aggressive setting whose disagreement with the full
+    # model is at most `risk` with probability at least 1 - `delta` (None: their defaults)
     risk: float | None = None
     delta: float = 0.1
     # the test examples: a seeded random sample (`seed`), or the first `limit` in file order
@@ -204,9 +209,15 @@ class MethodBuilder:
                 raise EarlyExitError("adainfer-saved needs --stopper FILE")
             return load_stopper(self.config.stopper)
         if name in ("adainfer", "adainfer-crf", "adainfer-vocab"):
-            tolerance = args[0] if args else 0.01
             stopper = "crf" if name == "adainfer-crf" else "svm"
-            return self.adainfer(tolerance, stopper, vocab=name == "adainfer-vocab")
+            vocab = name == "adainfer-vocab"
+            if risk is not None:
+                policy, self.ltt[spec] = self.adainfer_risk_controlled(
+                    risk, self.config.delta, stopper, vocab
+                )
+                return policy
+            tolerance = args[0] if args else 0.01
+            return self.adainfer(tolerance, stopper, vocab=vocab)
         # raee[:k[:slack]]
         rule = "paper" if name == "raee-paper" else "reliable"
         default_slack = RAEE_SLACK if rule == "reliable" else 0.0
@@ -265,6 +276,40 @@ class MethodBuilder:
             exits[:, j] = torch.where(hit.any(1), first, torch.full_like(first, layers))
         losses = self._disagreement(exits).numpy()
         return learn_then_test(grid, losses, risk, delta, safe=NEVER_EXIT)
+
+    def adainfer_risk_controlled(
+        self, risk: float, delta: float, stopper: str = "svm", vocab: bool = False
+    ) -> tuple[ExitPolicy, LTTChoice]:
+        """AdaInfer's stopper fitted on a seeded half of the calibration traces, its margin
+        certified by Learn-then-Test on the other half (the half that fitted the stopper
+        would flatter it): margins from above every score (never exit) downwards."""
+        traces = self._calibration().traces
+        stats = self.vocab() if vocab else None
+        generator = torch.Generator().manual_seed(self.config.seed + 2)
+        order = torch.randperm(len(traces), generator=generator)
+        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+        policy = fit_adainfer(
+            traces[fit],
+            tolerance=None,
+            stopper=stopper,
+            vocab=None if stats is None else stats[fit],
+        )
+        features = trace_features(traces[held], None if stats is None else stats[held])
+        scores = policy.online_scores(features)
+        levels = torch.linspace(1.0, 0.0, 101, dtype=scores.dtype)
+        grid = sorted({float(m) for m in torch.quantile(scores.flatten(), levels)}, reverse=True)
+        answers = traces[held].argmax(-1)
+        losses = torch.stack(
+            [
+                (answers.gather(1, first_exits(scores, m)[:, None] - 1)[:, 0] != answers[:, -1])
+                for m in grid
+            ],
+            dim=1,
+        ).float()
+        safe = float(scores.max()) + 1.0  # above every score: full depth
+        choice = learn_then_test(grid, losses.numpy(), risk, delta, safe=safe)
+        policy.margin = choice.setting
+        return policy, choice
 
     def adainfer(self, tolerance: float, stopper: str = "svm", vocab: bool = False) -> ExitPolicy:
         cal = self._calibration()
