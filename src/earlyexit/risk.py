@@ -27,11 +27,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from earlyexit.errors import EarlyExitError
+
 BOOTSTRAP_ROUNDS = 1000
 LEVEL = 0.95
 # confidence (top-1 minus top-2) thresholds, safest first, and one no readout reaches
 CONFIDENCE_GRID = [round(0.99 - 0.01 * i, 2) for i in range(99)]
 NEVER_EXIT = 1.01
+
+
+def check_risk(risk: float | None, delta: float) -> None:
+    """The one-line errors for `--risk` / `--delta` outside (0, 1), before any model work."""
+    if risk is not None and not 0 < risk < 1:
+        raise EarlyExitError(f"--risk must lie in (0, 1), not {risk}")
+    if not 0 < delta < 1:
+        raise EarlyExitError(f"--delta must lie in (0, 1), not {delta}")
 
 
 def binomial_p_value(losses: np.ndarray, eps: float) -> float:
@@ -122,7 +132,10 @@ def bootstrap_ci(
         return [math.nan, math.nan]
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(data), size=(rounds, len(data)))
-    draws = np.array([statistic(data[p]) for p in picks])
+    return _percentile_interval([statistic(data[p]) for p in picks])
+
+
+def _percentile_interval(draws: Sequence[float]) -> list[float]:
     tail = (1 - LEVEL) / 2
     return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
 
@@ -153,5 +166,4 @@ def speedup_ci(
         / (mine[rng.integers(0, len(mine), len(mine))].sum() + method_fixed)
         for _ in range(rounds)
     ]
-    tail = (1 - LEVEL) / 2
-    return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
+    return _percentile_interval(draws)

@@ -109,11 +109,9 @@ def eval_command(
     if protocol not in (None, "raee-paper"):
         raise EarlyExitError(f"unknown protocol '{protocol}': use raee-paper")
     paper = protocol == "raee-paper"
-    if paper:  # RAEE's published setting
-        shots, readout, all_train = 0, "lens", True
+    if paper:  # RAEE's published setting; its database takes the whole training split
+        shots, readout = 0, "lens"
         console.print("protocol raee-paper: 0 shots, readout lens, the whole training split")
-    else:
-        all_train = False
     default = RAEE_PAPER_METHODS if paper else DEFAULT_METHODS
     methods = parse_list(method or default, "--method")
     config = EvalConfig(
@@ -121,7 +119,7 @@ def eval_command(
         limit=limit,
         seed=seed,
         batch=batch,
-        calibration=None if all_train else calibration,
+        calibration=None if paper else calibration,
         readout=readout,
         embedder=embedder,
         risk=risk,

@@ -26,7 +26,7 @@ from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.probe import fit_task_probe
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.retrieval.database import ExitDatabase, build_database
-from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, learn_then_test
+from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, check_risk, learn_then_test
 from earlyexit.runtime.classification import (
     Readout,
     collect_states,
@@ -112,10 +112,7 @@ class EvalConfig:
             raise EarlyExitError(f"unknown --sample '{self.sample}': use seeded or first")
         if self.readout not in READOUTS:
             raise EarlyExitError(f"unknown readout '{self.readout}': use probe, general or lens")
-        if self.risk is not None and not 0 < self.risk < 1:
-            raise EarlyExitError(f"--risk must lie in (0, 1), not {self.risk}")
-        if not 0 < self.delta < 1:
-            raise EarlyExitError(f"--delta must lie in (0, 1), not {self.delta}")
+        check_risk(self.risk, self.delta)
 
 
 @dataclass
@@ -126,6 +123,13 @@ class Calibration:
     states: torch.Tensor  # [N, L, H]
     traces: torch.Tensor  # [N, L, C] out-of-fold for probes
     vocab: torch.Tensor | None = None  # [N, L, 2], computed on first use
+
+
+def disagreement(traces: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+    """[N, S] 0/1 losses: does the answer at exit layer exits[n, s] (1-based) differ from
+    the final layer's, on traces [N, L, C] (Learn-then-Test's risk for classification)."""
+    answers = traces.argmax(-1)  # [N, L]
+    return (answers.gather(1, exits - 1) != answers[:, -1:]).float()
 
 
 def base_readout(engine: LayerEngine, readout: str) -> ExitReadout:
@@ -245,19 +249,12 @@ class MethodBuilder:
         layer = next(i + 1 for i, a in enumerate(agree.tolist()) if a >= 1 - tolerance)
         return StaticPolicy(layer)
 
-    def _disagreement(self, exits: torch.Tensor) -> torch.Tensor:
-        """[N, S] 0/1: does the answer at exit layer exits[n, s] (1-based) differ from
-        the final layer's, on the calibration traces (out-of-fold for probes)."""
-        answers = self._calibration().traces.argmax(-1)  # [N, L]
-        early = answers.gather(1, exits - 1)
-        return (early != answers[:, -1:]).float()
-
     def static_risk_controlled(self, risk: float, delta: float) -> LTTChoice:
         """Learn-then-Test over static layers, deepest first."""
         layers = self._calibration().traces.shape[1]
         grid = list(range(layers - 1, 0, -1))
         exits = torch.tensor(grid).expand(self._calibration().traces.shape[0], -1)
-        losses = self._disagreement(exits.contiguous()).numpy()
+        losses = disagreement(self._calibration().traces, exits).numpy()
         return learn_then_test(grid, losses, risk, delta, safe=layers)
 
     def confidence_risk_controlled(self, risk: float, delta: float) -> LTTChoice:
@@ -274,7 +271,7 @@ class MethodBuilder:
             hit = gaps[:, :-1] >= threshold  # the runner exits every row at the last layer
             first = hit.float().argmax(1) + 1
             exits[:, j] = torch.where(hit.any(1), first, torch.full_like(first, layers))
-        losses = self._disagreement(exits).numpy()
+        losses = disagreement(traces, exits).numpy()
         return learn_then_test(grid, losses, risk, delta, safe=NEVER_EXIT)
 
     def adainfer_risk_controlled(
@@ -298,16 +295,10 @@ class MethodBuilder:
         scores = policy.online_scores(features)
         levels = torch.linspace(1.0, 0.0, 101, dtype=scores.dtype)
         grid = sorted({float(m) for m in torch.quantile(scores.flatten(), levels)}, reverse=True)
-        answers = traces[held].argmax(-1)
-        losses = torch.stack(
-            [
-                (answers.gather(1, first_exits(scores, m)[:, None] - 1)[:, 0] != answers[:, -1])
-                for m in grid
-            ],
-            dim=1,
-        ).float()
+        exits = torch.stack([first_exits(scores, margin) for margin in grid], dim=1)
+        losses = disagreement(traces[held], exits).numpy()
         safe = float(scores.max()) + 1.0  # above every score: full depth
-        choice = learn_then_test(grid, losses.numpy(), risk, delta, safe=safe)
+        choice = learn_then_test(grid, losses, risk, delta, safe=safe)
         policy.margin = choice.setting
         return policy, choice
 

@@ -9,6 +9,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
-from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, learn_then_test
+from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, check_risk, learn_then_test
 from earlyexit.runtime.peers import decode_hf, llama_cpp_peer
 from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
@@ -62,10 +63,7 @@ class GenConfig:
     delta: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.risk is not None and not 0 < self.risk < 1:
-            raise EarlyExitError(f"--risk must lie in (0, 1), not {self.risk}")
-        if not 0 < self.delta < 1:
-            raise EarlyExitError(f"--delta must lie in (0, 1), not {self.delta}")
+        check_risk(self.risk, self.delta)
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
@@ -251,8 +249,8 @@ def _lossless(
 
 def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> Threshold:
     threshold = BetaMixtureThreshold(config.target, config.initial_threshold)
-    confs, agreed, _ = calibration_pairs(engine, shallow, config)
-    threshold.observe(list(zip(confs.tolist(), agreed.tolist(), strict=True)))
+    pairs = calibration_pairs(engine, shallow, config)
+    threshold.observe(list(zip(pairs.confidence.tolist(), pairs.agreed.tolist(), strict=True)))
     return threshold
 
 
@@ -260,11 +258,20 @@ def _adaptive(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> T
 _PAIRS: weakref.WeakKeyDictionary[ShallowExit, dict] = weakref.WeakKeyDictionary()
 
 
+class CalibrationPairs(NamedTuple):
+    """Per generated token of full decoding of the held-out calibration prompts."""
+
+    confidence: np.ndarray  # the shallow exit's confidence
+    agreed: np.ndarray  # its argmax equals the full model's token
+    sequence: np.ndarray  # which prompt the token belongs to
+    prompts: int  # how many prompts were decoded (some may add no pairs)
+
+
 def calibration_pairs(
     engine: LayerEngine, shallow: ShallowExit, config: GenConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(confidence, agreed, prompt index) per token of full decoding of held-out
-    instructions (never evaluation items); computed once per shallow exit and setting."""
+) -> CalibrationPairs:
+    """The pairs of held-out instructions (never evaluation items); computed once per
+    shallow exit and setting."""
     from earlyexit.decoding.calibrate import confidence_pairs
 
     cached = _PAIRS.setdefault(shallow, {})
@@ -275,7 +282,8 @@ def calibration_pairs(
             for text in self_distill_instructions(config.calibration_prompts)
         ]
         decode = DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
-        cached[key] = confidence_pairs(engine, shallow, prompts, decode)
+        confs, agreed, sequence = confidence_pairs(engine, shallow, prompts, decode)
+        cached[key] = CalibrationPairs(confs, agreed, sequence, len(prompts))
     return cached[key]
 
 
@@ -283,8 +291,8 @@ def calm_threshold(engine: LayerEngine, shallow: ShallowExit, config: GenConfig)
     """CALM's threshold: at most `calm_tolerance` disagreement on the calibration pairs."""
     from earlyexit.decoding.calibrate import calibrated_threshold
 
-    confs, agreed, _ = calibration_pairs(engine, shallow, config)
-    return calibrated_threshold(confs, agreed, config.calm_tolerance)
+    pairs = calibration_pairs(engine, shallow, config)
+    return calibrated_threshold(pairs.confidence, pairs.agreed, config.calm_tolerance)
 
 
 def risk_controlled_threshold(
@@ -297,7 +305,8 @@ def risk_controlled_threshold(
 
     if config.risk is None:
         raise ValueError("risk_controlled_threshold needs config.risk")
-    confs, agreed, sequence = calibration_pairs(engine, shallow, config)
-    prompts = len(self_distill_instructions(config.calibration_prompts))
-    losses = sequence_risk_losses(confs, agreed, sequence, CONFIDENCE_GRID, prompts)
+    pairs = calibration_pairs(engine, shallow, config)
+    losses = sequence_risk_losses(
+        pairs.confidence, pairs.agreed, pairs.sequence, CONFIDENCE_GRID, pairs.prompts
+    )
     return learn_then_test(CONFIDENCE_GRID, losses, config.risk, config.delta, safe=NEVER_EXIT)
