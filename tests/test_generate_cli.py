@@ -50,15 +50,17 @@ def test_generate_methods_from_the_cli() -> None:
 def test_bench_generate_writes_the_issue_records(tmp_path: Path) -> None:
     out = tmp_path / "gen.json"
     args = ["bench", "generate", "--task", "squad", "--limit", "2", "--max-new-tokens", "6"]
-    methods = "full,static,calm:0.5,free,lossless,lossless:ngram:3,hf,hf-pld"
-    risk = ["--risk", "0.5", "--delta", "0.5"]  # Learn-then-Test picks free's threshold
+    methods = "full,static,calm:0.5,calm,free,lossless,lossless:ngram:3,hf,hf-pld"
+    risk = ["--risk", "0.5", "--delta", "0.5"]  # Learn-then-Test picks free's and calm's
     result = runner.invoke(app, [*args, "--method", methods, *risk, "--json", str(out)])
     assert result.exit_code == 0, result.output
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
     assert list(records) == methods.split(",")
-    ltt = records["free"]["ltt"]
-    assert ltt["n"] == 8 and ltt["risk"] == 0.5 and "LTT" in result.output
-    assert all(r["ltt"] is None for spec, r in records.items() if spec != "free")
+    for spec in ("free", "calm"):
+        ltt = records[spec]["ltt"]
+        assert ltt["n"] == 8 and ltt["risk"] == 0.5 and ltt["tested"] >= 1
+    assert "LTT" in result.output
+    assert all(r["ltt"] is None for spec, r in records.items() if spec not in ("free", "calm"))
     for r in records.values():
         assert r["quality_ci"][0] <= r["quality"] <= r["quality_ci"][1]
         assert r["speedup_ci"][0] <= r["speedup_ci"][1]

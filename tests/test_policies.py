@@ -20,6 +20,7 @@ from earlyexit.policies.adainfer import (
     stop_labels,
 )
 from earlyexit.readouts.readout import ExitReadout
+from earlyexit.runtime.calibration import RAEE_FULL_DEPTH
 from earlyexit.runtime.classification import run_policy, trace_layers
 from earlyexit.tasks.builtin import get_task
 
@@ -220,15 +221,16 @@ def test_evaluate_task_records(sst2: Setup) -> None:
 
 
 def test_eval_cli_risk_control(tmp_path: Path) -> None:
-    """`eval --risk`: confidence and static-cal without arguments are chosen by
-    Learn-then-Test and say so; with explicit arguments they are left alone."""
+    """`eval --risk`: confidence, static-cal and RAEE's slack without arguments are chosen
+    by Learn-then-Test and say so; with explicit arguments they are left alone."""
     from typer.testing import CliRunner
 
     from earlyexit.cli import app
 
     out = tmp_path / "eval.json"
     args = ["eval", "--task", "sst2", "--shots", "2", "--limit", "8", "--calibration", "40"]
-    args += ["--method", "confidence,static-cal,confidence:0.5", "--risk", "0.2", "--delta", "0.2"]
+    methods = "confidence,static-cal,confidence:0.5,raee,raee:8:0.2"
+    args += ["--method", methods, "--risk", "0.2", "--delta", "0.2"]
     result = CliRunner().invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
@@ -241,6 +243,11 @@ def test_eval_cli_risk_control(tmp_path: Path) -> None:
     assert records["static-cal"]["policy"]["layer"] == records["static-cal"]["ltt"]["setting"]
     assert records["confidence:0.5"]["ltt"] is None
     assert records["confidence:0.5"]["policy"]["threshold"] == 0.5
+    # RAEE: the database on 20 of the 40 prompts, the slack certified on the other 20
+    ltt = records["raee"]["ltt"]
+    assert ltt["n"] == 20 and ltt["certified"] == (ltt["p_value"] is not None)
+    assert records["raee"]["policy"].get("slack", RAEE_FULL_DEPTH) == ltt["setting"]
+    assert records["raee:8:0.2"]["ltt"] is None and records["raee:8:0.2"]["policy"]["slack"] == 0.2
 
 
 def test_eval_raee_paper_protocol(tmp_path: Path) -> None:

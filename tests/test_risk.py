@@ -1,6 +1,7 @@
 """Learn-then-Test and the bootstrap intervals (risk.py): p-values by hand, the guarantee on
 synthetic losses whose true risks are known, the classification knobs on real SST-2 traces
-over repeated calibration/test splits, and FREE's sequence-level risk against real runs."""
+over repeated calibration/test splits (RAEE's slack included), FREE's sequence-level risk
+against real runs, and CALM's, which is measured by real runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from earlyexit.decoding.calibrate import confidence_pairs, sequence_risk_losses
+from earlyexit.decoding.calm import decode_calm
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     ShallowExit,
@@ -20,18 +22,34 @@ from earlyexit.decoding.shallow_deep import (
 from earlyexit.decoding.shallow_deep import decode_shallow_deep as decode_free
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
+from earlyexit.policies import FullPolicy
 from earlyexit.policies.adainfer import simulate_exits
+from earlyexit.policies.raee import RAEEPolicy
 from earlyexit.readouts.readout import ExitReadout
+from earlyexit.retrieval.embedders import SentenceEmbedder
 from earlyexit.risk import (
+    NEVER_EXIT,
     binomial_p_value,
     bootstrap_ci,
+    fixed_sequence,
     hoeffding_bentkus_p_value,
     learn_then_test,
     p_value,
     speedup_ci,
 )
-from earlyexit.runtime.calibration import Calibration, EvalConfig, MethodBuilder, calibrate
-from earlyexit.runtime.generation import GenConfig
+from earlyexit.runtime.calibration import (
+    RAEE_FULL_DEPTH,
+    Calibration,
+    EvalConfig,
+    MethodBuilder,
+    calibrate,
+)
+from earlyexit.runtime.generation import (
+    CALM_GRID,
+    GenConfig,
+    calibration_prompts,
+    calm_risk_controlled,
+)
 from earlyexit.tasks.builtin import get_task
 
 
@@ -64,6 +82,18 @@ def test_fixed_sequence_stops_at_the_first_failure() -> None:
     # too few examples to certify even zero observed losses: the safe setting, flagged
     few = learn_then_test([0.9], np.zeros((5, 1)), risk=0.1, delta=0.1, safe=1.0)
     assert not few.certified and few.setting == 1.0 and few.p_value is None
+    # lazily computed columns (CALM's real decodes): only the settings the walk reaches,
+    # and a column cut short once it fails (zeros for the rest) stops the walk the same way
+    reached: list[int] = []
+
+    def column(j: int) -> np.ndarray:
+        reached.append(j)
+        cut = losses[:, j].copy()
+        cut[20:] = 0 if j == 2 else cut[20:]  # the failing column stopped after 20
+        return cut
+
+    assert fixed_sequence([0.9, 0.8, 0.7, 0.6], column, 0.1, 0.1, safe=1.0) == choice
+    assert reached == [0, 1, 2]
     with pytest.raises(ValueError, match="risk and delta"):
         learn_then_test([0.9], np.zeros((5, 1)), risk=0.0, delta=0.1, safe=1.0)
     with pytest.raises(ValueError, match="losses must be"):
@@ -114,15 +144,20 @@ def test_bad_risk_and_delta_are_one_line_errors() -> None:
 
 
 @pytest.fixture(scope="module")
-def sst2_traces(smol: LayerEngine) -> torch.Tensor:
-    """Out-of-fold task-probe traces (eval's defaults: probes, 4 shots) of 240 SST-2
-    training prompts."""
+def sst2_calibration(smol: LayerEngine) -> Calibration:
+    """240 SST-2 training prompts with out-of-fold task-probe traces (eval's defaults:
+    probes, 4 shots)."""
     task = get_task("sst2")
     config = EvalConfig(shots=4, calibration=240, readout="probe")
     candidates = task.label_token_ids(smol.tokenizer)
     demos = task.demonstrations(4, 0)
     _, calibration = calibrate(smol, ExitReadout(smol), task, demos, candidates, config)
-    return calibration.traces
+    return calibration
+
+
+@pytest.fixture(scope="module")
+def sst2_traces(sst2_calibration: Calibration) -> torch.Tensor:
+    return sst2_calibration.traces
 
 
 def _held_out_risk(traces: torch.Tensor, exits: torch.Tensor) -> float:
@@ -170,6 +205,62 @@ def test_ltt_on_real_traces_over_repeated_splits(sst2_traces: torch.Tensor) -> N
     assert np.mean(saved) > 0.1
 
 
+class _TableEmbedder:
+    """The real MiniLM embeddings of a fixed set of texts, computed once (100 splits would
+    embed the same 240 texts 100 times)."""
+
+    spec = "minilm-l6"
+
+    def __init__(self, texts: list[str]) -> None:
+        self.rows = dict(zip(texts, SentenceEmbedder().embed(texts), strict=True))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.rows[t] for t in texts])
+
+
+def test_raee_slack_ltt_over_repeated_splits(
+    smol: LayerEngine, sst2_calibration: Calibration
+) -> None:
+    """RAEE's slack chosen by LTT (its database on half the calibration prompts, the slack
+    certified on the other half) keeps the disagreement with the full model on unseen
+    prompts within eps in at least 1 - delta of 100 random splits; what it serves is the
+    certified policy (the half database, the chosen slack), or full depth when nothing is
+    certified, and it does exit early. A third of the 240 prompts calibrates, so that the
+    other 160 estimate each split's risk closely: RAEE's certified slacks sit near eps (its
+    disagreement is flat over a wide range of slacks), where a 120-prompt estimate crosses
+    eps by noise alone (measured: 86 of 100 splits within eps here, 75 with halves)."""
+    eps, delta = 0.15, 0.2
+    task = get_task("sst2")
+    examples, traces = sst2_calibration.examples, sst2_calibration.traces
+    embedder = _TableEmbedder([ex.text for ex in examples])
+    n, layers = traces.shape[:2]
+    generator = torch.Generator().manual_seed(1)
+    within, certified, saved = 0, 0, []
+    for split in range(100):
+        order = torch.randperm(n, generator=generator)
+        cal, test = order[: n // 3], order[n // 3 :]
+        calibration = Calibration([examples[i] for i in cal], torch.zeros(0), traces[cal])
+        config = EvalConfig(risk=eps, delta=delta, seed=split)
+        builder = MethodBuilder(smol, None, task, config, calibration)  # type: ignore[arg-type]
+        builder._embedder = embedder
+        policy = builder.build("raee")
+        choice = builder.ltt["raee"]
+        assert choice.n == len(cal) - len(cal) // 2
+        if choice.certified:
+            certified += 1
+            assert isinstance(policy, RAEEPolicy) and policy.slack == choice.setting
+            assert builder.built_database is policy.database
+            assert policy.database.size == len(cal) // 2
+            exits = policy.plan([examples[i].text for i in test.tolist()])
+        else:
+            assert isinstance(policy, FullPolicy) and choice.setting == RAEE_FULL_DEPTH
+            exits = torch.full((len(test),), layers)
+        within += _held_out_risk(traces[test], exits) <= eps
+        saved.append(1 - float(exits.float().mean()) / layers)
+    assert within >= 100 * (1 - delta), within
+    assert certified >= 50 and np.mean(saved) > 0.1, (certified, np.mean(saved))
+
+
 def test_free_sequence_risk_is_exact(smol: LayerEngine) -> None:
     """An answer of FREE (no n-gram verification) differs from the full model's exactly
     when sequence_risk_losses says it would, at every threshold tried."""
@@ -189,3 +280,26 @@ def test_free_sequence_risk_is_exact(smol: LayerEngine) -> None:
             full = decode_full(smol, prompt, config).tokens
             free = decode_free(smol, shallow, prompt, config, Threshold(threshold)).tokens
             assert (free != full) == bool(losses[i, j]), (prompt, threshold)
+
+
+def test_calm_ltt_decodes_for_real(smol: LayerEngine) -> None:
+    """CALM's threshold by LTT: the walk's choice is learn_then_test's on the real answers
+    of every calibration prompt at each threshold it reached (the failing one included),
+    recomputed here by decoding; its recorded calibration risk is the real one."""
+    shallow = ShallowExit(ExitReadout(smol), 20)
+    config = GenConfig(calibration_prompts=6, max_new_tokens=12, risk=0.4, delta=0.25)
+    choice = calm_risk_controlled(smol, shallow, config)
+    prompts = calibration_prompts(smol, config)
+    decode = DecodeConfig(max_new_tokens=12)
+    full = [decode_full(smol, p, decode).tokens for p in prompts]
+    grid = CALM_GRID[: choice.tested]
+    losses = np.array(
+        [
+            [float(decode_calm(smol, shallow, p, decode, Threshold(t)).tokens != f) for t in grid]
+            for p, f in zip(prompts, full, strict=True)
+        ]
+    )
+    assert choice.tested >= 2 and choice.certified  # the walk passed some thresholds
+    assert choice == learn_then_test(grid, losses, 0.4, 0.25, safe=NEVER_EXIT)
+    if choice.tested < len(CALM_GRID):  # it stopped at a threshold that failed
+        assert p_value(losses[:, -1], 0.4) > 0.25

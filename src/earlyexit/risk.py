@@ -98,26 +98,40 @@ def learn_then_test(
 ) -> LTTChoice:
     """Fixed-sequence LTT over `settings` (safest first), `losses` [n, len(settings)] in
     [0, 1]; `safe` is the setting used when none is certified (full depth)."""
-    if not 0 < risk < 1 or not 0 < delta < 1:
-        raise ValueError(f"risk and delta must lie in (0, 1), not {risk} and {delta}")
     losses = np.asarray(losses, dtype=float)
     if losses.ndim != 2 or losses.shape[1] != len(settings) or not len(losses):
         raise ValueError(f"losses must be [examples, {len(settings)}], not {losses.shape}")
-    chosen: tuple[int, float] | None = None
-    tested = 0
+    return fixed_sequence(settings, lambda j: losses[:, j], risk, delta, safe)
+
+
+def fixed_sequence(
+    settings: Sequence[float],
+    column: Callable[[int], np.ndarray],
+    risk: float,
+    delta: float,
+    safe: float,
+) -> LTTChoice:
+    """Learn-then-Test with the losses of setting j computed only when the walk reaches it
+    (`column(j)`: one loss per calibration example), for knobs whose losses cost real runs
+    (CALM). A column may stop early on a setting that fails whatever the rest holds, with
+    zeros for the examples it skipped: its p-value is then the best case, already above
+    delta, so the walk stops there as it would have."""
+    if not 0 < risk < 1 or not 0 < delta < 1:
+        raise ValueError(f"risk and delta must lie in (0, 1), not {risk} and {delta}")
+    chosen: tuple[int, float, float] | None = None
+    tested, n = 0, 0
     for j in range(len(settings)):
         tested += 1
-        value = p_value(losses[:, j], risk)
+        losses = np.asarray(column(j), dtype=float)
+        n = len(losses)
+        value = p_value(losses, risk)
         if value > delta:
             break
-        chosen = (j, value)
-    n = len(losses)
+        chosen = (j, value, float(losses.mean()))
     if chosen is None:
         return LTTChoice(risk, delta, n, safe, False, 0.0, None, tested)
-    j, value = chosen
-    return LTTChoice(
-        risk, delta, n, float(settings[j]), True, float(losses[:, j].mean()), value, tested
-    )
+    j, value, mean = chosen
+    return LTTChoice(risk, delta, n, float(settings[j]), True, mean, value, tested)
 
 
 def bootstrap_ci(

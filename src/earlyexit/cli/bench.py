@@ -121,9 +121,10 @@ def bench_generate(
     metric: str = typer.Option("rougeL", help="With --data: rougeL, f1, bleu or exact."),
     risk: float | None = typer.Option(
         None,
-        help="Learn-then-Test: `free` without a threshold takes the lowest one at which at "
-        "most RISK of answers differ from the full model's (probability 1 - DELTA over the "
-        "calibration prompts; certifying needs enough of them, see --calibration-prompts).",
+        help="Learn-then-Test: `free` and `calm` without a threshold take the lowest one at "
+        "which at most RISK of answers differ from the full model's (probability 1 - DELTA "
+        "over the calibration prompts; certifying needs enough of them, see "
+        "--calibration-prompts).",
     ),
     delta: float = DELTA_OPT,
     calibration_prompts: int = typer.Option(

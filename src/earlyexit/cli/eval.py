@@ -79,8 +79,9 @@ def eval_command(
     risk: float | None = typer.Option(
         None,
         help="Learn-then-Test: `confidence`, `static-cal` and `adainfer*` without an argument "
-        "take the most aggressive setting whose disagreement with the full model is at most "
-        "RISK (with probability 1 - DELTA over the calibration draw).",
+        "and `raee*` without a slack take the most aggressive setting whose disagreement with "
+        "the full model is at most RISK (with probability 1 - DELTA over the calibration "
+        "draw).",
     ),
     delta: float = DELTA_OPT,
     stopper: Path | None = typer.Option(

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from earlyexit.engine.engine import LayerEngine
@@ -41,6 +42,10 @@ from earlyexit.tasks.base import SAMPLES, Example, Task
 # rule (`raee-paper`) keeps its argmax (slack 0). The leave-one-out was a one-off script,
 # not part of the package.
 RAEE_SLACK = 0.1
+# Learn-then-Test over RAEE's slack walks up from the argmax (slack 0); when not even that
+# is certified, every input runs full depth, recorded as this setting
+RAEE_SLACK_GRID = [round(0.02 * i, 2) for i in range(50)]
+RAEE_FULL_DEPTH = -1.0
 # probe: task probes over the general readout; general: the saved readouts (`heads
 # train`), else the logit lens; lens: always the model's own norm and head (RAEE's paper)
 READOUTS = ("probe", "general", "lens")
@@ -98,8 +103,9 @@ class EvalConfig:
     readout: str = "probe"  # "probe": task probes fitted here; "general": the saved readouts
     embedder: str = "minilm-l6"  # RAEE's: a registry embedder or backbone:K
     # Learn-then-Test (risk.py): `confidence`, `static-cal` and the `adainfer` stoppers given
-    # without an argument take the most aggressive setting whose disagreement with the full
-    # model is at most `risk` with probability at least 1 - `delta` (None: their defaults)
+    # without an argument, and `raee`'s slack when not given, take the most aggressive
+    # setting whose disagreement with the full model is at most `risk` with probability at
+    # least 1 - `delta` (None: their defaults)
     risk: float | None = None
     delta: float = 0.1
     # the test examples: a seeded random sample (`seed`), or the first `limit` in file order
@@ -189,6 +195,8 @@ class MethodBuilder:
         self.calibration = calibration
         self._embedder = None
         self._database: ExitDatabase | None = database
+        self._cal_embeddings: np.ndarray | None = None
+        self._certified_database: ExitDatabase | None = None  # half of it, under --risk
         self.ltt: dict[str, LTTChoice] = {}  # per spec whose knob Learn-then-Test chose
 
     def build(self, spec: str) -> ExitPolicy:
@@ -226,7 +234,14 @@ class MethodBuilder:
         rule = "paper" if name == "raee-paper" else "reliable"
         default_slack = RAEE_SLACK if rule == "reliable" else 0.0
         k = int(args[0]) if args else 12
-        return self.raee(k, rule, args[1] if len(args) > 1 else default_slack)
+        if len(args) > 1:
+            return self.raee(k, rule, args[1])
+        if self.config is not None and self.config.risk is not None:
+            policy, self.ltt[spec] = self.raee_risk_controlled(
+                k, rule, self.config.risk, self.config.delta
+            )
+            return policy
+        return self.raee(k, rule, default_slack)
 
     def _calibration(self) -> Calibration:
         if self.calibration is None:
@@ -318,24 +333,36 @@ class MethodBuilder:
 
     @property
     def built_database(self) -> ExitDatabase | None:
-        """The RAEE database if a method asked for one."""
-        return self._database
+        """The RAEE database if a method asked for one (under --risk alone: the half
+        database Learn-then-Test certified)."""
+        return self._database if self._database is not None else self._certified_database
+
+    def _embeddings(self) -> np.ndarray:
+        """The calibration examples' embeddings (RAEE's keys), computed once."""
+        cal = self._calibration()
+        if self._cal_embeddings is None:
+            self._cal_embeddings = self.embedder.embed([ex.text for ex in cal.examples])
+        return self._cal_embeddings
+
+    def _build_database(self, rows: torch.Tensor | None = None) -> ExitDatabase:
+        """A database over the calibration examples (`rows` of them, default all)."""
+        cal = self._calibration()
+        picked = torch.arange(len(cal.examples)) if rows is None else rows
+        meta = {
+            "model": self.engine.loaded.name,
+            "fingerprint": self.engine.fingerprint,
+            "task": self.task.name,
+            "embedder": self.embedder.spec,
+            "readout": self.config.readout,
+            "shots": self.config.shots,
+            "seed": self.config.seed,
+        }
+        labels = [cal.examples[i].label for i in picked.tolist()]
+        return build_database(self._embeddings()[picked.numpy()], cal.traces[picked], labels, meta)
 
     def database(self) -> ExitDatabase:
         if self._database is None:
-            cal = self._calibration()
-            embeddings = self.embedder.embed([ex.text for ex in cal.examples])
-            meta = {
-                "model": self.engine.loaded.name,
-                "fingerprint": self.engine.fingerprint,
-                "task": self.task.name,
-                "embedder": self.embedder.spec,
-                "readout": self.config.readout,
-                "shots": self.config.shots,
-                "seed": self.config.seed,
-            }
-            labels = [ex.label for ex in cal.examples]
-            self._database = build_database(embeddings, cal.traces, labels, meta)
+            self._database = self._build_database()
         return self._database
 
     def raee(self, k: int, rule: str, slack: float = 0.0) -> RAEEPolicy:
@@ -347,6 +374,35 @@ class MethodBuilder:
             num_classes=self.task.num_classes,
             slack=slack,
         )
+
+    def raee_risk_controlled(
+        self, k: int, rule: str, risk: float, delta: float
+    ) -> tuple[ExitPolicy, LTTChoice]:
+        """RAEE's database built from a seeded half of the calibration prompts, its slack
+        certified by Learn-then-Test on the other half, from the argmax (slack 0) upwards.
+        The policy served is the certified one (half a database); when nothing is
+        certified, full depth. A database over every prompt would be another policy than
+        the one tested, and its own prompts would find themselves as nearest neighbours."""
+        traces = self._calibration().traces
+        generator = torch.Generator().manual_seed(self.config.seed + 3)
+        order = torch.randperm(len(traces), generator=generator)
+        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+        database = self._build_database(fit)
+        policy = RAEEPolicy(
+            database, self.embedder, k=k, rule=rule, num_classes=self.task.num_classes
+        )
+        distances, ids = database.search(self._embeddings()[held.numpy()], k)
+        exits = []
+        for slack in RAEE_SLACK_GRID:
+            policy.slack = slack
+            exits.append(torch.from_numpy(policy.exits_from_neighbours(distances, ids)))
+        losses = disagreement(traces[held], torch.stack(exits, dim=1)).numpy()
+        choice = learn_then_test(RAEE_SLACK_GRID, losses, risk, delta, safe=RAEE_FULL_DEPTH)
+        if not choice.certified:
+            return FullPolicy(), choice
+        policy.slack = choice.setting
+        self._certified_database = database
+        return policy, choice
 
 
 def needs_calibration(methods: list[str], config: EvalConfig) -> bool:

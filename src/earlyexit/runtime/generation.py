@@ -167,9 +167,19 @@ def build_decoder(
         return lambda prompt, cfg: decode_full(engine, prompt, cfg)
     if name == "static":
         return lambda prompt, cfg: decode_static(engine, shallow, prompt, cfg)
-    if name == "calm":  # calm:T fixed; `calm` calibrated on held-out prompts
-        level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
-        return lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, Threshold(level))
+    if name == "calm":  # calm:T fixed; `calm` calibrated (or certified) on held-out prompts
+        ltt = None
+        if fixed is None and config.risk is not None:
+            ltt = calm_risk_controlled(engine, shallow, config)
+            level = ltt.setting
+        else:
+            level = fixed if fixed is not None else calm_threshold(engine, shallow, config)
+        threshold = Threshold(level)
+        return ThresholdDecoder(
+            lambda prompt, cfg: decode_calm(engine, shallow, prompt, cfg, threshold),
+            threshold,
+            ltt,
+        )
     if method.drafter == "adapter":  # FREE's exit through the trained draft block
         shallow = block_exit(engine, config.block_layer)
     # free: one threshold per decoder, kept across prompts: FREE fits it online over the
@@ -267,21 +277,30 @@ class CalibrationPairs(NamedTuple):
     prompts: int  # how many prompts were decoded (some may add no pairs)
 
 
+def calibration_prompts(engine: LayerEngine, config: GenConfig) -> list[str]:
+    """The held-out instructions (never evaluation items) in the model's chat template."""
+    return [
+        render_prompt(engine.tokenizer, text)
+        for text in self_distill_instructions(config.calibration_prompts)
+    ]
+
+
+def _calibration_decode(config: GenConfig) -> DecodeConfig:
+    return DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+
+
 def calibration_pairs(
     engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> CalibrationPairs:
-    """The pairs of held-out instructions (never evaluation items); computed once per
-    shallow exit and setting."""
+    """The pairs of the held-out calibration prompts; computed once per shallow exit and
+    setting."""
     from earlyexit.decoding.calibrate import confidence_pairs
 
     cached = _PAIRS.setdefault(shallow, {})
     key = (config.calibration_prompts, config.max_new_tokens)
     if key not in cached:
-        prompts = [
-            render_prompt(engine.tokenizer, text)
-            for text in self_distill_instructions(config.calibration_prompts)
-        ]
-        decode = DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+        prompts = calibration_prompts(engine, config)
+        decode = _calibration_decode(config)
         confs, agreed, sequence = confidence_pairs(engine, shallow, prompts, decode)
         cached[key] = CalibrationPairs(confs, agreed, sequence, len(prompts))
     return cached[key]
@@ -310,3 +329,37 @@ def risk_controlled_threshold(
         pairs.confidence, pairs.agreed, pairs.sequence, CONFIDENCE_GRID, pairs.prompts
     )
     return learn_then_test(CONFIDENCE_GRID, losses, config.risk, config.delta, safe=NEVER_EXIT)
+
+
+# CALM's Learn-then-Test grid: coarser than FREE's (CONFIDENCE_GRID), since every point
+# costs a real decode of every calibration prompt
+CALM_GRID = [round(0.95 - 0.05 * i, 2) for i in range(19)]
+
+
+def calm_risk_controlled(engine: LayerEngine, shallow: ShallowExit, config: GenConfig) -> LTTChoice:
+    """CALM's threshold by Learn-then-Test at sequence level: the lowest on CALM_GRID at which
+    at most `config.risk` of the calibration prompts' answers differ from the full model's,
+    with probability at least 1 - `config.delta`. Unlike FREE's, CALM's risk cannot be read
+    off teacher-forced pairs: an exit copies its state into the deeper layers' KV, which
+    changes the later tokens even when the exited token agreed. So each threshold the walk
+    reaches decodes every prompt for real, and a threshold stops decoding once it fails
+    whatever the remaining prompts hold (risk.fixed_sequence)."""
+    from earlyexit.risk import fixed_sequence, p_value
+
+    if config.risk is None:
+        raise ValueError("calm_risk_controlled needs config.risk")
+    risk, delta = config.risk, config.delta
+    prompts = calibration_prompts(engine, config)
+    decode = _calibration_decode(config)
+    full = [decode_full(engine, prompt, decode).tokens for prompt in prompts]
+
+    def column(j: int) -> np.ndarray:
+        losses = np.zeros(len(prompts))
+        for i, prompt in enumerate(prompts):
+            tokens = decode_calm(engine, shallow, prompt, decode, Threshold(CALM_GRID[j])).tokens
+            losses[i] = float(tokens != full[i])
+            if p_value(losses, risk) > delta:  # fails even if every other answer agrees
+                break
+        return losses
+
+    return fixed_sequence(CALM_GRID, column, risk, delta, safe=NEVER_EXIT)
