@@ -44,9 +44,9 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
         for path in ("hf", "engine", "engine-own-layers", "engine-plain", "engine-skinny")
         for batch in (1, 2)
     }
-    int4 = {  # no kernel choice
+    int4 = {  # no kernel choice; compiled one-token steps at batch 1
         (path, batch) for path in ("hf", "engine", "engine-own-layers") for batch in (1, 2)
-    }
+    } | {("engine-compiled", 1)}
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "float32"} == fp32
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "int4"} == int4
     for r in records:

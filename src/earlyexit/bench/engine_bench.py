@@ -19,6 +19,7 @@ import torch
 from rich.table import Table
 
 from earlyexit.engine import LayerEngine
+from earlyexit.engine.compiled import compilable
 from earlyexit.engine.kernels import cpu_model
 from earlyexit.models import load_model
 from earlyexit.readouts.readout import ExitReadout
@@ -44,7 +45,8 @@ WARMUP = (
 @dataclass
 class DecodeRecord:
     # "hf", "engine" (kernels chosen by timing, lean layer steps), "engine-own-layers" (every
-    # layer through the model's own forward), "engine-plain", "engine-skinny" (fp32 only),
+    # layer through the model's own forward), "engine-compiled" (one-token steps as compiled
+    # graphs, engine/compiled.py; batch 1, int4), "engine-plain", "engine-skinny" (fp32 only),
     # "llama.cpp" (the model's GGUF, batch 1, timed interleaved with the others)
     path: str
     dtype: str
@@ -112,9 +114,18 @@ def _decoders(
         with engine.own_layers():
             return engine.greedy(ids, n, pad)
 
+    def compiled(n: int) -> torch.Tensor:  # one-token steps as compiled graphs
+        engine.set_compiled(True)
+        try:
+            return engine.greedy(ids, n, pad)
+        finally:
+            engine.set_compiled(False)
+
     paths: dict[str, Callable] = {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
     if any(step is not None for step in engine.steps):
         paths["engine-own-layers"] = own_layers
+    if ids.shape[0] == 1 and compilable(engine.steps):
+        paths["engine-compiled"] = compiled
     if engine.weights == "float32":
         paths["engine-plain"] = forced("plain")
         paths["engine-skinny"] = forced("skinny")
@@ -302,8 +313,8 @@ def render_table(result: dict[str, Any]) -> Table:
         f"(prefill excluded), {result['threads']} threads, {result['cpu']}"
     )
     cols = ("dtype", "batch", "hf tok/s", "engine tok/s", "engine/hf", "same tokens")
-    extra = ("own layers tok/s", "all-plain tok/s", "all-skinny tok/s")
-    extra += ("llama.cpp tok/s", "engine/llama.cpp")
+    extra = ("own layers tok/s", "compiled tok/s", "all-plain tok/s", "all-skinny tok/s")
+    extra += ("llama.cpp tok/s", "engine/llama.cpp", "compiled/llama.cpp")
     for col in (*cols, *extra):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     rows: dict[tuple[str, int], dict[str, dict]] = {}
@@ -318,6 +329,12 @@ def render_table(result: dict[str, Any]) -> Table:
             return f"{pair[path]['tokens_per_s']:.1f}" if path in pair else "-"
 
         llama = pair.get("llama.cpp")
+
+        def versus_llama(path: str, pair: dict = pair, llama: dict | None = llama) -> str:
+            if llama is None or path not in pair:
+                return "-"
+            return f"{pair[path]['tokens_per_s'] / llama['tokens_per_s']:.3f}"
+
         table.add_row(
             dtype,
             str(batch),
@@ -326,10 +343,12 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{eng / hf:.3f}",
             same,
             rate("engine-own-layers"),
+            rate("engine-compiled"),
             rate("engine-plain"),
             rate("engine-skinny"),
             rate("llama.cpp"),
-            f"{eng / llama['tokens_per_s']:.3f}" if llama else "-",
+            versus_llama("engine"),
+            versus_llama("engine-compiled"),
         )
     return table
 

@@ -130,6 +130,12 @@ def bench_generate(
     calibration_prompts: int = typer.Option(
         8, min=1, help="Held-out instructions that calibrate calm, free and --risk."
     ),
+    compiled: bool = typer.Option(
+        False,
+        "--compiled",
+        help="One-token steps as compiled graphs (engine/compiled.py; int4, batch 1): faster, "
+        "not bit-identical; each span of layers compiles once (about a minute) in warm-up.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -175,6 +181,8 @@ def bench_generate(
         delta=delta,
     )  # bad --risk / --delta fail here, before the model loads
     engine = load_engine(model, dtype)
+    if compiled:
+        engine.set_compiled(True)
     shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
     console.print(f"shallow exit: {where}", highlight=False)
     records = []
@@ -191,7 +199,7 @@ def bench_generate(
     threads = torch_threads()
     title = (
         f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
-        f"{cpu_model()})"
+        f"{'compiled one-token steps, ' if compiled else ''}{cpu_model()})"
     )
     console.print(generation_table(title, records))
     if json_path:
@@ -201,6 +209,7 @@ def bench_generate(
                 "cpu": cpu_model(),
                 "threads": threads,
                 "kernels": engine.kernels.skinny_rows,
+                "compiled": compiled,
                 "records": records,
             },
             json_path,

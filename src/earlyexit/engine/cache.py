@@ -56,7 +56,7 @@ class LayerKVCache:
     def batch(self) -> int:
         return self._shape[0]
 
-    def _ensure(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ensure(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers, allocated or grown (by doubling) to hold `needed` slots."""
         keys, values = self.keys[layer], self.values[layer]
         if keys is None or values is None:
@@ -89,7 +89,7 @@ class LayerKVCache:
         """
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
-        keys, values = self._ensure(layer_idx, end)
+        keys, values = self.ensure(layer_idx, end)
         keys[:, :, start:end] = key
         values[:, :, start:end] = value
         self.lengths[layer_idx] = end
@@ -101,7 +101,7 @@ class LayerKVCache:
             self.lengths[layer] = min(self.lengths[layer], length)
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._ensure(layer, self.lengths[layer])
+        keys, values = self.ensure(layer, self.lengths[layer])
         end = self.lengths[layer]
         return keys[:, :, :end], values[:, :, :end]
 

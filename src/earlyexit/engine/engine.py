@@ -19,6 +19,7 @@ import torch
 
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
+from earlyexit.engine.compiled import CompiledSpans, compilable
 from earlyexit.engine.kernels import KernelChoice, choose_kernels
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
@@ -83,17 +84,37 @@ class LayerEngine:
         # per layer, a lean step with the layer's own arithmetic where one exists
         # (engine/layer_step.py), else None: the model's own forward
         self.steps: list[LayerFn | None] = layer_steps(self.arch.layers)
+        # one-token steps compiled per span of layers (engine/compiled.py), when enabled
+        self.compiled: CompiledSpans | None = None
+        self._compiled_spans: CompiledSpans | None = None
+
+    def set_compiled(self, enabled: bool) -> None:
+        """Run one-token steps at batch 1 through compiled graphs (engine/compiled.py):
+        faster, not bit-identical, and each span of layers compiles on first use."""
+        if enabled and not compilable(self.steps):
+            raise EarlyExitError(
+                "compiled steps need lean Llama layers with int4/int8 products: load the "
+                "model with --dtype int4"
+            )
+        if enabled and self._compiled_spans is None:  # kept when switched off: no recompiling
+            kind = self.arch.layer_types[0]
+            if any(k != kind for k in self.arch.layer_types):
+                raise EarlyExitError("compiled steps need one attention kind in every layer")
+            self._compiled_spans = CompiledSpans(
+                self.steps, lambda hidden, ids: self.arch.position_embeddings(hidden, ids, kind)
+            )
+        self.compiled = self._compiled_spans if enabled else None
 
     @contextmanager
     def own_layers(self) -> Iterator[None]:
         """Within the block every layer runs the model's own forward (side-by-side timing
         of the lean steps, which give bit-identical results)."""
-        steps = self.steps
-        self.steps = [None] * self.num_layers
+        steps, compiled = self.steps, self.compiled
+        self.steps, self.compiled = [None] * self.num_layers, None
         try:
             yield
         finally:
-            self.steps = steps
+            self.steps, self.compiled = steps, compiled
 
     def set_kernels(self, kernels: str | KernelChoice) -> KernelChoice:
         """Choose (a mode) or reapply (a choice) the few-row matmul kernels."""
@@ -167,6 +188,8 @@ class LayerEngine:
                 f"layers {start}..{end - 1} hold different numbers of tokens "
                 f"({cache.lengths[start:end]}); catch up the shorter layers first"
             )
+        if self.compiled is not None and self.compiled.accepts(hidden, cache, start, end):
+            return self.compiled.run(hidden, cache, start, end)
         position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
         num_new = hidden.shape[1]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
