@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from earlyexit.engine import LayerEngine
+from earlyexit.errors import EarlyExitError
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far far away, there lived a"]
 BOUND = 1.5  # logits; see the module docstring
@@ -84,3 +85,15 @@ def test_other_calls_run_the_eager_engine(smol_int4: LayerEngine, compiled: Laye
         results[enabled] = (state.hidden, verify, batch)
     for eager, with_compiled in zip(results[False], results[True], strict=True):
         assert torch.equal(eager, with_compiled)
+
+
+@pytest.mark.weights
+def test_engines_without_int4_llama_layers_refuse_compiled_steps(
+    smol: LayerEngine, gemma: LayerEngine
+) -> None:
+    """fp32 products are not stacked (no lean int4 step to compile) and gemma3 has no lean
+    step: a one-line error naming the fix, and the engine stays eager."""
+    for engine in (smol, gemma):
+        with pytest.raises(EarlyExitError, match=r"smollm2-135m with --dtype int4\), not"):
+            engine.set_compiled(True)
+        assert engine.compiled is None

@@ -385,6 +385,7 @@ class EarlyExit:
         dtype: str = "auto",
         threads: int | None = None,
         kernels: str = "auto",
+        compiled: bool = False,
     ) -> EarlyExit:
         """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
         verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
@@ -393,7 +394,9 @@ class EarlyExit:
         smollm2's Q4_1, and int4 was measured faster on this machine; else float32),
         `float32`, `bfloat16`, `int4` or `int8`. `threads`: torch's CPU threads
         (process-wide: torch.set_num_threads). `kernels`: the engine's few-row fp32 matmul
-        kernels: `auto` (timed on this machine, cached), `plain` or `skinny`.
+        kernels: `auto` (timed on this machine, cached), `plain` or `skinny`. `compiled`:
+        one-token steps as compiled graphs (engine/compiled.py; int4 Llama layers): faster
+        decoding, not bit-identical, each span of layers compiled on first use.
         """
         from earlyexit.engine.kernels import MODES
         from earlyexit.models.load import load_model, parse_dtype
@@ -405,7 +408,9 @@ class EarlyExit:
             if not isinstance(threads, int) or threads < 1:
                 raise EarlyExitError(f"threads must be a positive integer, not {threads!r}")
             torch.set_num_threads(threads)
-        return cls(LayerEngine(load_model(model, dtype=dtype), kernels=kernels))
+        engine = LayerEngine(load_model(model, dtype=dtype), kernels=kernels)
+        engine.set_compiled(compiled)
+        return cls(engine)
 
     @classmethod
     def from_engine(cls, engine: LayerEngine) -> EarlyExit:

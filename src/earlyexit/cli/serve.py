@@ -24,6 +24,12 @@ def serve_command(
     graceful: int = typer.Option(
         30, min=0, help="Seconds in-flight requests get to finish on shutdown."
     ),
+    compiled: bool = typer.Option(
+        False,
+        "--compiled",
+        help="One-token steps as compiled graphs (int4): faster decoding, not bit-identical; "
+        "full depth is compiled before serving, other spans on their first request.",
+    ),
 ) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/models), plus /v1/classify, /health and /metrics (Prometheus)."""
@@ -32,7 +38,10 @@ def serve_command(
     from earlyexit.server import serve
 
     parse_method(method)  # a bad method fails before the model loads
-    ee = EarlyExit.load(model, dtype=dtype, threads=threads)
+    ee = EarlyExit.load(model, dtype=dtype, threads=threads, compiled=compiled)
+    if compiled:  # the first request would otherwise wait for the compile (about a minute)
+        console.print("compiling the full-depth one-token step...", highlight=False)
+        ee.generate("Hello", method="full", max_new_tokens=2)
     console.print(
         f"serving {ee.name} ({dtype}, default method {method}) on http://{host}:{port}/v1",
         highlight=False,

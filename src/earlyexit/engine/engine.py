@@ -93,13 +93,11 @@ class LayerEngine:
         faster, not bit-identical, and each span of layers compiles on first use."""
         if enabled and not compilable(self.steps):
             raise EarlyExitError(
-                "compiled steps need lean Llama layers with int4/int8 products: load the "
-                "model with --dtype int4"
+                "compiled steps run Llama layers with int4/int8 products (smollm2-135m with "
+                f"--dtype int4), not {self.loaded.name} at {self.weights}"
             )
         if enabled and self._compiled_spans is None:  # kept when switched off: no recompiling
-            kind = self.arch.layer_types[0]
-            if any(k != kind for k in self.arch.layer_types):
-                raise EarlyExitError("compiled steps need one attention kind in every layer")
+            kind = self.arch.layer_types[0]  # Llama layers: one attention kind
             self._compiled_spans = CompiledSpans(
                 self.steps, lambda hidden, ids: self.arch.position_embeddings(hidden, ids, kind)
             )
