@@ -1,4 +1,4 @@
-"""Compiled one-token steps (engine/compiled.py) against the eager engine on int4 smollm2.
+"""Compiled decode steps (engine/compiled.py) against the eager engine on int4 smollm2.
 
 The compiled graphs fuse the norms, rotary embedding and residuals, and attend over the
 cache's whole capacity under a mask, so they round differently from the eager steps; the
@@ -71,18 +71,47 @@ def test_compiled_steps_match_the_eager_engine(
 
 
 @pytest.mark.weights
-def test_other_calls_run_the_eager_engine(smol_int4: LayerEngine, compiled: LayerEngine) -> None:
-    """Multi-token passes (prefill, verify, catch-up) and padded batches are not compiled:
-    with compiled steps on they are bit-identical to the eager engine's."""
+def test_verify_passes_equal_one_token_steps(compiled: LayerEngine) -> None:
+    """A compiled pass over 4 new tokens (a verify pass) gives each token exactly what four
+    compiled one-token steps give it, hidden states and KV, from the same graph; so
+    draft-and-verify stays exactly the compiled model's greedy output."""
+    from earlyexit.api import EarlyExit
+    from earlyexit.tasks.generation import get_generation_task
+
+    ids = compiled.tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    tokens = compiled.greedy(ids, 4)
+    with torch.inference_mode():
+        steps = compiled.prefill(ids)
+        one = [
+            compiled.run_layers(compiled.embed(t.view(1, 1)), steps.cache, 0, 30) for t in tokens[0]
+        ]
+        verify = compiled.prefill(ids)
+        four = compiled.run_layers(compiled.embed(tokens), verify.cache, 0, 30)
+    assert torch.equal(torch.cat(one, dim=1), four)
+    assert torch.equal(steps.cache.layer_kv(29)[1], verify.cache.layer_kv(29)[1])
+    assert len(compiled.compiled._spans) >= 1  # the compiled path served both
+    ee = EarlyExit.from_engine(compiled)
+    prompt = get_generation_task("samsum").items(1)[0].instruction
+    full = ee.generate(prompt, method="full", max_new_tokens=48)
+    out = ee.generate(prompt, method="lossless", max_new_tokens=48)
+    assert out.tokens == full.tokens and out.report.draft_accepted > 0
+
+
+@pytest.mark.weights
+def test_prefill_and_padded_batches_run_the_eager_engine(
+    smol_int4: LayerEngine, compiled: LayerEngine
+) -> None:
+    """Prefill (short prompts included) and padded batches are not compiled: with compiled
+    steps on they are bit-identical to the eager engine's."""
     ids, pad = smol_int4.encode(["Water boils at", "The capital of France is a city that"])
     results = {}
     for enabled in (False, True):
         compiled.set_compiled(enabled)
         with torch.inference_mode():
-            state = compiled.prefill(ids[:, :-3], pad)
-            verify = compiled.run_layers(compiled.embed(ids[:, -3:]), state.cache, 0, 30)
+            short = compiled.prefill(ids[:1, -3:]).hidden  # 3 tokens
+            prefill = compiled.prefill(ids[1:]).hidden
             batch = compiled.greedy(ids, 4, pad)
-        results[enabled] = (state.hidden, verify, batch)
+        results[enabled] = (short, prefill, batch)
     for eager, with_compiled in zip(results[False], results[True], strict=True):
         assert torch.equal(eager, with_compiled)
 

@@ -395,7 +395,7 @@ class EarlyExit:
         `float32`, `bfloat16`, `int4` or `int8`. `threads`: torch's CPU threads
         (process-wide: torch.set_num_threads). `kernels`: the engine's few-row fp32 matmul
         kernels: `auto` (timed on this machine, cached), `plain` or `skinny`. `compiled`:
-        one-token steps as compiled graphs (engine/compiled.py; int4 Llama layers): faster
+        decode steps as compiled graphs (engine/compiled.py; int4 Llama layers): faster
         decoding, not bit-identical, each span of layers compiled on first use.
         """
         from earlyexit.engine.kernels import MODES

@@ -45,7 +45,7 @@ WARMUP = (
 @dataclass
 class DecodeRecord:
     # "hf", "engine" (kernels chosen by timing, lean layer steps), "engine-own-layers" (every
-    # layer through the model's own forward), "engine-compiled" (one-token steps as compiled
+    # layer through the model's own forward), "engine-compiled" (decode steps as compiled
     # graphs, engine/compiled.py; batch 1, int4), "engine-plain", "engine-skinny" (fp32 only),
     # "llama.cpp" (the model's GGUF, batch 1, timed interleaved with the others)
     path: str
@@ -114,7 +114,7 @@ def _decoders(
         with engine.own_layers():
             return engine.greedy(ids, n, pad)
 
-    def compiled(n: int) -> torch.Tensor:  # one-token steps as compiled graphs
+    def compiled(n: int) -> torch.Tensor:  # decode steps as compiled graphs
         engine.set_compiled(True)
         try:
             return engine.greedy(ids, n, pad)

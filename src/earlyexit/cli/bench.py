@@ -133,7 +133,7 @@ def bench_generate(
     compiled: bool = typer.Option(
         False,
         "--compiled",
-        help="One-token steps as compiled graphs (engine/compiled.py; int4, batch 1): faster, "
+        help="Decode steps as compiled graphs (engine/compiled.py; int4, batch 1): faster, "
         "not bit-identical; each span of layers compiles once (about a minute) in warm-up.",
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
@@ -199,7 +199,7 @@ def bench_generate(
     threads = torch_threads()
     title = (
         f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
-        f"{'compiled one-token steps, ' if compiled else ''}{cpu_model()})"
+        f"{'compiled steps, ' if compiled else ''}{cpu_model()})"
     )
     console.print(generation_table(title, records))
     if json_path:

@@ -27,7 +27,7 @@ def serve_command(
     compiled: bool = typer.Option(
         False,
         "--compiled",
-        help="One-token steps as compiled graphs (int4): faster decoding, not bit-identical; "
+        help="Decode steps as compiled graphs (int4): faster decoding, not bit-identical; "
         "full depth is compiled before serving, other spans on their first request.",
     ),
 ) -> None:
@@ -40,7 +40,7 @@ def serve_command(
     parse_method(method)  # a bad method fails before the model loads
     ee = EarlyExit.load(model, dtype=dtype, threads=threads, compiled=compiled)
     if compiled:  # the first request would otherwise wait for the compile (about a minute)
-        console.print("compiling the full-depth one-token step...", highlight=False)
+        console.print("compiling the full-depth decode step...", highlight=False)
         ee.generate("Hello", method="full", max_new_tokens=2)
     console.print(
         f"serving {ee.name} ({dtype}, default method {method}) on http://{host}:{port}/v1",

@@ -1,4 +1,4 @@
-"""One-token decode steps over a span of layers, compiled into one graph (opt-in).
+"""Decode steps over a span of layers, compiled into one graph (opt-in).
 
 At batch 1 the eager engine spends about half of a token's time outside the weight
 products: some forty small ops per layer, each a Python call and a kernel launch of a few
@@ -6,20 +6,26 @@ microseconds. gpt-fast's answer is to compile the whole decode step; that is wha
 per span of layers the decoders ask for ((0, L) for full depth, (0, k) and (k, L) around a
 shallow exit), with torch.compile (inductor, C++ wrapper): the norms, rotary embedding,
 residuals and activation fuse into a few loops, and the int4 products and attention run as
-before. Measured on the Xeon (smollm2-135m int4, 64 tokens): 150 tok/s against 97 for the
+before. Measured on the Xeon (smollm2-135m int4, 64 tokens): 149 tok/s against 97.5 for the
 lean eager steps (`bench engine`, path `engine-compiled`).
+
+One graph per span serves 1..MAX_ROWS new tokens (one-token steps, verify passes,
+catch-ups): the row count is an unbacked size, so a size of 1 gets no graph of its own, and
+attention computes each row as a one-query problem, so a verify pass equals one-token steps
+bit for bit and `lossless` stays exactly the compiled model's greedy output.
 
 What it changes, and so why it is opt-in (`LayerEngine.set_compiled`):
 - the arithmetic: fused loops round differently from the eager ops, and attention runs over
   the cache's whole capacity with a mask (a static shape) where the eager path slices the
-  filled slots. tests/test_compiled.py bounds the difference against the eager engine and
-  checks greedy tokens are unchanged; it is not bit-identical to the model's own layers.
+  filled slots. tests/test_compiled.py bounds the difference against the eager engine; it
+  is not bit-identical to the model's own layers, and a logit tie can break the other way.
 - the start-up: each span compiles once per process, about a minute on 2 cores for 30
   layers (inductor caches the result on disk for later processes).
-Only one-token steps at batch 1 without padding are compiled; every other call (prefill,
-verify passes, catch-ups, batches) runs the eager engine. Layers are supported when they
-have a lean step (engine/layer_step.py) with stacked int4/int8 products (engine/quant.py):
-smollm2-135m at `--dtype int4`.
+Only batch 1 without padding and at most MAX_ROWS new tokens after the prompt are
+compiled; prefill (layer by layer into an empty cache) and padded batches run the eager
+engine. Layers are supported when they have a lean step
+(engine/layer_step.py) with stacked int4/int8 products (engine/quant.py): smollm2-135m at
+`--dtype int4`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from earlyexit.engine.quant import ACT, GROUP, QuantLinear
 
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
+MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
 # inductor's options for these graphs: the C++ wrapper calls the kernels without Python
 # between them (1.55x over eager here, against 1.46x with the Python wrapper)
 COMPILE_OPTIONS = {"cpp_wrapper": True}
@@ -121,25 +128,35 @@ def _layer(
     hidden: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    slot: torch.Tensor,
+    slots: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """LlamaLayerStep's arithmetic for one token, writing its K/V into `slot` of the
-    layer's whole buffers and attending over them under `mask` (static shapes)."""
+    """LlamaLayerStep's arithmetic for n new tokens [1, n, H], writing their K/V into
+    `slots` of the layer's whole buffers. Attention treats the n queries as a batch of n
+    one-query problems over the whole capacity, row i under mask[i] (static shapes): each
+    row is computed as a one-token step computes it, so a verify pass equals one-token
+    steps bit for bit (as engine/rowwise.py makes the eager engine's)."""
+    rows = hidden.shape[1]
     normed = functional.rms_norm(hidden, w.input_norm.shape, w.input_norm, w.eps)
     out = w.qkv(normed)
     qk_width = (w.heads + w.kv_heads) * w.head_dim
-    heads = out[..., :qk_width].view(1, 1, -1, w.head_dim).transpose(1, 2)
+    heads = out[..., :qk_width].view(1, rows, -1, w.head_dim).transpose(1, 2)
     heads = heads * cos + _rotate_half(heads) * sin
-    value = out[..., qk_width:].view(1, 1, -1, w.head_dim).transpose(1, 2)
-    keys.index_copy_(2, slot, heads[:, w.heads :])
-    values.index_copy_(2, slot, value)
+    value = out[..., qk_width:].view(1, rows, -1, w.head_dim).transpose(1, 2)
+    keys.index_copy_(2, slots, heads[:, w.heads :])
+    values.index_copy_(2, slots, value)
+    query = heads[:, : w.heads].transpose(0, 2)  # [n, heads, 1, D]
     attention = functional.scaled_dot_product_attention(
-        heads[:, : w.heads], keys, values, attn_mask=mask, scale=w.scaling, enable_gqa=True
-    )
-    hidden = hidden + w.o(attention.transpose(1, 2).reshape(1, 1, -1))
+        query,
+        keys.expand(rows, -1, -1, -1),
+        values.expand(rows, -1, -1, -1),
+        attn_mask=mask,
+        scale=w.scaling,
+        enable_gqa=True,
+    )  # [n, heads, 1, D]
+    hidden = hidden + w.o(attention.transpose(0, 2).transpose(1, 2).reshape(1, rows, -1))
     normed = functional.rms_norm(hidden, w.post_norm.shape, w.post_norm, w.eps)
     out = w.gate_up(normed)
     gate, up = out.chunk(2, dim=-1)
@@ -162,7 +179,8 @@ class CompiledSpans:
     def accepts(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> bool:
         return (
             hidden.shape[0] == 1
-            and hidden.shape[1] == 1
+            and 1 <= hidden.shape[1] <= MAX_ROWS
+            and cache.lengths[start] > 0  # not a prefill (it runs one layer at a time)
             and not cache.has_padding
             and all(w is not None for w in self.layers[start:end])
         )
@@ -170,32 +188,36 @@ class CompiledSpans:
     def _span(self, start: int, end: int) -> Callable:
         if (start, end) not in self._spans:
             weights = self.layers[start:end]
+            rope = self._rope
 
-            def span(hidden, keys, values, slot, cos, sin, mask):  # noqa: ANN001, ANN202
+            def span(hidden, keys, values, offset):  # noqa: ANN001, ANN202
+                rows, capacity = hidden.shape[1], keys[0].shape[2]
+                slots = offset + torch.arange(rows, device=hidden.device)
+                cos, sin = rope(hidden, slots.unsqueeze(0))
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+                seen = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)
+                mask = seen.view(rows, 1, 1, capacity)
                 for i, w in enumerate(weights):
-                    hidden = _layer(w, hidden, keys[i], values[i], slot, cos, sin, mask)
+                    hidden = _layer(w, hidden, keys[i], values[i], slots, cos, sin, mask)
                 return hidden
 
             self._spans[(start, end)] = torch.compile(span, fullgraph=True, options=COMPILE_OPTIONS)
         return self._spans[(start, end)]
 
     def run(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> torch.Tensor:
-        """Layers [start, end) over one new token (the caller checked `accepts` and that
-        the span's layers hold the same number of slots)."""
-        offset = cache.lengths[start]
-        buffers = [cache.ensure(layer, offset + 1) for layer in range(start, end)]
+        """Layers [start, end) over 1..MAX_ROWS new tokens (the caller checked `accepts`
+        and that the span's layers hold the same number of slots)."""
+        offset, rows = cache.lengths[start], hidden.shape[1]
+        buffers = [cache.ensure(layer, offset + rows) for layer in range(start, end)]
         keys = [k for k, _ in buffers]
         values = [v for _, v in buffers]
-        capacity = keys[0].shape[2]
         for buffer in (*keys, *values):  # one graph for every capacity
             torch._dynamo.mark_dynamic(buffer, 2)
-        mask = (torch.arange(capacity, device=hidden.device) <= offset).view(1, 1, 1, -1)
-        torch._dynamo.mark_dynamic(mask, 3)
-        cos, sin = self._rope(hidden, torch.tensor([[offset]], device=hidden.device))
-        slot = torch.tensor([offset], device=hidden.device)
-        out = self._span(start, end)(
-            hidden, keys, values, slot, cos.unsqueeze(1), sin.unsqueeze(1), mask
-        )
+        # one graph for every row count, 1 included: a one-token step and a verify pass
+        # run the same code (a size-1 dimension would otherwise get its own graph)
+        torch._dynamo.decorators.mark_unbacked(hidden, 1)
+        offset_t = torch.tensor(offset, device=hidden.device)
+        out = self._span(start, end)(hidden, keys, values, offset_t)
         for layer in range(start, end):
-            cache.lengths[layer] = offset + 1
+            cache.lengths[layer] = offset + rows
         return out

@@ -89,8 +89,9 @@ class LayerEngine:
         self._compiled_spans: CompiledSpans | None = None
 
     def set_compiled(self, enabled: bool) -> None:
-        """Run one-token steps at batch 1 through compiled graphs (engine/compiled.py):
-        faster, not bit-identical, and each span of layers compiles on first use."""
+        """Run steps of 1..8 new tokens at batch 1 through compiled graphs
+        (engine/compiled.py): faster, not bit-identical to the eager engine, and each span
+        of layers compiles on first use."""
         if enabled and not compilable(self.steps):
             raise EarlyExitError(
                 "compiled steps run Llama layers with int4/int8 products (smollm2-135m with "
