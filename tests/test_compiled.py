@@ -117,6 +117,26 @@ def test_prefill_and_padded_batches_run_the_eager_engine(
 
 
 @pytest.mark.weights
+def test_layers_of_unequal_capacity_run_eagerly(compiled: LayerEngine) -> None:
+    """Layers first written late (e.g. below an exit during prefill, caught up later) can
+    hold smaller buffers than layers that grew by doubling: a span over both runs eagerly."""
+    ids = compiled.tokenizer("Water boils at", return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    with torch.inference_mode():
+        state = compiled.prefill(ids, capacity=n + 1)
+        cache = state.cache
+        step = compiled.embed(ids[:, -1:])
+        compiled.run_layers(step, cache, 0, 30)  # every layer full: n + 1 slots
+        compiled.run_layers(step, cache, 0, 20)  # layers 0..19 double to 2n + 2
+        compiled.run_layers(step, cache, 20, 30)  # 20..29 grow to 2n + 2 as well
+        cache.keys[29] = cache.keys[29][:, :, : n + 2].clone()  # as if first written late
+        cache.values[29] = cache.values[29][:, :, : n + 2].clone()
+        assert compiled.compiled.run(step, cache, 0, 30) is None
+        assert compiled.run_layers(step, cache, 0, 30).shape == step.shape  # eager instead
+        assert cache.lengths == [n + 3] * 30
+
+
+@pytest.mark.weights
 def test_engines_without_int4_llama_layers_refuse_compiled_steps(
     smol: LayerEngine, gemma: LayerEngine
 ) -> None:

@@ -52,25 +52,19 @@ COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 @dataclass(frozen=True)
 class _Product:
-    """A bias-free product as tensors only (what a compiled graph takes)."""
+    """A QuantLinear's product as tensors only (what a compiled graph takes)."""
 
     out_features: int
-    weight: torch.Tensor | None = None  # dense (fp32): F.linear
-    planes: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # int4: (packed, scales)
+    planes: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (packed, scales) per 4-bit plane
 
     @staticmethod
     def of(module: nn.Module) -> _Product | None:
-        if isinstance(module, QuantLinear):
-            planes = tuple(zip(module.packed, module.scales, strict=True))
-            return _Product(module.out_features, planes=planes)
-        if isinstance(module, nn.Linear) and module.bias is None:
-            return _Product(module.out_features, weight=module.weight)
-        return None
+        if not isinstance(module, QuantLinear):
+            return None
+        return _Product(module.out_features, tuple(zip(module.packed, module.scales, strict=True)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """QuantLinear.forward's few-row arithmetic (bf16 in, planes summed) or F.linear."""
-        if self.weight is not None:
-            return functional.linear(x, self.weight)
+        """QuantLinear.forward's few-row arithmetic: bf16 in, planes summed, cast back."""
         flat = x.reshape(-1, x.shape[-1]).to(ACT)
         out = _MM(flat, self.planes[0][0], GROUP, self.planes[0][1])
         for packed, scales in self.planes[1:]:
@@ -169,7 +163,7 @@ def compilable(steps: list[object]) -> bool:
 
 
 class CompiledSpans:
-    """Compiled one-token steps over spans of an engine's layers, compiled on first use."""
+    """Compiled decode steps over spans of an engine's layers, compiled on first use."""
 
     def __init__(self, steps: list[object], position_embeddings: Callable) -> None:
         self.layers = [_LayerWeights.of(step) for step in steps]
@@ -204,13 +198,19 @@ class CompiledSpans:
             self._spans[(start, end)] = torch.compile(span, fullgraph=True, options=COMPILE_OPTIONS)
         return self._spans[(start, end)]
 
-    def run(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> torch.Tensor:
+    def run(
+        self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
+    ) -> torch.Tensor | None:
         """Layers [start, end) over 1..MAX_ROWS new tokens (the caller checked `accepts`
-        and that the span's layers hold the same number of slots)."""
+        and that the span's layers hold the same number of slots); None when the layers'
+        buffers differ in capacity (one grew by doubling, another was first allocated
+        later): the caller runs the span eagerly."""
         offset, rows = cache.lengths[start], hidden.shape[1]
         buffers = [cache.ensure(layer, offset + rows) for layer in range(start, end)]
         keys = [k for k, _ in buffers]
         values = [v for _, v in buffers]
+        if len({k.shape[2] for k in keys}) > 1:
+            return None
         for buffer in (*keys, *values):  # one graph for every capacity
             torch._dynamo.mark_dynamic(buffer, 2)
         # one graph for every row count, 1 included: a one-token step and a verify pass

@@ -188,7 +188,9 @@ class LayerEngine:
                 f"({cache.lengths[start:end]}); catch up the shorter layers first"
             )
         if self.compiled is not None and self.compiled.accepts(hidden, cache, start, end):
-            return self.compiled.run(hidden, cache, start, end)
+            out = self.compiled.run(hidden, cache, start, end)
+            if out is not None:
+                return out
         position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
         num_new = hidden.shape[1]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
