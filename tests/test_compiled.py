@@ -146,3 +146,24 @@ def test_engines_without_int4_llama_layers_refuse_compiled_steps(
         with pytest.raises(EarlyExitError, match=r"smollm2-135m with --dtype int4\), not"):
             engine.set_compiled(True)
         assert engine.compiled is None
+
+
+@pytest.mark.weights
+def test_serve_compiled_compiles_full_depth_before_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`serve --compiled` loads the model with compiled steps and compiles the full-depth
+    span before it listens, so the first request does not wait for it."""
+    from typer.testing import CliRunner
+
+    import earlyexit.server
+    from earlyexit.cli import app
+
+    served = []
+    monkeypatch.setattr(earlyexit.server, "serve", lambda ee, *args, **kwargs: served.append(ee))
+    result = CliRunner().invoke(app, ["serve", "--dtype", "int4", "--compiled"])
+    assert result.exit_code == 0, result.output
+    (ee,) = served
+    assert ee.engine.compiled is not None and (0, 30) in ee.engine.compiled._spans
+    refused = CliRunner().invoke(app, ["serve", "--dtype", "float32", "--compiled"])
+    assert refused.exit_code == 2 and "smollm2-135m with --dtype int4" in refused.output
