@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 from transformers.activations import SiLUActivation
+from transformers.models.llama import modeling_llama
 
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.layer_step import LlamaLayerStep
@@ -64,7 +65,9 @@ class _Product:
         return _Product(module.out_features, tuple(zip(module.packed, module.scales, strict=True)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """QuantLinear.forward's few-row arithmetic: bf16 in, planes summed, cast back."""
+        """QuantLinear.forward's few-row arithmetic: bf16 in, planes summed, cast back.
+        Its own forward cannot be traced here: it branches on the row count, which the
+        graph leaves unbacked, and stacked members cache the group's last output."""
         flat = x.reshape(-1, x.shape[-1]).to(ACT)
         out = _MM(flat, self.planes[0][0], GROUP, self.planes[0][1])
         for packed, scales in self.planes[1:]:
@@ -112,11 +115,6 @@ class _LayerWeights:
         )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _layer(
     w: _LayerWeights,
     hidden: torch.Tensor,
@@ -137,7 +135,7 @@ def _layer(
     out = w.qkv(normed)
     qk_width = (w.heads + w.kv_heads) * w.head_dim
     heads = out[..., :qk_width].view(1, rows, -1, w.head_dim).transpose(1, 2)
-    heads = heads * cos + _rotate_half(heads) * sin
+    heads = heads * cos + modeling_llama.rotate_half(heads) * sin
     value = out[..., qk_width:].view(1, rows, -1, w.head_dim).transpose(1, 2)
     keys.index_copy_(2, slots, heads[:, w.heads :])
     values.index_copy_(2, slots, value)
@@ -166,7 +164,10 @@ class CompiledSpans:
     """Compiled decode steps over spans of an engine's layers, compiled on first use."""
 
     def __init__(self, steps: list[object], position_embeddings: Callable) -> None:
+        """`steps`: every layer's lean step, all compilable (`compilable`)."""
         self.layers = [_LayerWeights.of(step) for step in steps]
+        if any(w is None for w in self.layers):
+            raise ValueError("every layer must be compilable (see `compilable`)")
         self._rope = position_embeddings  # (hidden, position ids) -> (cos, sin)
         self._spans: dict[tuple[int, int], Callable] = {}
 
@@ -176,7 +177,6 @@ class CompiledSpans:
             and 1 <= hidden.shape[1] <= MAX_ROWS
             and cache.lengths[start] > 0  # not a prefill (it runs one layer at a time)
             and not cache.has_padding
-            and all(w is not None for w in self.layers[start:end])
         )
 
     def _span(self, start: int, end: int) -> Callable:

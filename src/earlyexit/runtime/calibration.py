@@ -289,6 +289,13 @@ class MethodBuilder:
         losses = disagreement(traces, exits).numpy()
         return learn_then_test(grid, losses, risk, delta, safe=NEVER_EXIT)
 
+    def _halves(self, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded split of the calibration prompts (seed + salt, one per method): the
+        half that fits a policy and the half that certifies its knob."""
+        generator = torch.Generator().manual_seed(self.config.seed + salt)
+        order = torch.randperm(len(self._calibration().traces), generator=generator)
+        return order[: len(order) // 2], order[len(order) // 2 :]
+
     def adainfer_risk_controlled(
         self, risk: float, delta: float, stopper: str = "svm", vocab: bool = False
     ) -> tuple[ExitPolicy, LTTChoice]:
@@ -297,9 +304,7 @@ class MethodBuilder:
         would flatter it): margins from above every score (never exit) downwards."""
         traces = self._calibration().traces
         stats = self.vocab() if vocab else None
-        generator = torch.Generator().manual_seed(self.config.seed + 2)
-        order = torch.randperm(len(traces), generator=generator)
-        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+        fit, held = self._halves(salt=2)
         policy = fit_adainfer(
             traces[fit],
             tolerance=None,
@@ -384,9 +389,7 @@ class MethodBuilder:
         certified, full depth. A database over every prompt would be another policy than
         the one tested, and its own prompts would find themselves as nearest neighbours."""
         traces = self._calibration().traces
-        generator = torch.Generator().manual_seed(self.config.seed + 3)
-        order = torch.randperm(len(traces), generator=generator)
-        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+        fit, held = self._halves(salt=3)
         database = self._build_database(fit)
         policy = RAEEPolicy(
             database, self.embedder, k=k, rule=rule, num_classes=self.task.num_classes
