@@ -3,10 +3,15 @@ the eager int4 engine, and how long its full-depth span takes to compile cold.
 
     python scripts/experiments/compiled_vs_eager.py answers [N]
     python scripts/experiments/compiled_vs_eager.py compile [cpp|python]
+    python scripts/experiments/compiled_vs_eager.py bound
+    python scripts/experiments/compiled_vs_eager.py profile
 
 `answers` decodes SAMSum's first N test dialogues (default 20; 48 tokens) with `full` on
 both engines and counts identical answers. `compile` times the first compiled decode in a
-fresh inductor cache (its C++ or Python wrapper), then decode tokens/s (64 tokens). Both
+fresh inductor cache (its C++ or Python wrapper), then decode tokens/s (64 tokens). `bound`
+is tests/test_compiled.py's measurement: the largest logit difference between compiled and
+eager one-token steps, teacher-forced along 24 eager greedy tokens of its two prompts.
+`profile` splits an eager int4 decode step's time by op (torch.profiler, 20 steps). All
 print a JSON line and write no files.
 """
 
@@ -60,17 +65,92 @@ def compile_cost(wrapper: str) -> dict:
     return {"wrapper": wrapper, "cold_compile_s": cold, "decode_tok_s": 64 / (long - short)}
 
 
+def bound() -> dict:
+    import torch
+
+    from earlyexit.engine import LayerEngine
+    from earlyexit.models import load_model
+
+    engine = LayerEngine(load_model("smollm2-135m", dtype="int4"))
+    prompts = [
+        "The capital of France is",
+        "Once upon a time, in a land far far away, there lived a",
+    ]
+    worst = 0.0
+    for text in prompts:
+        ids = engine.tokenizer(text, return_tensors="pt")["input_ids"]
+        tokens = engine.greedy(ids, 24)
+        logits = {}
+        for compiled in (False, True):
+            engine.set_compiled(compiled)
+            with torch.inference_mode():
+                state = engine.prefill(ids, capacity=ids.shape[1] + 24)
+                logits[compiled] = torch.cat(
+                    [
+                        engine.logits(
+                            engine.run_layers(engine.embed(t.view(1, 1)), state.cache, 0, 30)
+                        )
+                        for t in tokens[0, :-1]
+                    ]
+                )
+            engine.set_compiled(False)
+        worst = max(worst, float((logits[True] - logits[False]).abs().max()))
+    return {"max_abs_logit_difference": worst}
+
+
+def profile() -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from earlyexit.engine import LayerEngine
+    from earlyexit.models import load_model
+
+    engine = LayerEngine(load_model("smollm2-135m", dtype="int4"))
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    ids = engine.tokenizer(text, return_tensors="pt")
+    steps = 20
+    with torch.inference_mode():
+        state = engine.prefill(ids["input_ids"], capacity=ids["input_ids"].shape[1] + 64)
+        token = engine.logits(state.hidden[:, -1:]).argmax(-1)
+
+        def step() -> torch.Tensor:
+            hidden = engine.run_layers(engine.embed(token), state.cache, 0, engine.num_layers)
+            return engine.logits(hidden).argmax(-1)
+
+        for _ in range(10):
+            token = step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = step()
+        wall = (time.perf_counter() - start) / steps
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                token = step()
+    ms = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    products = ms.get("aten::_weight_int4pack_mm_for_cpu", 0.0)
+    attention = ms.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0)
+    return {
+        "ms_per_token_unprofiled": wall * 1000,
+        "ms_int4_products": products,
+        "ms_attention": attention,
+        "ms_all_ops_profiled": sum(ms.values()),
+    }
+
+
 def main() -> None:
     from earlyexit.engine.kernels import cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("answers", "compile"))
+    parser.add_argument("what", choices=("answers", "compile", "bound", "profile"))
     parser.add_argument("arg", nargs="?", default=None)
     args = parser.parse_args()
     if args.what == "answers":
         result = answers(int(args.arg or 20))
-    else:
+    elif args.what == "compile":
         result = compile_cost(args.arg or "cpp")
+    else:
+        result = bound() if args.what == "bound" else profile()
     print(json.dumps({"cpu": cpu_model(), **result}))
 
 
