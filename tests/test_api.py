@@ -170,6 +170,7 @@ def test_bad_input_fails_before_any_model_work(
     for kwargs, message in [
         ({"dtype": "int3"}, "unknown dtype 'int3'"),
         ({"kernels": "fast"}, "unknown kernels 'fast'"),
+        ({"compiled": "fast"}, "unknown compiled mode 'fast': use auto, on, off"),
         ({"threads": 0}, "threads must be a positive integer"),
     ]:
         with pytest.raises(EarlyExitError, match=message):

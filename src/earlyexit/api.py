@@ -385,7 +385,7 @@ class EarlyExit:
         dtype: str = "auto",
         threads: int | None = None,
         kernels: str = "auto",
-        compiled: bool = False,
+        compiled: bool | str = "auto",
     ) -> EarlyExit:
         """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
         verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
@@ -395,15 +395,22 @@ class EarlyExit:
         `float32`, `bfloat16`, `int4` or `int8`. `threads`: torch's CPU threads
         (process-wide: torch.set_num_threads). `kernels`: the engine's few-row fp32 matmul
         kernels: `auto` (timed on this machine, cached), `plain` or `skinny`. `compiled`:
-        decode steps as compiled graphs (engine/compiled.py; int4 Llama layers): faster
-        decoding, not bit-identical, each span of layers compiled on first use.
+        decode steps at batch 1 as compiled graphs (engine/compiled.py): `auto` (where the
+        layers have one, int4 Llama layers, and a timed step was faster on this machine;
+        the layer step is built once per machine, about 10 s, then loads in
+        milliseconds), `on` or `off` (the eager engine, bit-identical to the model's own layers).
         """
+        from earlyexit.engine.engine import COMPILED_MODES
         from earlyexit.engine.kernels import MODES
         from earlyexit.models.load import load_model, parse_dtype
 
         parse_dtype(dtype)
         if kernels not in MODES:
             raise EarlyExitError(f"unknown kernels '{kernels}': use {', '.join(MODES)}")
+        if compiled not in (True, False, *COMPILED_MODES):
+            raise EarlyExitError(
+                f"unknown compiled mode {compiled!r}: use {', '.join(COMPILED_MODES)}"
+            )
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:
                 raise EarlyExitError(f"threads must be a positive integer, not {threads!r}")

@@ -115,11 +115,11 @@ def _decoders(
             return engine.greedy(ids, n, pad)
 
     def compiled(n: int) -> torch.Tensor:  # decode steps as compiled graphs
-        engine.set_compiled(True)
+        engine.set_compiled("on")
         try:
             return engine.greedy(ids, n, pad)
         finally:
-            engine.set_compiled(False)
+            engine.set_compiled("off")
 
     paths: dict[str, Callable] = {"hf": hf, "engine": lambda n: engine.greedy(ids, n, pad)}
     if any(step is not None for step in engine.steps):
@@ -263,10 +263,14 @@ def run_engine_bench(
     records: list[DecodeRecord] = []
     costs: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
+    compiled: dict[str, Any] = {}
     weights: dict[str, Any] = {}  # per dtype asked: what the products multiply by, and why
     for dtype in dtypes:
         engine = LayerEngine(load_model(model, dtype=dtype))
         kernels[dtype] = asdict(engine.kernels)
+        # what `--compiled auto` would choose here (the paths below set their own)
+        compiled[dtype] = asdict(engine.set_compiled("auto"))
+        engine.set_compiled("off")
         weights[dtype] = {
             "weights": engine.weights,
             "why": getattr(engine.model.config, "earlyexit_weights_reason", ""),
@@ -293,6 +297,7 @@ def run_engine_bench(
         "engine_overhead_by_dtype": overhead,
         "layer_costs": costs,
         "kernels": kernels,
+        "compiled": compiled,
         "weights": weights,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "llama_cpp": llama_note or "measured on the model's GGUF at batch 1 (Q8_1 activations)",

@@ -60,12 +60,23 @@ def parse_list(text: str, option: str, convert: Callable[[str], T] = str) -> lis
         raise EarlyExitError(f"{option} must be comma-separated {kind}, got '{text}'") from None
 
 
-def load_engine(model: str, dtype: str = "auto"):  # noqa: ANN201 - returns LayerEngine
+def load_engine(model: str, dtype: str = "auto", compiled: str = "off"):  # noqa: ANN201
+    """The engine (a LayerEngine) with its decode steps compiled or not (`--compiled`);
+    which one, and why, on stderr (stdout stays the command's output)."""
+    from rich.console import Console
+
     from earlyexit.engine import LayerEngine
     from earlyexit.models import load_model
 
     with console.status(f"loading {model} ({dtype}) ..."):
-        return LayerEngine(load_model(model, dtype=dtype))
+        engine = LayerEngine(load_model(model, dtype=dtype))
+    if compiled != "off":
+        with console.status("choosing compiled or eager decode steps ..."):
+            choice = engine.set_compiled(compiled)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[dim]decode steps: {choice.summary()}[/]", highlight=False
+        )
+    return engine
 
 
 def results_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
@@ -86,6 +97,13 @@ DTYPE_OPT = typer.Option(
     "auto",
     help="auto (int4 where the weights are exact 4-bit groups and int4 is measured faster "
     "here, else float32), float32, bfloat16, int4 or int8 (4-bit weight groups).",
+)
+COMPILED_OPT = typer.Option(
+    "auto",
+    help="Decode steps (batch 1) as compiled graphs: auto (where the layers have one, as "
+    "smollm2 at int4, and a timed step was faster here; the layer step is built once per "
+    "machine, about 10 s), on, or off (the eager engine, "
+    "bit-identical to the model's own layers).",
 )
 READOUT_OPT = typer.Option(
     "probe",

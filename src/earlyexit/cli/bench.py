@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 
 from earlyexit.cli.app import (
     BLOCK_LAYER_OPT,
+    COMPILED_OPT,
     DELTA_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
@@ -51,6 +53,7 @@ def bench_engine(
         render_table,
         run_engine_bench,
     )
+    from earlyexit.engine.compiled import CompiledChoice
     from earlyexit.engine.kernels import KernelChoice
     from earlyexit.models.load import parse_dtype
     from earlyexit.reporting import write_json
@@ -75,6 +78,8 @@ def bench_engine(
         how = "cached timings" if choice["cached"] else "timed now"
         console.print(f"kernel choice, {dtype} ({choice['mode']}, {how}):")
         console.print(KernelChoice(**choice).summary(), highlight=False)
+        steps = CompiledChoice(**result["compiled"][dtype]).summary()
+        console.print(f"decode steps, {dtype} (--compiled auto): {steps}", highlight=False)
     console.print(render_cost_table(result))
     console.print(render_pass_table(result))
     console.print(
@@ -130,12 +135,7 @@ def bench_generate(
     calibration_prompts: int = typer.Option(
         8, min=1, help="Held-out instructions that calibrate calm, free and --risk."
     ),
-    compiled: bool = typer.Option(
-        False,
-        "--compiled",
-        help="Decode steps as compiled graphs (engine/compiled.py; int4, batch 1): faster, "
-        "not bit-identical; each span of layers compiles once (about a minute) in warm-up.",
-    ),
+    compiled: str = COMPILED_OPT,
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
@@ -180,9 +180,7 @@ def bench_generate(
         risk=risk,
         delta=delta,
     )  # bad --risk / --delta fail here, before the model loads
-    engine = load_engine(model, dtype)
-    if compiled:
-        engine.set_compiled(True)
+    engine = load_engine(model, dtype, compiled)
     shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
     console.print(f"shallow exit: {where}", highlight=False)
     records = []
@@ -199,7 +197,7 @@ def bench_generate(
     threads = torch_threads()
     title = (
         f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
-        f"{'compiled steps, ' if compiled else ''}{cpu_model()})"
+        f"{'compiled' if engine.compiled else 'eager'} steps, {cpu_model()})"
     )
     console.print(generation_table(title, records))
     if json_path:
@@ -209,7 +207,7 @@ def bench_generate(
                 "cpu": cpu_model(),
                 "threads": threads,
                 "kernels": engine.kernels.skinny_rows,
-                "compiled": compiled,
+                "compiled": asdict(engine.compiled_choice),
                 "records": records,
             },
             json_path,

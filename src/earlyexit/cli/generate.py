@@ -6,6 +6,7 @@ import typer
 
 from earlyexit.cli.app import (
     BLOCK_LAYER_OPT,
+    COMPILED_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
     MODEL_OPT,
@@ -38,6 +39,7 @@ def generate_command(
     dtype: str = DTYPE_OPT,
     draft_tokens: int | None = DRAFT_TOKENS_OPT,
     block_layer: int | None = BLOCK_LAYER_OPT,
+    compiled: str = COMPILED_OPT,
 ) -> None:
     """Generate with early exit (batch 1) and say how many tokens exited shallow."""
     from rich.console import Console
@@ -50,7 +52,7 @@ def generate_command(
 
     sampling = SamplingConfig(temperature, top_p, seed)
     parse_method(method, sampling)  # a bad method fails before the model loads
-    engine = load_engine(model, dtype)
+    engine = load_engine(model, dtype, compiled)
     shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
     # which readout the shallow exit is, on stderr: stdout stays the text and its stats line
     Console(stderr=True, soft_wrap=True).print(f"[dim]shallow exit: {where}[/]", highlight=False)

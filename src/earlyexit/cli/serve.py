@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from earlyexit.cli.app import DTYPE_OPT, MODEL_OPT, app, console, friendly
+from earlyexit.cli.app import COMPILED_OPT, DTYPE_OPT, MODEL_OPT, app, console, friendly
 from earlyexit.methods import GENERATION, method_list
 
 
@@ -24,12 +24,7 @@ def serve_command(
     graceful: int = typer.Option(
         30, min=0, help="Seconds in-flight requests get to finish on shutdown."
     ),
-    compiled: bool = typer.Option(
-        False,
-        "--compiled",
-        help="Decode steps as compiled graphs (int4): faster decoding, not bit-identical; "
-        "full depth is compiled before serving, other spans on their first request.",
-    ),
+    compiled: str = COMPILED_OPT,
 ) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/models), plus /v1/classify, /health and /metrics (Prometheus)."""
@@ -39,8 +34,8 @@ def serve_command(
 
     parse_method(method)  # a bad method fails before the model loads
     ee = EarlyExit.load(model, dtype=dtype, threads=threads, compiled=compiled)
-    if compiled:  # the first request would otherwise wait for the compile (about a minute)
-        console.print("compiling the full-depth decode step...", highlight=False)
+    console.print(f"decode steps: {ee.engine.compiled_choice.summary()}", highlight=False)
+    if ee.engine.compiled is not None:  # the first request would otherwise load (or build) it
         ee.generate("Hello", method="full", max_new_tokens=2)
     console.print(
         f"serving {ee.name} ({dtype}, default method {method}) on http://{host}:{port}/v1",

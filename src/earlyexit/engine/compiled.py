@@ -1,26 +1,38 @@
-"""Decode steps over a span of layers, compiled into one graph (opt-in).
+"""Decode steps compiled ahead of time: one compiled graph per layer step.
 
 At batch 1 the eager engine spends about half of a token's time outside the weight
 products: some forty small ops per layer, each a Python call and a kernel launch of a few
-microseconds. gpt-fast's answer is to compile the whole decode step; that is what this does,
-per span of layers the decoders ask for ((0, L) for full depth, (0, k) and (k, L) around a
-shallow exit), with torch.compile (inductor, C++ wrapper): the norms, rotary embedding,
-residuals and activation fuse into a few loops, and the int4 products and attention run as
-before. Measured on the Xeon (smollm2-135m int4, 64 tokens): 149 tok/s against 97.5 for the
-lean eager steps (`bench engine`, path `engine-compiled`).
+microseconds. gpt-fast's answer is to compile the decode step; here a layer's step is
+exported (torch.export) and compiled by AOTInductor into a package of C++ code with no
+Python between its kernels: the norms, rotary embedding, residuals and activation fuse
+into a few loops, the int4 products and attention run as before. Every layer of one shape
+shares one package, built once per machine (about 10 s on 2 cores), cached under
+EARLYEXIT_HOME/compiled/ keyed by this file, torch, transformers, the CPU, the model and
+the shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place
+of the copies it was built with.
 
-One graph per span serves 1..MAX_ROWS new tokens (one-token steps, verify passes,
-catch-ups): the row count is an unbacked size, so a size of 1 gets no graph of its own, and
-attention computes each row as a one-query problem, so a verify pass equals one-token steps
-bit for bit and `lossless` stays exactly the compiled model's greedy output.
+Why per layer and ahead of time:
+- a span of layers ((0, k) and (k, L) around a shallow exit) runs its layers' steps in
+  turn, so every split of the layers gives exactly what (0, L) gives: `lossless` with
+  shallow drafts (verified from layer k) stays exactly `full`. One graph per span (the
+  previous design) did not, and cost a build per span, for a few percent per token;
+- torch.compile's just-in-time graphs (the first design) took 78 s per span in a fresh
+  inductor cache (`scripts/experiments/compiled_vs_eager.py compile` at 22c61b9), were
+  traced again in every process, and decoded slower: their guards run on every call.
 
-What it changes, and so why it is opt-in (`LayerEngine.set_compiled`):
-- the arithmetic: fused loops round differently from the eager ops, and attention runs over
-  the cache's whole capacity with a mask (a static shape) where the eager path slices the
-  filled slots. tests/test_compiled.py bounds the difference against the eager engine; it
-  is not bit-identical to the model's own layers, and a logit tie can break the other way.
-- the start-up: each span compiles once per process, about a minute on 2 cores for 30
-  layers (inductor caches the result on disk for later processes).
+One graph serves 1..MAX_ROWS new tokens (one-token steps, verify passes, catch-ups): the
+row count is a dynamic size from 1, and attention computes each row as a one-query
+problem, so a verify pass equals one-token steps bit for bit.
+
+What it changes against the eager engine (`LayerEngine.set_compiled`: `auto` uses it where
+a timed step is faster on the machine at hand):
+- the arithmetic: fused loops round differently from the eager ops, and attention runs as
+  plain reductions over the buffer's whole capacity with a mask, where the eager path runs
+  SDPA over the filled slots. tests/test_compiled.py bounds the difference against the
+  eager engine; it is not bit-identical to the model's own layers, and a logit tie can
+  break the other way. It is the same whatever the buffer's capacity and the split of
+  the layers, so every decoder's output stays exact against compiled `full`.
+- the first use on a machine waits for the build.
 Only batch 1 without padding and at most MAX_ROWS new tokens after the prompt are
 compiled; prefill (layer by layer into an empty cache) and padded batches run the eager
 engine. Layers are supported when they have a lean step
@@ -30,25 +42,32 @@ engine. Layers are supported when they have a lean step
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 
 from earlyexit.engine.cache import LayerKVCache
+from earlyexit.engine.kernels import cpu_model
 from earlyexit.engine.layer_step import LlamaLayerStep
 from earlyexit.engine.quant import ACT, GROUP, QuantLinear
+from earlyexit.paths import home
 
+log = logging.getLogger(__name__)
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
-# inductor's options for these graphs: the C++ wrapper calls the kernels without Python
-# between them (1.55x over eager here, against 1.46x with the Python wrapper)
-COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,32 @@ class _LayerWeights:
             scaling=float(step.attn.scaling),
         )
 
+    PRODUCTS = ("qkv", "o", "gate_up", "down")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight tensor by a stable name (the compiled span's buffers)."""
+        out = {"input_norm": self.input_norm, "post_norm": self.post_norm}
+        for name in self.PRODUCTS:
+            for j, (packed, scales) in enumerate(getattr(self, name).planes):
+                out[f"{name}_packed{j}"], out[f"{name}_scales{j}"] = packed, scales
+        return out
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> _LayerWeights:
+        """The same layer over other tensors of the same names (`tensors`)."""
+        products = {
+            name: _Product(
+                getattr(self, name).out_features,
+                tuple(
+                    (tensors[f"{name}_packed{j}"], tensors[f"{name}_scales{j}"])
+                    for j in range(len(getattr(self, name).planes))
+                ),
+            )
+            for name in self.PRODUCTS
+        }
+        return replace(
+            self, input_norm=tensors["input_norm"], post_norm=tensors["post_norm"], **products
+        )
+
 
 def _layer(
     w: _LayerWeights,
@@ -126,10 +171,14 @@ def _layer(
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """LlamaLayerStep's arithmetic for n new tokens [1, n, H], writing their K/V into
-    `slots` of the layer's whole buffers. Attention treats the n queries as a batch of n
-    one-query problems over the whole capacity, row i under mask[i] (static shapes): each
-    row is computed as a one-token step computes it, so a verify pass equals one-token
-    steps bit for bit (as engine/rowwise.py makes the eager engine's)."""
+    `slots` of the layer's whole buffers. Attention is written out as reductions (not
+    SDPA) over the buffer's whole capacity, row i under mask[i] [n, capacity]: each row is
+    computed as a one-token step computes it, so a verify pass equals one-token steps bit
+    for bit (as engine/rowwise.py makes the eager engine's); and the masked slots add
+    exact zeros to sums that inductor accumulates in the same order whatever the capacity,
+    so a buffer's size does not change the result. (SDPA's CPU kernel did: 60 against 68
+    slots moved a logit by 0.25 and broke a tie, so `lossless`, whose buffers hold room for
+    drafts, gave other tokens than `full`.)"""
     rows = hidden.shape[1]
     normed = functional.rms_norm(hidden, w.input_norm.shape, w.input_norm, w.eps)
     out = w.qkv(normed)
@@ -139,16 +188,14 @@ def _layer(
     value = out[..., qk_width:].view(1, rows, -1, w.head_dim).transpose(1, 2)
     keys.index_copy_(2, slots, heads[:, w.heads :])
     values.index_copy_(2, slots, value)
-    query = heads[:, : w.heads].transpose(0, 2)  # [n, heads, 1, D]
-    attention = functional.scaled_dot_product_attention(
-        query,
-        keys.expand(rows, -1, -1, -1),
-        values.expand(rows, -1, -1, -1),
-        attn_mask=mask,
-        scale=w.scaling,
-        enable_gqa=True,
-    )  # [n, heads, 1, D]
-    hidden = hidden + w.o(attention.transpose(0, 2).transpose(1, 2).reshape(1, rows, -1))
+    group = w.heads // w.kv_heads
+    query = heads[0, : w.heads].unflatten(0, (w.kv_heads, group)).unsqueeze(3)  # [kv,g,n,1,D]
+    scores = (query * keys[0][:, None, None]).sum(-1) * w.scaling  # [kv, g, n, capacity]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    mixed = (weights.unsqueeze(-1) * values[0][:, None, None]).sum(-2)  # [kv, g, n, D]
+    attention = (mixed / weights.sum(-1, keepdim=True)).flatten(0, 1)  # [heads, n, D]
+    hidden = hidden + w.o(attention.transpose(0, 1).flatten(1).unsqueeze(0))
     normed = functional.rms_norm(hidden, w.post_norm.shape, w.post_norm, w.eps)
     out = w.gate_up(normed)
     gate, up = out.chunk(2, dim=-1)
@@ -160,16 +207,122 @@ def compilable(steps: list[object]) -> bool:
     return all(_LayerWeights.of(step) is not None for step in steps)
 
 
-class CompiledSpans:
-    """Compiled decode steps over spans of an engine's layers, compiled on first use."""
+class _CompiledLayer(nn.Module):
+    """One layer's step as a module whose weights are named buffers: what torch.export
+    traces and AOTInductor compiles. Every layer of one shape shares one package: it is
+    loaded once per layer, with that layer's tensors as its constants."""
 
-    def __init__(self, steps: list[object], position_embeddings: Callable) -> None:
-        """`steps`: every layer's lean step, all compilable (`compilable`)."""
-        self.layers = [_LayerWeights.of(step) for step in steps]
-        if any(w is None for w in self.layers):
+    def __init__(self, weights: _LayerWeights, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary  # the model's own rotary embedding (its inv_freq a buffer)
+        self.weights = weights
+        for name, tensor in weights.tensors().items():
+            self.register_buffer(name, tensor)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers())
+
+    def forward(
+        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        rows, capacity = hidden.shape[1], keys.shape[2]
+        slots = offset + torch.arange(rows, device=hidden.device)
+        cos, sin = self.rotary(hidden, slots.unsqueeze(0))
+        seen = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)
+        # the buffers, not the dataclass's own references: export lifts what the module
+        # holds as named constants, and those are what a loaded package replaces
+        w = self.weights.with_tensors({n: getattr(self, n) for n in self.weights.tensors()})
+        mask = seen  # [n, capacity]
+        return _layer(w, hidden, keys, values, slots, cos.unsqueeze(1), sin.unsqueeze(1), mask)
+
+
+def _package_key(layer: _CompiledLayer, model_id: str) -> str:
+    """What a package's code depends on: this file, torch, transformers, the CPU (inductor
+    emits code for its vector ISA), the model and the layer's shapes."""
+    source = Path(__file__).read_bytes()
+    shapes = sorted((n, tuple(t.shape), str(t.dtype)) for n, t in layer.constants().items())
+    w = layer.weights
+    text = repr(
+        (
+            hashlib.sha256(source).hexdigest(),
+            torch.__version__,
+            transformers.__version__,  # the rotary embedding and rotate_half are its
+            cpu_model(),
+            MAX_ROWS,
+            model_id,
+            (w.eps, w.heads, w.kv_heads, w.head_dim, w.scaling),
+            shapes,
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _build_package(layer: _CompiledLayer, example: tuple, path: Path) -> None:
+    """torch.export the layer's step (rows 1..MAX_ROWS and capacity dynamic), compile it
+    with AOTInductor and move the package into place only when complete."""
+    rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+    capacity = torch.export.Dim("capacity", min=2)
+    dynamic = {"hidden": {1: rows}, "keys": {2: capacity}, "values": {2: capacity}, "offset": None}
+    program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".building.", dir=path.parent))
+    try:
+        built = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(scratch / path.name)
+        )
+        os.replace(built, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class CompiledChoice:
+    """Whether compiled steps run on this machine: a full-depth one-token step timed both
+    ways (milliseconds, median over interleaved rounds), or the reason none was timed."""
+
+    mode: str  # "auto" (measured), "on" or "off" (the caller's)
+    compiled: bool
+    eager_ms: float | None = None
+    compiled_ms: float | None = None
+    cpu: str = ""
+    threads: int = 0
+    cached: bool = False  # read from EARLYEXIT_HOME rather than measured now
+    reason: str = ""
+
+    def summary(self) -> str:
+        if self.eager_ms is None or self.compiled_ms is None:
+            return f"{'compiled' if self.compiled else 'eager'} steps ({self.reason or self.mode})"
+        timed = f"{self.compiled_ms:.2f} ms compiled against {self.eager_ms:.2f} ms eager"
+        where = "cached timing" if self.cached else "timed now"
+        return f"{'compiled' if self.compiled else 'eager'} steps ({timed}, {where})"
+
+
+class CompiledSpans:
+    """Compiled decode steps over any span of an engine's layers: one compiled step per
+    layer, from one package per layer shape (built once per machine, cached under
+    EARLYEXIT_HOME/compiled/), loaded for each layer on its first use. A span runs its
+    layers' steps in turn, so any split of the layers ((0, k) then (k, L) around a shallow
+    exit, or a verify pass from layer k) gives exactly what (0, L) gives."""
+
+    def __init__(self, steps: list[object], rotary: nn.Module, model_id: str) -> None:
+        """`steps`: every layer's lean step, all compilable (`compilable`); `rotary`: the
+        model's rotary embedding; `model_id`: the weights' identity (fingerprint, dtype)."""
+        weights = [_LayerWeights.of(step) for step in steps]
+        if any(w is None for w in weights):
             raise ValueError("every layer must be compilable (see `compilable`)")
-        self._rope = position_embeddings  # (hidden, position ids) -> (cos, sin)
-        self._spans: dict[tuple[int, int], Callable] = {}
+        self.layers = [_CompiledLayer(w, rotary) for w in weights]  # type: ignore[arg-type]
+        self._model_id = model_id
+        self._runners: dict[int, Callable] = {}
+        self.built: list[str] = []  # package keys this process built (not just loaded)
+
+    @property
+    def loaded(self) -> set[int]:
+        """The layers whose compiled step this process has loaded."""
+        return set(self._runners)
+
+    def key(self, layer: int) -> str:
+        """The package key of a layer's step (machine, torch, this code, model, shapes)."""
+        return _package_key(self.layers[layer], self._model_id)
 
     def accepts(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> bool:
         return (
@@ -179,45 +332,45 @@ class CompiledSpans:
             and not cache.has_padding
         )
 
-    def _span(self, start: int, end: int) -> Callable:
-        if (start, end) not in self._spans:
-            weights = self.layers[start:end]
-            rope = self._rope
+    def _load(self, layer: int, inputs: list[torch.Tensor]) -> Callable:
+        """The layer's compiled step, loading its package (built first when this machine
+        has none; `inputs`: a call's arguments, whose shapes the export copies)."""
+        module = self.layers[layer]
+        key = self.key(layer)
+        path = home() / "compiled" / f"{key}.pt2"
+        if not path.exists():
+            # a warning: with no logging set up, Python prints it on stderr, so a user
+            # sees why this first step takes a while
+            log.warning("building the compiled layer step for this machine (once) ...")
+            hidden, keys, values, offset = inputs
+            example = (  # two rows: an example of one would specialize the row count to 1
+                hidden.new_zeros(1, 2, hidden.shape[2]),
+                torch.zeros_like(keys),
+                torch.zeros_like(values),
+                torch.zeros_like(offset),
+            )
+            _build_package(module, example, path)
+            self.built.append(key)
+        package = torch._inductor.aoti_load_package(str(path))
+        # the layer's own tensors replace the copies the package was built with (used in
+        # place: no second copy); what inductor added itself (the int4 group size as a
+        # tensor) stays the package's
+        names = set(package.get_constant_fqns())
+        ours = {name: t for name, t in module.constants().items() if name in names}
+        package.load_constants(ours, check_full_update=False, user_managed=True)
+        # the loader itself: the package's __call__ parses its call spec on every call
+        self._runners[layer] = package.loader.boxed_run
+        return self._runners[layer]
 
-            def span(hidden, keys, values, offset):  # noqa: ANN001, ANN202
-                rows, capacity = hidden.shape[1], keys[0].shape[2]
-                slots = offset + torch.arange(rows, device=hidden.device)
-                cos, sin = rope(hidden, slots.unsqueeze(0))
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-                seen = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)
-                mask = seen.view(rows, 1, 1, capacity)
-                for i, w in enumerate(weights):
-                    hidden = _layer(w, hidden, keys[i], values[i], slots, cos, sin, mask)
-                return hidden
-
-            self._spans[(start, end)] = torch.compile(span, fullgraph=True, options=COMPILE_OPTIONS)
-        return self._spans[(start, end)]
-
-    def run(
-        self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int
-    ) -> torch.Tensor | None:
+    def run(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> torch.Tensor:
         """Layers [start, end) over 1..MAX_ROWS new tokens (the caller checked `accepts`
-        and that the span's layers hold the same number of slots); None when the layers'
-        buffers differ in capacity (one grew by doubling, another was first allocated
-        later): the caller runs the span eagerly."""
+        and that the span's layers hold the same number of slots)."""
         offset, rows = cache.lengths[start], hidden.shape[1]
-        buffers = [cache.ensure(layer, offset + rows) for layer in range(start, end)]
-        keys = [k for k, _ in buffers]
-        values = [v for _, v in buffers]
-        if len({k.shape[2] for k in keys}) > 1:
-            return None
-        for buffer in (*keys, *values):  # one graph for every capacity
-            torch._dynamo.mark_dynamic(buffer, 2)
-        # one graph for every row count, 1 included: a one-token step and a verify pass
-        # run the same code (a size-1 dimension would otherwise get its own graph)
-        torch._dynamo.decorators.mark_unbacked(hidden, 1)
         offset_t = torch.tensor(offset, device=hidden.device)
-        out = self._span(start, end)(hidden, keys, values, offset_t)
         for layer in range(start, end):
+            keys, values = cache.ensure(layer, offset + rows)
+            inputs = [hidden, keys, values, offset_t]
+            run = self._runners.get(layer) or self._load(layer, inputs)
+            (hidden,) = run(inputs)
             cache.lengths[layer] = offset + rows
-        return out
+        return hidden

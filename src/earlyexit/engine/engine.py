@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import torch
 
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
-from earlyexit.engine.compiled import CompiledSpans, compilable
-from earlyexit.engine.kernels import KernelChoice, choose_kernels
+from earlyexit.engine.compiled import CompiledChoice, CompiledSpans, compilable
+from earlyexit.engine.kernels import KernelChoice, choose_kernels, cpu_model
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
 from earlyexit.engine.quant import QuantLinear
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
+from earlyexit.paths import atomic_file, home
 
 
 @dataclass
@@ -50,6 +54,11 @@ def model_fingerprint(model: torch.nn.Module, arch: Architecture | None = None) 
 
 
 F = TypeVar("F", bound=Callable)
+COMPILED_MODES = ("auto", "on", "off")
+# `set_compiled("auto")`'s timing: one-token full-depth steps after this prompt, eager and
+# compiled in turn, median over rounds of a few steps each (about a second in all)
+TIMING_PROMPT = "The quick brown fox jumps over the lazy dog"
+TIMING_ROUNDS, TIMING_STEPS = 5, 8
 
 
 def _in_engine_scope(method: F) -> F:
@@ -86,23 +95,76 @@ class LayerEngine:
         self.steps: list[LayerFn | None] = layer_steps(self.arch.layers)
         # one-token steps compiled per span of layers (engine/compiled.py), when enabled
         self.compiled: CompiledSpans | None = None
-        self._compiled_spans: CompiledSpans | None = None
+        self._compiled_spans: CompiledSpans | None = None  # kept when switched off
+        self.compiled_choice = CompiledChoice("off", False, reason="off")
 
-    def set_compiled(self, enabled: bool) -> None:
-        """Run steps of 1..8 new tokens at batch 1 through compiled graphs
-        (engine/compiled.py): faster, not bit-identical to the eager engine, and each span
-        of layers compiles on first use."""
-        if enabled and not compilable(self.steps):
+    def set_compiled(self, mode: bool | str) -> CompiledChoice:
+        """Whether steps of 1..8 new tokens at batch 1 run as compiled graphs
+        (engine/compiled.py): not bit-identical to the eager engine (bounded in tests); the
+        compiled layer step is built once per machine (about 10 s on 2 cores) and loaded
+        in milliseconds by later processes.
+
+        `auto`: compiled where the layers have a compiled step and a full-depth step timed
+        both ways was faster (timed once per machine, torch, thread count and model, then
+        cached); `on` (or True): compiled, a one-line error where unsupported; `off` (or
+        False): eager."""
+        mode = {True: "on", False: "off"}.get(mode, mode)  # type: ignore[call-overload]
+        if mode not in COMPILED_MODES:
+            raise EarlyExitError(f"unknown compiled mode {mode!r}: use {', '.join(COMPILED_MODES)}")
+        supported = compilable(self.steps)
+        if mode == "on" and not supported:
             raise EarlyExitError(
                 "compiled steps run Llama layers with int4/int8 products (smollm2-135m with "
                 f"--dtype int4), not {self.loaded.name} at {self.weights}"
             )
-        if enabled and self._compiled_spans is None:  # kept when switched off: no recompiling
-            kind = self.arch.layer_types[0]  # Llama layers: one attention kind
+        if mode == "off":
+            choice = CompiledChoice("off", False, reason="off")
+        elif not supported:
+            choice = CompiledChoice("auto", False, reason=f"no compiled step for {self.weights}")
+        elif mode == "on":
+            choice = CompiledChoice("on", True, reason="on")
+        else:
+            choice = self._time_compiled()
+        if choice.compiled and self._compiled_spans is None:
             self._compiled_spans = CompiledSpans(
-                self.steps, lambda hidden, ids: self.arch.position_embeddings(hidden, ids, kind)
+                self.steps, self.arch.rotary, f"{self.fingerprint}-{self.weights}"
             )
-        self.compiled = self._compiled_spans if enabled else None
+        self.compiled = self._compiled_spans if choice.compiled else None
+        self.compiled_choice = choice
+        return choice
+
+    def _time_compiled(self) -> CompiledChoice:
+        """`auto`'s measurement: a full-depth one-token step, eager and compiled, in
+        interleaved rounds on one prompt (cached under EARLYEXIT_HOME/compiled/)."""
+        if self._compiled_spans is None:
+            self._compiled_spans = CompiledSpans(
+                self.steps, self.arch.rotary, f"{self.fingerprint}-{self.weights}"
+            )
+        spans, layers, threads = self._compiled_spans, self.num_layers, torch.get_num_threads()
+        path = home() / "compiled" / f"choice-{spans.key(0)}-{threads}.json"
+        if path.exists():  # decided again from the saved timings
+            saved = json.loads(path.read_text())
+            faster = saved["compiled_ms"] < saved["eager_ms"]
+            return CompiledChoice(**{**saved, "compiled": faster, "cached": True})
+        ids = self.tokenizer(TIMING_PROMPT, return_tensors="pt")["input_ids"].to(self.device)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with torch.inference_mode():
+            state = self.prefill(ids, capacity=ids.shape[1] + 1)
+            step, filled = self.embed(ids[:, -1:]), list(state.cache.lengths)
+            for rounds in range(TIMING_ROUNDS + 1):  # round 0 warms up (and builds the span)
+                for compiled in (False, True):
+                    self.compiled = spans if compiled else None
+                    start = time.perf_counter()
+                    for _ in range(TIMING_STEPS):
+                        self.run_layers(step, state.cache, 0, layers)
+                        state.cache.lengths[:] = filled  # the same slot again
+                    if rounds:
+                        times[compiled].append((time.perf_counter() - start) / TIMING_STEPS)
+        eager, compiled = (1e3 * statistics.median(times[c]) for c in (False, True))
+        choice = CompiledChoice("auto", compiled < eager, eager, compiled, cpu_model(), threads)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(asdict(choice), indent=1))
+        return choice
 
     @contextmanager
     def own_layers(self) -> Iterator[None]:
