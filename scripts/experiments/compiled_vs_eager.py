@@ -1,18 +1,19 @@
-"""What `--compiled` (engine/compiled.py) costs: how many greedy answers it changes against
-the eager int4 engine, and how long its full-depth span takes to compile cold.
+"""What compiled steps (engine/compiled.py) cost: how many greedy answers they change
+against the eager int4 engine, and how long the layer step takes to build and to load.
 
     python scripts/experiments/compiled_vs_eager.py answers [N]
-    python scripts/experiments/compiled_vs_eager.py compile [cpp|python]
+    python scripts/experiments/compiled_vs_eager.py compile
     python scripts/experiments/compiled_vs_eager.py bound
     python scripts/experiments/compiled_vs_eager.py profile
 
 `answers` decodes SAMSum's first N test dialogues (default 20; 48 tokens) with `full` on
-both engines and counts identical answers. `compile` times the first compiled decode in a
-fresh inductor cache (its C++ or Python wrapper), then decode tokens/s (64 tokens). `bound`
+both engines and counts identical answers. `compile` times the first compiled step with no
+package built (cold: the build), then in a second engine (warm: loading the package), and
+decode tokens/s compiled and eager (64 tokens, median of 3 interleaved rounds). `bound`
 is tests/test_compiled.py's measurement: the largest logit difference between compiled and
 eager one-token steps, teacher-forced along 24 eager greedy tokens of its two prompts.
-`profile` splits an eager int4 decode step's time by op (torch.profiler, 20 steps). All
-print a JSON line and write no files.
+`profile` splits an eager int4 decode step's time by op (torch.profiler, 20 steps). Each
+prints a JSON line (`compile` builds in a temporary EARLYEXIT_HOME).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ def answers(n: int) -> dict:
     from earlyexit.api import EarlyExit
     from earlyexit.tasks.generation import get_generation_task
 
-    ee = EarlyExit.load("smollm2-135m", dtype="int4")
+    ee = EarlyExit.load("smollm2-135m", dtype="int4", compiled="off")
     items = get_generation_task("samsum").items(n)
     runs = {}
     for compiled in (False, True):
-        ee.engine.set_compiled(compiled)
+        ee.engine.set_compiled("on" if compiled else "off")
         runs[compiled] = [
             ee.generate(it.instruction, method="full", max_new_tokens=48).tokens for it in items
         ]
@@ -43,26 +44,34 @@ def answers(n: int) -> dict:
     return {"dialogues": n, "identical": first.count(None), "first_divergence": first}
 
 
-def compile_cost(wrapper: str) -> dict:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # cold: nothing cached
-    import earlyexit.engine.compiled as compiled_module
+def compile_cost() -> dict:
+    """The compiled layer step built cold (a fresh EARLYEXIT_HOME), then loaded by a second
+    engine as a later process would; decode tokens/s compiled and eager, interleaved."""
+    os.environ["EARLYEXIT_HOME"] = tempfile.mkdtemp()  # cold: no package built
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # nor inductor's own cache
     from earlyexit.engine import LayerEngine
     from earlyexit.models import load_model
 
-    compiled_module.COMPILE_OPTIONS = {"cpp_wrapper": wrapper == "cpp"}
-    engine = LayerEngine(load_model("smollm2-135m", dtype="int4"))
-    ids = engine.tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
-    engine.set_compiled(True)
-    start = time.perf_counter()
-    engine.greedy(ids, 2)  # one compiled one-token step: the (0, 30) span compiles
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    engine.greedy(ids, 65)
-    long = time.perf_counter() - start
-    start = time.perf_counter()
-    engine.greedy(ids, 1)
-    short = time.perf_counter() - start
-    return {"wrapper": wrapper, "cold_compile_s": cold, "decode_tok_s": 64 / (long - short)}
+    result = {}
+    for run in ("cold", "warm"):
+        engine = LayerEngine(load_model("smollm2-135m", dtype="int4"))
+        ids = engine.tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+        engine.set_compiled("on")
+        start = time.perf_counter()
+        engine.greedy(ids, 2)  # one compiled one-token step: every layer's step loads
+        result[f"{run}_first_step_s"] = time.perf_counter() - start
+    rates: dict[str, list[float]] = {"compiled": [], "eager": []}
+    for _ in range(3):
+        for mode in ("off", "on"):
+            engine.set_compiled(mode)
+            start = time.perf_counter()
+            engine.greedy(ids, 65)
+            long = time.perf_counter() - start
+            start = time.perf_counter()
+            engine.greedy(ids, 1)
+            short = time.perf_counter() - start
+            rates["compiled" if mode == "on" else "eager"].append(64 / (long - short))
+    return {**result, **{f"{k}_tok_s": sorted(v)[1] for k, v in rates.items()}}
 
 
 def bound() -> dict:
@@ -82,7 +91,7 @@ def bound() -> dict:
         tokens = engine.greedy(ids, 24)
         logits = {}
         for compiled in (False, True):
-            engine.set_compiled(compiled)
+            engine.set_compiled("on" if compiled else "off")
             with torch.inference_mode():
                 state = engine.prefill(ids, capacity=ids.shape[1] + 24)
                 logits[compiled] = torch.cat(
@@ -93,7 +102,7 @@ def bound() -> dict:
                         for t in tokens[0, :-1]
                     ]
                 )
-            engine.set_compiled(False)
+            engine.set_compiled("off")
         worst = max(worst, float((logits[True] - logits[False]).abs().max()))
     return {"max_abs_logit_difference": worst}
 
@@ -148,7 +157,7 @@ def main() -> None:
     if args.what == "answers":
         result = answers(int(args.arg or 20))
     elif args.what == "compile":
-        result = compile_cost(args.arg or "cpp")
+        result = compile_cost()
     else:
         result = bound() if args.what == "bound" else profile()
     print(json.dumps({"cpu": cpu_model(), **result}))

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # in every package key
 
 
 @dataclass(frozen=True)
@@ -228,23 +229,21 @@ class _CompiledLayer(nn.Module):
         rows, capacity = hidden.shape[1], keys.shape[2]
         slots = offset + torch.arange(rows, device=hidden.device)
         cos, sin = self.rotary(hidden, slots.unsqueeze(0))
-        seen = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)
+        mask = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)  # [n, cap]
         # the buffers, not the dataclass's own references: export lifts what the module
         # holds as named constants, and those are what a loaded package replaces
         w = self.weights.with_tensors({n: getattr(self, n) for n in self.weights.tensors()})
-        mask = seen  # [n, capacity]
         return _layer(w, hidden, keys, values, slots, cos.unsqueeze(1), sin.unsqueeze(1), mask)
 
 
 def _package_key(layer: _CompiledLayer, model_id: str) -> str:
     """What a package's code depends on: this file, torch, transformers, the CPU (inductor
     emits code for its vector ISA), the model and the layer's shapes."""
-    source = Path(__file__).read_bytes()
     shapes = sorted((n, tuple(t.shape), str(t.dtype)) for n, t in layer.constants().items())
     w = layer.weights
     text = repr(
         (
-            hashlib.sha256(source).hexdigest(),
+            _SOURCE,
             torch.__version__,
             transformers.__version__,  # the rotary embedding and rotate_half are its
             cpu_model(),
@@ -288,6 +287,7 @@ class CompiledChoice:
     threads: int = 0
     cached: bool = False  # read from EARLYEXIT_HOME rather than measured now
     reason: str = ""
+    package: str = ""  # the timed layer step's package key (EARLYEXIT_HOME/compiled/)
 
     def summary(self) -> str:
         if self.eager_ms is None or self.compiled_ms is None:

@@ -161,7 +161,9 @@ class LayerEngine:
                     if rounds:
                         times[compiled].append((time.perf_counter() - start) / TIMING_STEPS)
         eager, compiled = (1e3 * statistics.median(times[c]) for c in (False, True))
-        choice = CompiledChoice("auto", compiled < eager, eager, compiled, cpu_model(), threads)
+        choice = CompiledChoice(
+            "auto", compiled < eager, eager, compiled, cpu_model(), threads, package=spans.key(0)
+        )
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(asdict(choice), indent=1))
         return choice
