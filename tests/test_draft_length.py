@@ -43,3 +43,19 @@ def test_pass_costs_are_measured_once_then_read_back(
     assert sorted(costs) == list(range(1, MAX_DRAFT + 2)) and all(c > 0 for c in costs.values())
     assert len(list((tmp_path / "kernels").glob("passes-*.json"))) == 1
     assert measure_pass_costs(smol, rounds=1) == costs  # the cached timings, not new ones
+
+
+def test_pass_costs_are_kept_per_weights_and_compiled_steps(
+    smol: LayerEngine, smol_int4: LayerEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4 weights share the fp32 model's fingerprint, and compiled passes scale otherwise
+    than eager ones: each path is timed for itself, never read from another's record."""
+    monkeypatch.setenv("EARLYEXIT_HOME", str(tmp_path))
+    measure_pass_costs(smol, rounds=1)
+    measure_pass_costs(smol_int4, rounds=1)
+    smol_int4.set_compiled("on")
+    try:
+        measure_pass_costs(smol_int4, rounds=1)
+    finally:
+        smol_int4.set_compiled("off")
+    assert len(list((tmp_path / "kernels").glob("passes-*.json"))) == 3

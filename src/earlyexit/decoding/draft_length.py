@@ -74,9 +74,11 @@ def time_passes(engine: LayerEngine, rounds: int) -> dict[int, float]:
 
 def measure_pass_costs(engine: LayerEngine, rounds: int = 5, use_cache: bool = True) -> dict:
     """Seconds of a full-depth pass over 1..MAX_DRAFT+1 rows at batch 1 on this machine
-    (cached per CPU, torch, threads, model and kernel choice)."""
+    (cached per CPU, torch, threads, model, weights, kernel choice and compiled steps: an
+    int4 engine shares the fp32 model's fingerprint, and compiled passes scale otherwise)."""
     machine = (cpu_model(), torch.__version__, torch.get_num_threads())
-    key = repr((*machine, engine.fingerprint, str(engine.dtype), engine.kernels.skinny_rows))
+    path_kind = (engine.weights, engine.kernels.skinny_rows, engine.compiled is not None)
+    key = repr((*machine, engine.fingerprint, str(engine.dtype), *path_kind))
     path = home() / "kernels" / f"passes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if use_cache and path.exists():
         return {int(n): s for n, s in json.loads(path.read_text()).items()}

@@ -125,22 +125,22 @@ class LayerEngine:
             choice = CompiledChoice("on", True, reason="on")
         else:
             choice = self._time_compiled()
-        if choice.compiled and self._compiled_spans is None:
-            self._compiled_spans = CompiledSpans(
-                self.steps, self.arch.rotary, f"{self.fingerprint}-{self.weights}"
-            )
-        self.compiled = self._compiled_spans if choice.compiled else None
+        self.compiled = self._spans() if choice.compiled else None
         self.compiled_choice = choice
         return choice
 
-    def _time_compiled(self) -> CompiledChoice:
-        """`auto`'s measurement: a full-depth one-token step, eager and compiled, in
-        interleaved rounds on one prompt (cached under EARLYEXIT_HOME/compiled/)."""
+    def _spans(self) -> CompiledSpans:
+        """The compiled steps, made once (kept when switched off: loaded layers stay)."""
         if self._compiled_spans is None:
             self._compiled_spans = CompiledSpans(
                 self.steps, self.arch.rotary, f"{self.fingerprint}-{self.weights}"
             )
-        spans, layers, threads = self._compiled_spans, self.num_layers, torch.get_num_threads()
+        return self._compiled_spans
+
+    def _time_compiled(self) -> CompiledChoice:
+        """`auto`'s measurement: a full-depth one-token step, eager and compiled, in
+        interleaved rounds on one prompt (cached under EARLYEXIT_HOME/compiled/)."""
+        spans, layers, threads = self._spans(), self.num_layers, torch.get_num_threads()
         path = home() / "compiled" / f"choice-{spans.key(0)}-{threads}.json"
         if path.exists():  # decided again from the saved timings
             saved = json.loads(path.read_text())
@@ -151,7 +151,7 @@ class LayerEngine:
         with torch.inference_mode():
             state = self.prefill(ids, capacity=ids.shape[1] + 1)
             step, filled = self.embed(ids[:, -1:]), list(state.cache.lengths)
-            for rounds in range(TIMING_ROUNDS + 1):  # round 0 warms up (and builds the span)
+            for rounds in range(TIMING_ROUNDS + 1):  # round 0 warms up (loads or builds)
                 for compiled in (False, True):
                     self.compiled = spans if compiled else None
                     start = time.perf_counter()
@@ -252,9 +252,7 @@ class LayerEngine:
                 f"({cache.lengths[start:end]}); catch up the shorter layers first"
             )
         if self.compiled is not None and self.compiled.accepts(hidden, cache, start, end):
-            out = self.compiled.run(hidden, cache, start, end)
-            if out is not None:
-                return out
+            return self.compiled.run(hidden, cache, start, end)
         position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
         num_new = hidden.shape[1]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
