@@ -397,7 +397,7 @@ class EarlyExit:
         kernels: `auto` (timed on this machine, cached), `plain` or `skinny`. `compiled`:
         decode steps at batch 1 as compiled graphs (engine/compiled.py): `auto` (where the
         layers have one, int4 Llama layers, and a timed step was faster on this machine;
-        the layer step is built once per machine, about 10 s, then loads in
+        the layer step is built once per machine, about 15 s, then loads in
         milliseconds), `on` or `off` (the eager engine, bit-identical to the model's own layers).
         """
         from earlyexit.engine.engine import COMPILED_MODES

@@ -102,7 +102,7 @@ COMPILED_OPT = typer.Option(
     "auto",
     help="Decode steps (batch 1) as compiled graphs: auto (where the layers have one, as "
     "smollm2 at int4, and a timed step was faster here; the layer step is built once per "
-    "machine, about 10 s), on, or off (the eager engine, "
+    "machine, about 15 s), on, or off (the eager engine, "
     "bit-identical to the model's own layers).",
 )
 READOUT_OPT = typer.Option(

@@ -6,7 +6,7 @@ microseconds. gpt-fast's answer is to compile the decode step; here a layer's st
 exported (torch.export) and compiled by AOTInductor into a package of C++ code with no
 Python between its kernels: the norms, rotary embedding, residuals and activation fuse
 into a few loops, the int4 products and attention run as before. Every layer of one shape
-shares one package, built once per machine (about 10 s on 2 cores), cached under
+shares one package, built once per machine (about 15 s on 2 cores), cached under
 EARLYEXIT_HOME/compiled/ keyed by this file, torch, transformers, the CPU, the model and
 the shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place
 of the copies it was built with.

@@ -101,7 +101,7 @@ class LayerEngine:
     def set_compiled(self, mode: bool | str) -> CompiledChoice:
         """Whether steps of 1..8 new tokens at batch 1 run as compiled graphs
         (engine/compiled.py): not bit-identical to the eager engine (bounded in tests); the
-        compiled layer step is built once per machine (about 10 s on 2 cores) and loaded
+        compiled layer step is built once per machine (about 15 s on 2 cores) and loaded
         in milliseconds by later processes.
 
         `auto`: compiled where the layers have a compiled step and a full-depth step timed
