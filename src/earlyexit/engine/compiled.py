@@ -11,14 +11,14 @@ EARLYEXIT_HOME/compiled/ keyed by this file, torch, transformers, the CPU, the m
 the shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place
 of the copies it was built with.
 
-Why per layer and ahead of time:
-- a span of layers ((0, k) and (k, L) around a shallow exit) runs its layers' steps in
-  turn, so every split of the layers gives exactly what (0, L) gives: `lossless` with
-  shallow drafts (verified from layer k) stays exactly `full`. One graph per span (the
-  previous design) did not, and cost a build per span, for a few percent per token;
-- torch.compile's just-in-time graphs (the first design) took 78 s per span in a fresh
-  inductor cache (`scripts/experiments/compiled_vs_eager.py compile` at 22c61b9), were
-  traced again in every process, and decoded slower: their guards run on every call.
+Why per layer and ahead of time: the previous design compiled each span a decoder asks
+for ((0, L), and (0, k) / (k, L) around a shallow exit) into one torch.compile graph: 78 s
+per span in a fresh inductor cache (`scripts/experiments/compiled_vs_eager.py compile` at
+22c61b9), traced again in every process, guards checked on every call, and a fused span
+need not round as the same layers split in two. A per-layer step is built once for every
+span, and any split of the layers gives exactly what (0, L) gives, so `lossless` with
+shallow drafts (verified from layer k) stays exactly `full`; against one AOTInductor
+graph for the whole depth it cost a few percent per token (a one-off trial).
 
 One graph serves 1..MAX_ROWS new tokens (one-token steps, verify passes, catch-ups): the
 row count is a dynamic size from 1, and attention computes each row as a one-query
@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,14 +263,17 @@ def _build_package(layer: _CompiledLayer, example: tuple, path: Path) -> None:
     rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
     capacity = torch.export.Dim("capacity", min=2)
     dynamic = {"hidden": {1: rows}, "keys": {2: capacity}, "values": {2: capacity}, "offset": None}
-    program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building.", dir=path.parent))
     try:
-        built = torch._inductor.aoti_compile_and_package(
-            program, package_path=str(scratch / path.name)
-        )
-        os.replace(built, path)
+        with warnings.catch_warnings():
+            # torch 2.13's own pytree deprecation, raised inside export: not the user's to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
+            built = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(scratch / path.name)
+            )
+            os.replace(built, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
