@@ -3,10 +3,10 @@
 At batch 1 the eager engine spends about half of a token's time outside the weight
 products: some forty small ops per layer, each a Python call and a kernel launch of a few
 microseconds. gpt-fast's answer is to compile the decode step; here a layer's step is
-exported (torch.export) and compiled by AOTInductor into a package of C++ code with no
+exported (torch.export) and compiled by AOTInductor into a library of C++ code with no
 Python between its kernels: the norms, rotary embedding, residuals and activation fuse
 into a few loops, the int4 products and attention run as before. Every layer of one shape
-shares one package, built once per machine (about 15 s on 2 cores), cached under
+shares one library, built once per machine (about 15 s on 2 cores), cached under
 EARLYEXIT_HOME/compiled/ keyed by this file, torch, transformers, the CPU, the model and
 the shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place
 of the copies it was built with.
@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
-_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # in every package key
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # in every library key
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def compilable(steps: list[object]) -> bool:
 
 class _CompiledLayer(nn.Module):
     """One layer's step as a module whose weights are named buffers: what torch.export
-    traces and AOTInductor compiles. Every layer of one shape shares one package: it is
+    traces and AOTInductor compiles. Every layer of one shape shares one library: it is
     loaded once per layer, with that layer's tensors as its constants."""
 
     def __init__(self, weights: _LayerWeights, rotary: nn.Module) -> None:
@@ -232,13 +233,13 @@ class _CompiledLayer(nn.Module):
         cos, sin = self.rotary(hidden, slots.unsqueeze(0))
         mask = torch.arange(capacity, device=hidden.device) <= slots.unsqueeze(1)  # [n, cap]
         # the buffers, not the dataclass's own references: export lifts what the module
-        # holds as named constants, and those are what a loaded package replaces
+        # holds as named constants, and those are what a loaded library replaces
         w = self.weights.with_tensors({n: getattr(self, n) for n in self.weights.tensors()})
         return _layer(w, hidden, keys, values, slots, cos.unsqueeze(1), sin.unsqueeze(1), mask)
 
 
-def _package_key(layer: _CompiledLayer, model_id: str) -> str:
-    """What a package's code depends on: this file, torch, transformers, the CPU (inductor
+def _library_key(layer: _CompiledLayer, model_id: str) -> str:
+    """What a library's code depends on: this file, torch, transformers, the CPU (inductor
     emits code for its vector ISA), the model and the layer's shapes."""
     shapes = sorted((n, tuple(t.shape), str(t.dtype)) for n, t in layer.constants().items())
     w = layer.weights
@@ -257,9 +258,11 @@ def _package_key(layer: _CompiledLayer, model_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _build_package(layer: _CompiledLayer, example: tuple, path: Path) -> None:
+def _build_library(layer: _CompiledLayer, example: tuple, path: Path) -> None:
     """torch.export the layer's step (rows 1..MAX_ROWS and capacity dynamic), compile it
-    with AOTInductor and move the package into place only when complete."""
+    with AOTInductor, and keep the package's shared library: moved into place only when
+    complete. (Loading the .pt2 package itself unpacks it anew each time: 40-180 ms, 30
+    times per model; the library loads in about a millisecond.)"""
     rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
     capacity = torch.export.Dim("capacity", min=2)
     dynamic = {"hidden": {1: rows}, "keys": {2: capacity}, "values": {2: capacity}, "offset": None}
@@ -270,10 +273,14 @@ def _build_package(layer: _CompiledLayer, example: tuple, path: Path) -> None:
             # torch 2.13's own pytree deprecation, raised inside export: not the user's to fix
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
-            built = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(scratch / path.name)
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(scratch / "layer.pt2")
             )
-            os.replace(built, path)
+        with zipfile.ZipFile(package) as archive:
+            (library,) = [n for n in archive.namelist() if n.endswith(".so")]
+            with archive.open(library) as source, open(scratch / path.name, "wb") as target:
+                shutil.copyfileobj(source, target)
+        os.replace(scratch / path.name, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -291,7 +298,7 @@ class CompiledChoice:
     threads: int = 0
     cached: bool = False  # read from EARLYEXIT_HOME rather than measured now
     reason: str = ""
-    package: str = ""  # the timed layer step's package key (EARLYEXIT_HOME/compiled/)
+    library: str = ""  # the timed layer step's library key (EARLYEXIT_HOME/compiled/)
 
     def summary(self) -> str:
         if self.eager_ms is None or self.compiled_ms is None:
@@ -303,7 +310,7 @@ class CompiledChoice:
 
 class CompiledSpans:
     """Compiled decode steps over any span of an engine's layers: one compiled step per
-    layer, from one package per layer shape (built once per machine, cached under
+    layer, from one library per layer shape (built once per machine, cached under
     EARLYEXIT_HOME/compiled/), loaded for each layer on its first use. A span runs its
     layers' steps in turn, so any split of the layers ((0, k) then (k, L) around a shallow
     exit, or a verify pass from layer k) gives exactly what (0, L) gives."""
@@ -317,7 +324,7 @@ class CompiledSpans:
         self.layers = [_CompiledLayer(w, rotary) for w in weights]  # type: ignore[arg-type]
         self._model_id = model_id
         self._runners: dict[int, Callable] = {}
-        self.built: list[str] = []  # package keys this process built (not just loaded)
+        self.built: list[str] = []  # library keys this process built (not just loaded)
 
     @property
     def loaded(self) -> set[int]:
@@ -325,8 +332,8 @@ class CompiledSpans:
         return set(self._runners)
 
     def key(self, layer: int) -> str:
-        """The package key of a layer's step (machine, torch, this code, model, shapes)."""
-        return _package_key(self.layers[layer], self._model_id)
+        """The library key of a layer's step (machine, torch, this code, model, shapes)."""
+        return _library_key(self.layers[layer], self._model_id)
 
     def accepts(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> bool:
         return (
@@ -336,34 +343,38 @@ class CompiledSpans:
             and not cache.has_padding
         )
 
-    def _load(self, layer: int, inputs: list[torch.Tensor]) -> Callable:
-        """The layer's compiled step, loading its package (built first when this machine
-        has none; `inputs`: a call's arguments, whose shapes the export copies)."""
+    def load(self) -> None:
+        """Load every layer's compiled step now (building the library first where this
+        machine has none), so that no decode step waits for it."""
+        for layer in range(len(self.layers)):
+            if layer not in self._runners:
+                self._load(layer)
+
+    def _load(self, layer: int) -> Callable:
+        """The layer's compiled step, from its library (built first when missing)."""
         module = self.layers[layer]
         key = self.key(layer)
-        path = home() / "compiled" / f"{key}.pt2"
+        path = home() / "compiled" / f"{key}.so"
         if not path.exists():
             # a warning: with no logging set up, Python prints it on stderr, so a user
-            # sees why this first step takes a while
+            # sees why this takes a while
             log.warning("building the compiled layer step for this machine (once) ...")
-            hidden, keys, values, offset = inputs
-            example = (  # two rows: an example of one would specialize the row count to 1
-                hidden.new_zeros(1, 2, hidden.shape[2]),
-                torch.zeros_like(keys),
-                torch.zeros_like(values),
-                torch.zeros_like(offset),
-            )
-            _build_package(module, example, path)
+            w = module.weights
+            # two rows: an example of one would specialize the row count to 1
+            hidden = w.input_norm.new_zeros(1, 2, w.input_norm.shape[0])
+            kv = w.input_norm.new_zeros(1, w.kv_heads, 16, w.head_dim)  # fp32, as the cache
+            _build_library(module, (hidden, kv, kv.clone(), torch.tensor(0)), path)
             self.built.append(key)
-        package = torch._inductor.aoti_load_package(str(path))
-        # the layer's own tensors replace the copies the package was built with (used in
-        # place: no second copy); what inductor added itself (the int4 group size as a
-        # tensor) stays the package's
-        names = set(package.get_constant_fqns())
-        ours = {name: t for name, t in module.constants().items() if name in names}
-        package.load_constants(ours, check_full_update=False, user_managed=True)
-        # the loader itself: the package's __call__ parses its call spec on every call
-        self._runners[layer] = package.loader.boxed_run
+        # AOTInductor's runner on the library (torch._C._aoti: what its package loader
+        # wraps; torch is pinned). The layer's own tensors replace the copies the library
+        # was built with, used in place (user-managed: no second copy); what inductor
+        # added itself (the int4 group size as a tensor) stays the library's.
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        ours = module.constants()
+        names = runner.get_constant_names_to_original_fqns()
+        mine = {name: ours[fqn] for name, fqn in names.items() if fqn in ours}
+        runner.update_constant_buffer(mine, False, False, True)
+        self._runners[layer] = runner.run
         return self._runners[layer]
 
     def run(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> torch.Tensor:
@@ -373,8 +384,7 @@ class CompiledSpans:
         offset_t = torch.tensor(offset, device=hidden.device)
         for layer in range(start, end):
             keys, values = cache.ensure(layer, offset + rows)
-            inputs = [hidden, keys, values, offset_t]
-            run = self._runners.get(layer) or self._load(layer, inputs)
-            (hidden,) = run(inputs)
+            run = self._runners.get(layer) or self._load(layer)
+            (hidden,) = run([hidden, keys, values, offset_t])
             cache.lengths[layer] = offset + rows
         return hidden

@@ -126,6 +126,8 @@ class LayerEngine:
         else:
             choice = self._time_compiled()
         self.compiled = self._spans() if choice.compiled else None
+        if self.compiled is not None:
+            self.compiled.load()  # now, not in the first decode step
         self.compiled_choice = choice
         return choice
 
@@ -144,6 +146,7 @@ class LayerEngine:
         path = home() / "compiled" / f"choice-{spans.key(0)}-{threads}.json"
         if path.exists():  # decided again from the saved timings
             saved = json.loads(path.read_text())
+            saved = {k: v for k, v in saved.items() if k in CompiledChoice.__dataclass_fields__}
             faster = saved["compiled_ms"] < saved["eager_ms"]
             return CompiledChoice(**{**saved, "compiled": faster, "cached": True})
         ids = self.tokenizer(TIMING_PROMPT, return_tensors="pt")["input_ids"].to(self.device)
@@ -162,7 +165,7 @@ class LayerEngine:
                         times[compiled].append((time.perf_counter() - start) / TIMING_STEPS)
         eager, compiled = (1e3 * statistics.median(times[c]) for c in (False, True))
         choice = CompiledChoice(
-            "auto", compiled < eager, eager, compiled, cpu_model(), threads, package=spans.key(0)
+            "auto", compiled < eager, eager, compiled, cpu_model(), threads, library=spans.key(0)
         )
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(asdict(choice), indent=1))
