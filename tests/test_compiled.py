@@ -263,3 +263,20 @@ def test_auto_compiles_where_a_timed_step_is_faster(
         smol_int4.set_compiled("off")
     with pytest.raises(EarlyExitError, match="unknown compiled mode 'fast': use auto, on, off"):
         smol_int4.set_compiled("fast")
+
+
+@pytest.mark.weights
+def test_another_torch_runs_eagerly(
+    smol_int4: LayerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled steps rely on torch internals of the tested version: on another torch
+    `auto` stays eager (saying why) and `on` refuses in one line."""
+    import earlyexit.engine.compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module, "TORCH_TESTED", "0.1.")
+    choice = smol_int4.set_compiled("auto")
+    assert not choice.compiled and smol_int4.compiled is None
+    assert choice.reason == f"no compiled steps on torch {torch.__version__}"
+    with pytest.raises(EarlyExitError, match="compiled steps need torch .* use --compiled off"):
+        smol_int4.set_compiled("on")
+    assert smol_int4.compiled is None

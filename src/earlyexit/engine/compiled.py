@@ -69,6 +69,7 @@ from earlyexit.paths import home
 log = logging.getLogger(__name__)
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
+TORCH_TESTED = "2.13."  # the torch whose internals this file relies on
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # in every library key
 
@@ -206,8 +207,15 @@ def _layer(
 
 
 def compilable(steps: list[object]) -> bool:
-    """Whether every layer can run compiled (else `set_compiled` would compile nothing)."""
-    return all(_LayerWeights.of(step) is not None for step in steps)
+    """Whether every layer can run compiled (else `set_compiled` would compile nothing),
+    on the torch these steps were built and tested with."""
+    return torch_supported() and all(_LayerWeights.of(step) is not None for step in steps)
+
+
+def torch_supported() -> bool:
+    """The runner (torch._C._aoti) and export's dynamic row count from 1 are torch
+    internals: other versions run the eager engine."""
+    return torch.__version__.startswith(TORCH_TESTED)
 
 
 class _CompiledLayer(nn.Module):
@@ -311,9 +319,10 @@ class CompiledChoice:
 class CompiledSpans:
     """Compiled decode steps over any span of an engine's layers: one compiled step per
     layer, from one library per layer shape (built once per machine, cached under
-    EARLYEXIT_HOME/compiled/), loaded for each layer on its first use. A span runs its
-    layers' steps in turn, so any split of the layers ((0, k) then (k, L) around a shallow
-    exit, or a verify pass from layer k) gives exactly what (0, L) gives."""
+    EARLYEXIT_HOME/compiled/), loaded for every layer by `load` (or on a layer's first
+    use). A span runs its layers' steps in turn, so any split of the layers ((0, k) then
+    (k, L) around a shallow exit, or a verify pass from layer k) gives exactly what (0, L)
+    gives."""
 
     def __init__(self, steps: list[object], rotary: nn.Module, model_id: str) -> None:
         """`steps`: every layer's lean step, all compilable (`compilable`); `rotary`: the

@@ -22,7 +22,13 @@ import torch
 
 from earlyexit.engine.arch import Architecture
 from earlyexit.engine.cache import LayerKVCache
-from earlyexit.engine.compiled import CompiledChoice, CompiledSpans, compilable
+from earlyexit.engine.compiled import (
+    TORCH_TESTED,
+    CompiledChoice,
+    CompiledSpans,
+    compilable,
+    torch_supported,
+)
 from earlyexit.engine.kernels import KernelChoice, choose_kernels, cpu_model
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
@@ -113,6 +119,11 @@ class LayerEngine:
             raise EarlyExitError(f"unknown compiled mode {mode!r}: use {', '.join(COMPILED_MODES)}")
         supported = compilable(self.steps)
         if mode == "on" and not supported:
+            if not torch_supported():
+                raise EarlyExitError(
+                    f"compiled steps need torch {TORCH_TESTED}x, not {torch.__version__}: "
+                    "use --compiled off"
+                )
             raise EarlyExitError(
                 "compiled steps run Llama layers with int4/int8 products (smollm2-135m with "
                 f"--dtype int4), not {self.loaded.name} at {self.weights}"
@@ -120,7 +131,10 @@ class LayerEngine:
         if mode == "off":
             choice = CompiledChoice("off", False, reason="off")
         elif not supported:
-            choice = CompiledChoice("auto", False, reason=f"no compiled step for {self.weights}")
+            why = f"no compiled step for {self.weights}"
+            if not torch_supported():
+                why = f"no compiled steps on torch {torch.__version__}"
+            choice = CompiledChoice("auto", False, reason=why)
         elif mode == "on":
             choice = CompiledChoice("on", True, reason="on")
         else:
