@@ -180,9 +180,9 @@ def _layer(
     computed as a one-token step computes it, so a verify pass equals one-token steps bit
     for bit (as engine/rowwise.py makes the eager engine's); and the masked slots add
     exact zeros to sums that inductor accumulates in the same order whatever the capacity,
-    so a buffer's size does not change the result. (SDPA's CPU kernel did: 60 against 68
-    slots moved a logit by 0.25 and broke a tie, so `lossless`, whose buffers hold room for
-    drafts, gave other tokens than `full`.)"""
+    so a buffer's size does not change the result. (SDPA's CPU kernel did, in a one-off
+    trial: 60 against 68 slots moved a logit by 0.25 and broke a tie, so `lossless`, whose
+    buffers hold room for drafts, gave other tokens than `full`.)"""
     rows = hidden.shape[1]
     normed = functional.rms_norm(hidden, w.input_norm.shape, w.input_norm, w.eps)
     out = w.qkv(normed)
@@ -269,8 +269,9 @@ def _library_key(layer: _CompiledLayer, model_id: str) -> str:
 def _build_library(layer: _CompiledLayer, example: tuple, path: Path) -> None:
     """torch.export the layer's step (rows 1..MAX_ROWS and capacity dynamic), compile it
     with AOTInductor, and keep the package's shared library: moved into place only when
-    complete. (Loading the .pt2 package itself unpacks it anew each time: 40-180 ms, 30
-    times per model; the library loads in about a millisecond.)"""
+    complete. (Loading the .pt2 package unpacks the archive anew on every load, once per
+    layer, which in a one-off trial took longer than all the rest of set_compiled; the
+    library itself loads at once: `scripts/experiments/compiled_vs_eager.py compile`.)"""
     rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
     capacity = torch.export.Dim("capacity", min=2)
     dynamic = {"hidden": {1: rows}, "keys": {2: capacity}, "values": {2: capacity}, "offset": None}
