@@ -2,12 +2,14 @@
 
 The compiled layer steps fuse the norms, rotary embedding and residuals, and attend by
 plain reductions over the buffer's whole capacity under a mask, so they round differently
-from the eager steps; the int4 products' bf16 inputs amplify that. Measured on the Xeon
-over 23 teacher-forced steps of these two prompts: at most 0.62 max abs logit difference
-(logits span about +-38; `python scripts/experiments/compiled_vs_eager.py bound` at
-506e9b1) and the same greedy tokens. A mask off by one (the token not attending to itself)
-gave 12.9 on the first prompt in a one-off trial of the first design; test_quant.py bounds
-the eager int4 engine against the fp32 model at 1.5.
+from the eager steps; the int4 products' bf16 inputs amplify that, and the logits are bf16
+(steps of 0.125-0.25 here, exact ties happen). Measured over 23 teacher-forced steps of
+these two prompts (`python scripts/experiments/compiled_vs_eager.py bound`): at most 0.62
+max abs logit difference on an Intel Xeon (family 6 model 207, at 506e9b1) and 0.50 on an
+AMD EPYC (family 25 model 1, at 39aa618), whose greedy tokens part at a gap of 0.12 (the
+Xeon's did not): two roundings, so tokens are compared tie-aware. A mask off by one (the
+token not attending to itself) gave 12.9 on the first prompt in a one-off trial of the
+first design; test_quant.py bounds the eager int4 engine against the fp32 model at 1.5.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from earlyexit.paths import home
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far far away, there lived a"]
 BOUND = 1.5  # logits; see the module docstring
 # one layer's hidden state (values up to about 29): compiled and eager layer 1 measured 0.0
-# apart on the Xeon, layer 0's weights in its place 20.4
+# apart on the Xeon and on the AMD EPYC, layer 0's weights in its place 20.4 / 20.5
+# (`compiled_vs_eager.py bound`: swap_error, swap_apart)
 SWAP_BOUND = 0.1
 CHAT = "Summarize: Anna wants to meet Tom at the station at five, but her train is late."
 
@@ -82,19 +85,48 @@ def test_compiled_steps_match_the_eager_engine(
     smol_int4: LayerEngine, compiled: LayerEngine
 ) -> None:
     """Whole-depth steps and a shallow-exit split into (0, 20) and (20, 30), as the early-exit
-    decoders call them: within the bound of the eager int4 engine, same greedy tokens."""
+    decoders call them, are another rounding of the eager int4 engine: within BOUND of its
+    logits, so compared tie-aware. Teacher-forced along the eager greedy tokens, the compiled
+    argmax is the eager token wherever the eager top-2 gap exceeds twice the error (there no
+    rounding within the error can flip it); the rest are counted. Run free, the compiled
+    greedy loop emits at every step a token within 2 * BOUND of the eager model's best on its
+    own prefix, and the eager model's clear choice (gap over 2 * BOUND) wherever it has one."""
+    ties = flips = positions = 0
     for text in PROMPTS:
         ids = smol_int4.tokenizer(text, return_tensors="pt")["input_ids"]
         compiled.set_compiled(False)
         eager_tokens = smol_int4.greedy(ids, 24)
-        eager = _step_logits(smol_int4, ids, eager_tokens)
+        eager = _step_logits(smol_int4, ids, eager_tokens)[0]
         compiled.set_compiled(True)
-        assert torch.equal(compiled.greedy(ids, 24), eager_tokens), text
-        whole = _step_logits(compiled, ids, eager_tokens)
-        split = _step_logits(compiled, ids, eager_tokens, split=20)
+        with compiled_calls(compiled) as calls:
+            whole = _step_logits(compiled, ids, eager_tokens)[0]
+            split = _step_logits(compiled, ids, eager_tokens, split=20)[0]
+            free = compiled.greedy(ids, 24)
+        assert {(start, end) for _, start, end in calls} == {(0, 30), (0, 20), (20, 30)}
+        top2 = eager.topk(2, dim=-1).values
+        gap = top2[:, 0] - top2[:, 1]
         for logits in (whole, split):
-            error = (logits - eager).abs().max()
-            assert 0 < error < BOUND, (text, float(error))  # compiled ran, and rounds apart
+            error = float((logits - eager).abs().max())
+            assert 0 < error < BOUND, (text, error)  # compiled ran, and rounds apart
+            decided = gap > 2 * error
+            chosen = logits.argmax(-1)
+            assert torch.equal(chosen[decided], eager_tokens[0, 1:][decided]), text
+            ties += int((~decided).sum())
+            flips += int((chosen != eager_tokens[0, 1:]).sum())
+            positions += len(gap)
+        # the free-running compiled loop, judged by the eager model on the compiled prefix
+        compiled.set_compiled(False)
+        judge = _step_logits(smol_int4, ids, free)[0]
+        best = judge.max(-1).values
+        picked = judge.gather(1, free[0, 1:, None])[:, 0]
+        assert bool((picked >= best - 2 * BOUND).all()), text
+        judged = judge.topk(2, dim=-1).values
+        clear = judged[:, 0] - judged[:, 1] > 2 * BOUND
+        assert torch.equal(free[0, 1:][clear], judge.argmax(-1)[clear]), text
+        assert torch.equal(free[0, :1], eager_tokens[0, :1])  # the prefill is eager in both
+    # measured 4 flips in 92 positions on the AMD EPYC (a bf16 tie at gap 0.0, one at 0.12;
+    # `compiled_vs_eager.py bound`: argmax_flips); a wrong mask or position shifts most
+    assert flips <= positions // 10, (flips, ties, positions)
 
 
 @pytest.mark.weights
@@ -156,8 +188,9 @@ def test_the_buffer_capacity_does_not_change_a_step(compiled: LayerEngine) -> No
 
     prompt = render_prompt(compiled.tokenizer, CHAT)
     ids = compiled.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    n = ids.shape[1]  # 51 tokens
-    token = torch.tensor([[46484]])  # the greedy first answer token
+    n = ids.shape[1]
+    with torch.inference_mode():  # the greedy first answer token (the prefill is eager)
+        token = compiled.logits(compiled.prefill(ids).hidden[:, -1:]).argmax(-1)
 
     def step(cache: LayerKVCache) -> torch.Tensor:
         return compiled.logits(compiled.run_layers(compiled.embed(token), cache, 0, 30))

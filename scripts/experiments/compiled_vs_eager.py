@@ -97,9 +97,14 @@ def compile_cost() -> dict:
 
 
 def bound() -> dict:
+    """tests/test_compiled.py's measurements: compiled against eager one-token steps,
+    teacher-forced along 24 eager greedy tokens of its two prompts (whole depth and split at
+    layer 20): the largest logit difference, the argmax flips, the tokens whose eager top-2
+    gap is within twice that difference; and the library swap test's two distances."""
     import torch
 
     from earlyexit.engine import LayerEngine
+    from earlyexit.engine.compiled import CompiledSpans
     from earlyexit.models import load_model
 
     engine = LayerEngine(load_model("smollm2-135m", dtype="int4"))
@@ -107,26 +112,61 @@ def bound() -> dict:
         "The capital of France is",
         "Once upon a time, in a land far far away, there lived a",
     ]
-    worst = 0.0
+
+    def teacher_forced(ids: torch.Tensor, tokens: torch.Tensor, spans: list) -> torch.Tensor:
+        with torch.inference_mode():
+            state = engine.prefill(ids, capacity=ids.shape[1] + tokens.shape[1])
+            out = []
+            for t in tokens[0, :-1]:
+                hidden = engine.embed(t.view(1, 1))
+                for start, end in spans:
+                    hidden = engine.run_layers(hidden, state.cache, start, end)
+                out.append(engine.logits(hidden))
+        return torch.cat(out, dim=1)[0]
+
+    worst, flips, ties, positions = 0.0, 0, 0, 0
     for text in prompts:
         ids = engine.tokenizer(text, return_tensors="pt")["input_ids"]
+        engine.set_compiled("off")
         tokens = engine.greedy(ids, 24)
-        logits = {}
-        for compiled in (False, True):
-            engine.set_compiled("on" if compiled else "off")
-            with torch.inference_mode():
-                state = engine.prefill(ids, capacity=ids.shape[1] + 24)
-                logits[compiled] = torch.cat(
-                    [
-                        engine.logits(
-                            engine.run_layers(engine.embed(t.view(1, 1)), state.cache, 0, 30)
-                        )
-                        for t in tokens[0, :-1]
-                    ]
-                )
-            engine.set_compiled("off")
-        worst = max(worst, float((logits[True] - logits[False]).abs().max()))
-    return {"max_abs_logit_difference": worst}
+        eager = teacher_forced(ids, tokens, [(0, 30)])
+        top2 = eager.topk(2, dim=-1).values
+        gap = top2[:, 0] - top2[:, 1]
+        engine.set_compiled("on")
+        for spans in ([(0, 30)], [(0, 20), (20, 30)]):
+            logits = teacher_forced(ids, tokens, spans)
+            error = float((logits - eager).abs().max())
+            worst = max(worst, error)
+            flips += int((logits.argmax(-1) != tokens[0, 1:]).sum())
+            ties += int((gap <= 2 * error).sum())
+            positions += len(gap)
+        engine.set_compiled("off")
+    # the swap test: a library built over layer 0, loaded with layer 1's tensors
+    built = CompiledSpans(engine.steps[:1], engine.arch.rotary, "swap-bound")
+    loaded = CompiledSpans(engine.steps[1:2], engine.arch.rotary, "swap-bound")
+    ids = engine.tokenizer(prompts[1], return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    with torch.inference_mode():
+        state = engine.prefill(ids, capacity=n + 1)
+        hidden = engine.embed(ids[:, -1:])
+
+        def holding(layer: int):  # noqa: ANN202 - a cache whose layer 0 is `layer`'s KV
+            cache = engine.new_cache(1, capacity=n + 1)
+            cache.keys[0], cache.values[0] = (t.clone() for t in state.cache.ensure(layer, n))
+            cache.lengths[0] = n
+            return cache
+
+        layer0 = built.run(hidden, holding(0), 0, 1)
+        layer1 = loaded.run(hidden, holding(1), 0, 1)
+        eager1 = engine.run_layers(hidden, state.cache, 1, 2)
+    return {
+        "max_abs_logit_difference": worst,
+        "argmax_flips": flips,
+        "tokens_within_twice_the_difference": ties,
+        "positions": positions,
+        "swap_error": float((layer1 - eager1).abs().max()),
+        "swap_apart": float((layer1 - layer0).abs().max()),
+    }
 
 
 def profile() -> dict:
