@@ -14,7 +14,8 @@ an empty EARLYEXIT_HOME (cold: the build), then in another (warm: loading the li
 median of 3 interleaved rounds). `bound`
 is tests/test_compiled.py's measurement: the largest logit difference between compiled and
 eager one-token steps, teacher-forced along 24 eager greedy tokens of its two prompts.
-`profile` splits an eager int4 decode step's time by op (torch.profiler, 20 steps). Each
+`profile` splits an eager int4 decode step's time by op (torch.profiler, 20 steps) and,
+where llama-cpp-python is installed, times llama.cpp's decode step on the same prompt. Each
 prints a JSON line (`compile` builds in a temporary EARLYEXIT_HOME).
 """
 
@@ -201,12 +202,27 @@ def profile() -> dict:
     ms = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
     products = ms.get("aten::_weight_int4pack_mm_for_cpu", 0.0)
     attention = ms.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0)
-    return {
+    result = {
         "ms_per_token_unprofiled": wall * 1000,
         "ms_int4_products": products,
         "ms_attention": attention,
         "ms_all_ops_profiled": sum(ms.values()),
+        "threads": torch.get_num_threads(),
     }
+    from earlyexit.bench.llamacpp import llama_cpp_decoder, unavailable
+
+    if unavailable("smollm2-135m") is None:  # llama.cpp's whole token, for the same prompt
+        decode = llama_cpp_decoder("smollm2-135m", ids["input_ids"], torch.get_num_threads())
+        decode(2)
+        times: dict[int, list[float]] = {1: [], 33: []}
+        for _ in range(3):
+            for n in times:
+                start = time.perf_counter()
+                decode(n)
+                times[n].append(time.perf_counter() - start)
+        median = {n: sorted(t)[1] for n, t in times.items()}
+        result["ms_llama_cpp_per_token"] = (median[33] - median[1]) / 32 * 1000
+    return result
 
 
 def main() -> None:

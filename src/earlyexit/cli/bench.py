@@ -283,3 +283,13 @@ def bench_serve(
     if json_path:
         write_json(result, json_path)
         console.print(f"wrote {json_path}")
+
+
+@bench_app.command("llamacpp-install")
+@friendly
+def bench_llamacpp_install() -> None:
+    """Print the pip line that builds llama.cpp (the `bench engine` anchor, the `llama.cpp`
+    peer) for this CPU into this environment: `eval "$(earlyexit bench llamacpp-install)"`."""
+    from earlyexit.bench.llamacpp import install_command, installed
+
+    typer.echo(install_command(reinstall=installed()))  # plain: no wrapping, no markup

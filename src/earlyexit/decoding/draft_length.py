@@ -16,7 +16,6 @@ chosen lengths by about one token.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 
 from earlyexit.engine.engine import LayerEngine
-from earlyexit.engine.kernels import cpu_model
+from earlyexit.engine.kernels import machine_key
 from earlyexit.paths import atomic_file, home
 
 MAX_DRAFT = 7  # verify passes over at most 8 rows (the row counts whose cost is measured)
@@ -74,12 +73,12 @@ def time_passes(engine: LayerEngine, rounds: int) -> dict[int, float]:
 
 def measure_pass_costs(engine: LayerEngine, rounds: int = 5, use_cache: bool = True) -> dict:
     """Seconds of a full-depth pass over 1..MAX_DRAFT+1 rows at batch 1 on this machine
-    (cached per CPU, torch, threads, model, weights, kernel choice and compiled steps: an
-    int4 engine shares the fp32 model's fingerprint, and compiled passes scale otherwise)."""
-    machine = (cpu_model(), torch.__version__, torch.get_num_threads())
+    (cached per machine -- CPU, its flags, torch, threads -- model, weights, kernel choice and
+    compiled steps: an int4 engine shares the fp32 model's fingerprint, and compiled passes
+    scale otherwise)."""
     path_kind = (engine.weights, engine.kernels.skinny_rows, engine.compiled is not None)
-    key = repr((*machine, engine.fingerprint, str(engine.dtype), *path_kind))
-    path = home() / "kernels" / f"passes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    key = machine_key("passes-2", engine.fingerprint, str(engine.dtype), *path_kind)
+    path = home() / "kernels" / f"passes-{key}.json"
     if use_cache and path.exists():
         return {int(n): s for n, s in json.loads(path.read_text()).items()}
     costs = time_passes(engine, rounds)

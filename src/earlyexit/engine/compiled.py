@@ -7,9 +7,12 @@ exported (torch.export) and compiled by AOTInductor into a library of C++ code w
 Python between its kernels: the norms, rotary embedding, residuals and activation fuse
 into a few loops, the int4 products and attention run as before. Every layer of one shape
 shares one library, built once per machine (about 15 s on 2 cores), cached under
-EARLYEXIT_HOME/compiled/ keyed by this file, torch, transformers, the CPU, the model and
-the shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place
-of the copies it was built with.
+EARLYEXIT_HOME/compiled/ keyed by this file, the machine (kernels.machine_key: CPU and its
+ISA flags, thread count, torch), transformers, the C++ compiler setting, the model and the
+shapes, and loaded once per layer (milliseconds) with that layer's own tensors in place of
+the copies it was built with. Where it cannot be built (no C++ compiler, an export or
+inductor error) `auto` runs eager and says why, `on` stops with one line
+(`CompiledStepsFailed`).
 
 Why per layer and ahead of time: the previous design compiled each span a decoder asks
 for ((0, L), and (0, k) / (k, L) around a shallow exit) into one torch.compile graph: 78 s
@@ -61,9 +64,10 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 
 from earlyexit.engine.cache import LayerKVCache
-from earlyexit.engine.kernels import cpu_model
+from earlyexit.engine.kernels import machine_key
 from earlyexit.engine.layer_step import LlamaLayerStep
 from earlyexit.engine.quant import ACT, GROUP, QuantLinear
+from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,28 @@ SILU = (nn.SiLU, SiLUActivation)  # both are F.silu
 TORCH_TESTED = "2.13."  # the torch whose internals this file relies on
 MAX_ROWS = 8  # verify passes: 1 + drafts (decoding/draft_length.py drafts at most 7)
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # in every library key
+# also in every library key, and so in the key of `auto`'s timing of it (engine.py): bump
+# when that timing or the build changes outside this file
+PROCEDURE = 1
+
+
+class CompiledStepsFailed(EarlyExitError):
+    """Compiled steps could not be built or loaded on this machine (no C++ compiler, an
+    export or inductor error, a library that does not load): `on` stops with this one
+    line, `auto` runs eager and says why (`reason`)."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = lines[0] if lines else type(error).__name__
+        if first.endswith(":") and len(lines) > 1:  # "CppCompileError:" heads its message
+            first = f"{first} {lines[1]}"
+        self.cause = f"compiled steps failed to {what}: {first}"
+        super().__init__(f"{self.cause}; use --compiled off")
+
+    @property
+    def reason(self) -> str:
+        """`auto`'s choice: eager, and why."""
+        return f"{self.cause}; running eager"
 
 
 @dataclass(frozen=True)
@@ -246,24 +272,30 @@ class _CompiledLayer(nn.Module):
         return _layer(w, hidden, keys, values, slots, cos.unsqueeze(1), sin.unsqueeze(1), mask)
 
 
+def _compiler() -> tuple[object, ...]:
+    """The C++ compiler inductor builds with and its -march setting (native by default)."""
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx
+    return (*(cxx if isinstance(cxx, (list, tuple)) else (cxx,)), config.cpp.march)
+
+
 def _library_key(layer: _CompiledLayer, model_id: str) -> str:
-    """What a library's code depends on: this file, torch, transformers, the CPU (inductor
-    emits code for its vector ISA), the model and the layer's shapes."""
+    """What a library's code depends on: this file, the machine (inductor emits code for
+    the CPU's flags, -march=native, and bakes the thread count in), torch, transformers,
+    the compiler, the model and the layer's shapes."""
     shapes = sorted((n, tuple(t.shape), str(t.dtype)) for n, t in layer.constants().items())
     w = layer.weights
-    text = repr(
-        (
-            _SOURCE,
-            torch.__version__,
-            transformers.__version__,  # the rotary embedding and rotate_half are its
-            cpu_model(),
-            MAX_ROWS,
-            model_id,
-            (w.eps, w.heads, w.kv_heads, w.head_dim, w.scaling),
-            shapes,
-        )
+    return machine_key(
+        f"compiled-{PROCEDURE}",
+        _SOURCE,
+        transformers.__version__,  # the rotary embedding and rotate_half are its
+        _compiler(),
+        MAX_ROWS,
+        model_id,
+        (w.eps, w.heads, w.kv_heads, w.head_dim, w.scaling),
+        shapes,
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _build_library(layer: _CompiledLayer, example: tuple, path: Path) -> None:
@@ -278,13 +310,19 @@ def _build_library(layer: _CompiledLayer, example: tuple, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building.", dir=path.parent))
     try:
-        with warnings.catch_warnings():
-            # torch 2.13's own pytree deprecation, raised inside export: not the user's to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
-            package = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(scratch / "layer.pt2")
-            )
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()  # no C++ compiler: known at once, not after export and lowering
+            with warnings.catch_warnings():
+                # torch 2.13's own pytree deprecation, raised inside export: not the user's
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.export.export(layer, example, dynamic_shapes=dynamic, strict=False)
+                package = torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(scratch / "layer.pt2")
+                )
+        except Exception as error:  # export's and inductor's errors have no common base
+            raise CompiledStepsFailed("build", error) from error
         with zipfile.ZipFile(package) as archive:
             (library,) = [n for n in archive.namelist() if n.endswith(".so")]
             with archive.open(library) as source, open(scratch / path.name, "wb") as target:
@@ -335,6 +373,9 @@ class CompiledSpans:
         self._model_id = model_id
         self._runners: dict[int, Callable] = {}
         self.built: list[str] = []  # library keys this process built (not just loaded)
+        # why a library could not be built or loaded: no step retries it (each try can
+        # take as long as a build), and no span runs compiled any more
+        self.failed: CompiledStepsFailed | None = None
 
     @property
     def loaded(self) -> set[int]:
@@ -347,7 +388,8 @@ class CompiledSpans:
 
     def accepts(self, hidden: torch.Tensor, cache: LayerKVCache, start: int, end: int) -> bool:
         return (
-            hidden.shape[0] == 1
+            self.failed is None
+            and hidden.shape[0] == 1
             and 1 <= hidden.shape[1] <= MAX_ROWS
             and cache.lengths[start] > 0  # not a prefill (it runs one layer at a time)
             and not cache.has_padding
@@ -355,13 +397,24 @@ class CompiledSpans:
 
     def load(self) -> None:
         """Load every layer's compiled step now (building the library first where this
-        machine has none), so that no decode step waits for it."""
+        machine has none), so that no decode step waits for it. Raises
+        CompiledStepsFailed where that cannot be done."""
         for layer in range(len(self.layers)):
             if layer not in self._runners:
                 self._load(layer)
 
     def _load(self, layer: int) -> Callable:
-        """The layer's compiled step, from its library (built first when missing)."""
+        """The layer's compiled step, from its library (built first when missing); the
+        first failure is kept and raised again."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return self._load_library(layer)
+        except CompiledStepsFailed as failed:
+            self.failed = failed
+            raise
+
+    def _load_library(self, layer: int) -> Callable:
         module = self.layers[layer]
         key = self.key(layer)
         path = home() / "compiled" / f"{key}.so"
@@ -379,7 +432,10 @@ class CompiledSpans:
         # wraps; torch is pinned). The layer's own tensors replace the copies the library
         # was built with, used in place (user-managed: no second copy); what inductor
         # added itself (the int4 group size as a tensor) stays the library's.
-        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        try:
+            runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        except RuntimeError as error:  # a library this process cannot load
+            raise CompiledStepsFailed("load", error) from error
         ours = module.constants()
         names = runner.get_constant_names_to_original_fqns()
         mine = {name: ours[fqn] for name, fqn in names.items() if fqn in ours}

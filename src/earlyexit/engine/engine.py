@@ -26,6 +26,7 @@ from earlyexit.engine.compiled import (
     TORCH_TESTED,
     CompiledChoice,
     CompiledSpans,
+    CompiledStepsFailed,
     compilable,
     torch_supported,
 )
@@ -128,20 +129,26 @@ class LayerEngine:
                 "compiled steps run Llama layers with int4/int8 products (smollm2-135m with "
                 f"--dtype int4), not {self.loaded.name} at {self.weights}"
             )
-        if mode == "off":
-            choice = CompiledChoice("off", False, reason="off")
-        elif not supported:
-            why = f"no compiled step for {self.weights}"
-            if not torch_supported():
-                why = f"no compiled steps on torch {torch.__version__}"
-            choice = CompiledChoice("auto", False, reason=why)
-        elif mode == "on":
-            choice = CompiledChoice("on", True, reason="on")
-        else:
-            choice = self._time_compiled()
-        self.compiled = self._spans() if choice.compiled else None
-        if self.compiled is not None:
-            self.compiled.load()  # now, not in the first decode step
+        try:
+            if mode == "off":
+                choice = CompiledChoice("off", False, reason="off")
+            elif not supported:
+                why = f"no compiled step for {self.weights}"
+                if not torch_supported():
+                    why = f"no compiled steps on torch {torch.__version__}"
+                choice = CompiledChoice("auto", False, reason=why)
+            elif mode == "on":
+                choice = CompiledChoice("on", True, reason="on")
+            else:
+                choice = self._time_compiled()
+            self.compiled = self._spans() if choice.compiled else None
+            if self.compiled is not None:
+                self.compiled.load()  # now, not in the first decode step
+        except CompiledStepsFailed as failed:  # no C++ compiler, an export or inductor error
+            self.compiled = None
+            if mode == "on":
+                raise  # one line, naming --compiled off
+            choice = CompiledChoice("auto", False, reason=failed.reason)
         self.compiled_choice = choice
         return choice
 

@@ -10,12 +10,15 @@ in module order (so they stream from memory as in decoding, not from cache), and
 kernel is used only where it wins by more than the noise margin. Products over more rows
 (prefill) always go to `F.linear`.
 
-The timings are cached under `EARLYEXIT_HOME/kernels/`, keyed by CPU model, torch version,
-thread count, dtype and the shapes, so one machine measures once (about a second or two).
+The timings are cached under `EARLYEXIT_HOME/kernels/`, keyed by the machine (`machine_key`:
+CPU model and ISA flags, ATen's dispatch level, thread count, torch), this procedure's
+version, the dtype and the shapes, so one machine measures once (about a second or two).
+`machine_key` keys every timing and compiled library earlyexit caches.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -36,25 +39,64 @@ MODES = ("auto", "plain", "skinny")
 PROCEDURE = 2  # part of the cache key: timings from an older procedure are measured again
 
 
-def cpu_model() -> str:
-    """The CPU's model name, with its family/model numbers (virtual machines often report
-    a bare "Intel(R) Xeon(R) Processor"): what every speed figure is reported next to."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (none where there is no such file)."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
+                if key and key not in fields:
                     fields[key] = value.strip()
                 if not line.strip() and fields:
                     break
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name, with its family/model numbers (virtual machines often report
+    a bare "Intel(R) Xeon(R) Processor"): what every speed figure is reported next to."""
+    fields = _cpuinfo()
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
     return name
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's instruction-set flags, sorted (/proc/cpuinfo's `flags`, `Features` on ARM;
+    the machine's name elsewhere). All of them, not a chosen few: a virtual machine masks
+    some (AVX-512, AMX) under the same model name, and inductor compiles with
+    -march=native, for every extension the compiler sees."""
+    fields = _cpuinfo()
+    flags = fields.get("flags") or fields.get("Features") or platform.machine()
+    return tuple(sorted(flags.split()))
+
+
+def machine() -> dict[str, str | int]:
+    """What a timing or a compiled library depends on beyond its own inputs: the CPU (name
+    and a digest of its flags), ATen's kernel dispatch level (ATEN_CPU_CAPABILITY can
+    lower it), the thread count (inductor also bakes it into its code) and torch."""
+    flags = hashlib.sha256(" ".join(cpu_flags()).encode()).hexdigest()[:16]
+    return {
+        "cpu": cpu_model(),
+        "flags": flags,
+        "dispatch": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def machine_key(procedure: str, *parts: object) -> str:
+    """The cache key of what `procedure` measured or built from `parts` on this machine:
+    `procedure` names the cache and its version ("kernels-2"), bumped when the procedure
+    changes; `machine()` is the rest. 20 hex digits."""
+    text = repr((procedure, sorted(machine().items()), parts))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -158,11 +200,9 @@ def decide(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[in
     }
 
 
-def _cache_key(cpu: str, dtype: str, weights: list[torch.Tensor]) -> str:
+def _cache_key(dtype: str, weights: list[torch.Tensor]) -> str:
     """Timings depend on the machine and on what a sweep streams: every weight's shape."""
-    shapes = [shape_key(w) for w in weights]
-    text = repr((PROCEDURE, cpu, torch.__version__, torch.get_num_threads(), dtype, shapes))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return machine_key(f"kernels-{PROCEDURE}", dtype, [shape_key(w) for w in weights])
 
 
 def choose_kernels(
@@ -170,8 +210,8 @@ def choose_kernels(
 ) -> KernelChoice:
     """The kernel per (shape, rows) for `model` on this machine.
 
-    `auto` times both kernels (or reads the cached timings of this CPU, torch, thread
-    count and shapes); `plain` uses F.linear everywhere; `skinny` forces the matrix-matrix
+    `auto` times both kernels (or reads the timings cached for this machine and shapes:
+    `machine_key`); `plain` uses F.linear everywhere; `skinny` forces the matrix-matrix
     kernel for every few-row product (for measurements). Only fp32 CPU weights can go
     skinny; any other model gets `plain`. `sweep` times one kernel (tests pass a fake).
     """
@@ -187,7 +227,7 @@ def choose_kernels(
     if mode == "skinny":
         choice.skinny_rows = {shape: list(range(1, MAX_ROWS + 1)) for shape in shapes}
         return choice
-    path = home() / "kernels" / f"{_cache_key(choice.cpu, dtype, weights)}.json"
+    path = home() / "kernels" / f"kernels-{_cache_key(dtype, weights)}.json"
     if use_cache and path.exists():
         saved = json.loads(path.read_text())
         choice.timings, choice.cached = saved["timings"], True

@@ -27,13 +27,16 @@ against the fp32 model's.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional
+
+from earlyexit.engine.skinny import SkinnyLinear, skinny_linear
 
 GROUP = 32  # Q4_1 and Q8_0 block size; the kernel's group size
 TILE = 16  # the CPU packing needs a multiple of 16 output rows
@@ -42,6 +45,8 @@ MODES = ("int4", "int8")
 ACT = torch.bfloat16  # the kernel's fast activation and scale dtype (see the docstring)
 # projections that read the same input: one product over their stacked rows
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):  # pip install --no-deps
+    raise ImportError(f"earlyexit needs torch>=2.6 (its CPU int4 kernel), not {torch.__version__}")
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 # products over more rows than a verify pass (prefill) may use a dense dequantized weight;
 # up to this many rows the int4 kernel always serves, so verify passes stay row-invariant
@@ -60,8 +65,10 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 def quantizable(module: nn.Module) -> bool:
+    """A bias-free CPU linear layer of whole groups of 32: plain, or one an engine switched
+    to the skinny kernel (engine/skinny.py: the same weights, another product)."""
     return (
-        type(module) is nn.Linear
+        type(module) in (nn.Linear, SkinnyLinear)
         and module.bias is None
         and module.in_features % GROUP == 0
         and module.weight.device.type == "cpu"
@@ -316,6 +323,10 @@ def plain_copy(module: nn.Module) -> nn.Module:
 # ---- "auto": int4 where it is exact and faster on this machine --------------------------
 
 AUTO_MARGIN = 0.9  # int4 must take at most this fraction of fp32's time to be chosen
+# part of the timing caches' keys: bump when what is timed changes (timings of an older
+# procedure are measured again). weights 2: fp32 on the engine's kernel choice, not F.linear
+WEIGHTS_PROCEDURE = 2
+MANY_ROWS_PROCEDURE = 1
 EXACT = 1e-6  # 4-bit groups rebuild the fp32 weights to this fraction of their largest |w|
 
 
@@ -336,26 +347,62 @@ def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if quantizable(m) and m is not head]
 
 
-def _sweep_seconds(layers: list[nn.Module], rounds: int = 5) -> float:
-    """Median seconds of one 1-row product with every layer in order (a decode step's
-    weight stream)."""
-    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _sweep_seconds(products: list[tuple[int, Product]], rounds: int = 5) -> float:
+    """Median seconds of one 1-row product with every (in_features, product) in order (a
+    decode step's weight stream)."""
+    inputs = {k: torch.randn(1, k) for k, _ in products}
     times = []
     with torch.inference_mode():
         for _ in range(rounds + 1):
             start = time.perf_counter()
-            for layer in layers:
-                layer(inputs[layer.in_features])
+            for k, product in products:
+                product(inputs[k])
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
-def choose_weights(model: nn.Module, use_cache: bool = True) -> tuple[str, str]:
+def _fp32_products(
+    model: nn.Module, linears: list[nn.Module], kernels: str, use_cache: bool
+) -> tuple[list[tuple[int, Product]], list[str], str]:
+    """The fp32 engine's 1-row products of `linears`: on the kernel its `kernels` choice
+    (engine/kernels.py, timed or cached for this machine) takes per shape. Also the shapes
+    that go skinny (part of the timing's key) and a few words on them."""
+    from earlyexit.engine.kernels import choose_kernels, shape_key
+
+    choice = choose_kernels(model, kernels, use_cache=use_cache)
+    products, skinny = [], []
+    for m in linears:
+        weight = m.weight.detach()
+        if 1 in choice.rows_for(weight):
+            skinny.append(shape_key(weight))
+            products.append((m.in_features, lambda x, w=weight: skinny_linear(x, w)))
+        else:
+            products.append((m.in_features, lambda x, w=weight: functional.linear(x, w)))
+    if not skinny:
+        kernel = "F.linear"
+    elif len(skinny) == len(linears):
+        kernel = "the skinny kernel"
+    else:
+        kernel = (
+            f"the skinny kernel for {len(skinny)} of {len(linears)} products, F.linear elsewhere"
+        )
+    return products, sorted(set(skinny)), f"{kernel} (kernels {choice.mode})"
+
+
+def choose_weights(
+    model: nn.Module, use_cache: bool = True, kernels: str = "auto"
+) -> tuple[str, str]:
     """("int4" or "float32", why) for an fp32 model: int4 only when its decoder weights are
     exactly 4-bit groups (the GGUF's own Q4_x, so nothing is re-quantized) and the int4
-    products were measured faster than fp32's on this machine (cached per CPU, torch,
-    thread count and shapes)."""
-    from earlyexit.engine.kernels import cpu_model
+    products were measured faster than the fp32 engine's on this machine: on the kernels
+    an engine with `kernels` multiplies fp32 by here (engine/kernels.py). The timings are
+    cached per machine (`machine_key`), procedure, shapes and fp32 kernels; the decision
+    (AUTO_MARGIN) is made anew from them. An engine's own model (its linears switched to
+    the skinny kernel) is judged by the same weights."""
+    from earlyexit.engine.kernels import machine, machine_key
     from earlyexit.paths import atomic_file, home
 
     linears = _decoder_linears(model)
@@ -367,19 +414,22 @@ def choose_weights(model: nn.Module, use_cache: bool = True) -> tuple[str, str]:
             f"weights are not 4-bit groups (off by {worst:.1e} of max |w|): int4 would "
             "re-quantize them; ask for --dtype int4 to do so"
         )
+    fp32_products, skinny, kernel = _fp32_products(model, linears, kernels, use_cache)
     shapes = [tuple(m.weight.shape) for m in linears]
-    cpu, threads = cpu_model(), torch.get_num_threads()
-    key = hashlib.sha256(repr((cpu, torch.__version__, threads, shapes)).encode()).hexdigest()
-    path = home() / "kernels" / f"weights-{key[:16]}.json"
+    key = machine_key(f"weights-{WEIGHTS_PROCEDURE}", shapes, skinny)
+    path = home() / "kernels" / f"weights-{key}.json"
     if use_cache and path.exists():
         timing = json.loads(path.read_text())
     else:
         quantized = [QuantLinear(m.weight, 4) for m in linears]
+        int4_products = [(q.in_features, q) for q in quantized]
         fp32, int4 = [], []
         for _ in range(3):  # interleaved: drift hits both
-            fp32.append(_sweep_seconds(linears))
-            int4.append(_sweep_seconds(quantized))
-        timing = {"cpu": cpu, "threads": threads, "fp32_ms": 1e3 * statistics.median(fp32)}
+            fp32.append(_sweep_seconds(fp32_products))
+            int4.append(_sweep_seconds(int4_products))
+        here = machine()
+        timing = {"cpu": here["cpu"], "threads": here["threads"], "machine": here}
+        timing |= {"fp32_kernel": kernel, "fp32_ms": 1e3 * statistics.median(fp32)}
         timing["int4_ms"] = 1e3 * statistics.median(int4)
         if use_cache:
             with atomic_file(path) as tmp:
@@ -387,7 +437,7 @@ def choose_weights(model: nn.Module, use_cache: bool = True) -> tuple[str, str]:
     ratio = timing["int4_ms"] / timing["fp32_ms"]
     measured = (
         f"decoder products {timing['int4_ms']:.1f} ms int4 vs {timing['fp32_ms']:.1f} ms fp32 "
-        f"per token on {timing['cpu']}, {timing['threads']} threads"
+        f"on {timing['fp32_kernel']} per token on {timing['cpu']}, {timing['threads']} threads"
     )
     if ratio <= AUTO_MARGIN:
         return "int4", f"weights are exact 4-bit groups; {measured}"
@@ -409,8 +459,9 @@ def _products(model: nn.Module) -> list[QuantLinear]:
 def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -> str:
     """The fastest product for many rows (prefill) on this machine: the int4 kernel, or a
     dense bf16 / fp32 copy of the dequantized weight; timed once on the model's largest
-    quantized layer at `rows` rows and cached per CPU, torch, threads and shape."""
-    from earlyexit.engine.kernels import cpu_model
+    quantized layer at `rows` rows, cached per machine (`machine_key`), procedure and
+    shape, and decided anew from the cached times."""
+    from earlyexit.engine.kernels import machine, machine_key
     from earlyexit.paths import atomic_file, home
 
     layers = [m for m in _products(model) if m.bits == 4] or _products(model)
@@ -418,11 +469,11 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
         return "int4"
     layer = max(layers, key=lambda m: m.out_features * m.in_features)
     shape = (layer.out_features, layer.in_features, layer.bits)
-    cpu, threads = cpu_model(), torch.get_num_threads()
-    key = hashlib.sha256(repr((cpu, torch.__version__, threads, shape, rows)).encode())
-    path = home() / "kernels" / f"many-rows-{key.hexdigest()[:16]}.json"
+    key = machine_key(f"many-rows-{MANY_ROWS_PROCEDURE}", shape, rows)
+    path = home() / "kernels" / f"many-rows-{key}.json"
     if use_cache and path.exists():
-        return json.loads(path.read_text())["choice"]
+        ms = json.loads(path.read_text())["ms"]
+        return min(ms, key=ms.get)
     x = torch.randn(rows, layer.in_features)
     dense = {name: layer.dequantized().to(dtype) for name, dtype in DENSE.items()}
     products = {
@@ -439,6 +490,8 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
     ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
     choice = min(ms, key=ms.get)
     if use_cache:
+        here = machine()
+        record = {"cpu": here["cpu"], "machine": here, "rows": rows, "ms": ms, "choice": choice}
         with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps({"cpu": cpu, "rows": rows, "ms": ms, "choice": choice}))
+            tmp.write_text(json.dumps(record))
     return choice
