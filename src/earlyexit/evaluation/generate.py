@@ -1,7 +1,8 @@
 """`earlyexit bench generate`: decoding methods side by side on a generation task.
 
 Every method decodes the same prompts at batch 1 with the same threads, after one untimed
-warm-up decode, prompt by prompt in turn. Two rates, both over full's in the same run:
+warm-up decode, prompt by prompt in turn, the methods' order rotating from prompt to
+prompt. Two rates, both over full's in the same run:
 - `tokens_per_s` / `speedup`: the decode phase, tokens 2..n over the time after the first
   token. Prefill and the first token are full-depth work in every method (bar `static`),
   so this is the part early exit changes, and what per-token latency papers report;
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.runner import collector_paused, round_orders
 from earlyexit.risk import bootstrap_ci
 from earlyexit.runtime.generation import GenConfig, build_decoder
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
@@ -46,10 +48,18 @@ def bench_generation(
     for decoder in decoders.values():
         decoder(prompts[0], DecodeConfig(max_new_tokens=4))  # warm-up
     # prompt-major: every method decodes prompt i before any decodes prompt i+1, so that
-    # drift in machine speed over the run hits all methods alike
-    for prompt in tqdm(prompts, desc=f"{task.name}: decoding", leave=False):
-        for spec, decoder in decoders.items():
-            runs[spec].append(decoder(prompt, decode_config))
+    # drift in machine speed over the run hits all methods alike; in an order that rotates
+    # from prompt to prompt (no method always first, or always right after full), with
+    # the garbage collector paused within a prompt (evaluation.runner)
+    names = list(decoders)
+    orders = round_orders(len(names), len(prompts))
+    for prompt, order in zip(
+        tqdm(prompts, desc=f"{task.name}: decoding", leave=False), orders, strict=True
+    ):
+        with collector_paused():
+            for position in order:
+                spec = names[position]
+                runs[spec].append(decoders[spec](prompt, decode_config))
 
     def texts(results: list[DecodeResult]) -> list[str]:
         return [

@@ -7,12 +7,17 @@ One request, for one task:
 2. The test prompts run once at full depth; their states give every layer's readout,
    which the sweeps replay.
 3. The full model and each method run live, timed in interleaved rounds (batch i of every
-   method in turn, so drift in machine speed hits all alike), rows leaving the batch as
-   they exit; speedup = the full model's time / the method's time.
+   method in turn, so drift in machine speed hits all alike; the order rotates every
+   round, so no method always runs first or always right after the same one), each
+   warmed up on its own first batch beforehand, rows leaving the batch as they exit;
+   speedup = the full model's time / the method's time.
 """
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +45,6 @@ from earlyexit.runtime.classification import (
     Readout,
     collect_states,
     readout_traces,
-    run_policy,
 )
 from earlyexit.tasks.base import Task
 from earlyexit.tasks.metrics import accuracy
@@ -48,13 +52,61 @@ from earlyexit.tasks.metrics import accuracy
 REFERENCE = "(full reference)"
 
 
-def run_interleaved(runners: dict[str, PolicyRunner]) -> dict[str, PolicyRun]:
-    """Round i runs batch i of every runner in turn; returns each runner's totals."""
-    rounds = max(len(r.groups) for r in runners.values())
-    for index in tqdm(range(rounds), desc="timed runs", leave=False):
+def round_orders(count: int, rounds: int) -> list[list[int]]:
+    """Which runner (0..count-1) runs in which position of each timed round.
+
+    Rows of a Williams design (a Latin square balanced for carry-over; for an odd count the
+    square and its mirror), taken in turn from round 0: every `count` consecutive rounds
+    from the start put every runner in every position once, so each runner holds each
+    position as often as `rounds` allows (counts differ by one at most), and each runner
+    follows each other one about equally often. A fixed order gives one runner every
+    round's first slot and another always the slot right after it, so whatever makes a
+    slot faster or slower (what the run before left in the allocator and the caches, drift
+    within a round) lands on the same runners every round."""
+    if count < 1:
+        return [[] for _ in range(rounds)]
+    first = [0] + [(k + 1) // 2 if k % 2 else count - k // 2 for k in range(1, count)]
+    square = [[(symbol + shift) % count for symbol in first] for shift in range(count)]
+    if count % 2:  # odd: the mirrored rows balance who follows whom
+        square += [row[::-1] for row in square]
+    return [square[index % len(square)] for index in range(rounds)]
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """A full collection (untimed), then the cyclic garbage collector off until the block
+    ends, as `timeit` does: else a collection is paid by whichever timed run happens to
+    cross its threshold. Per round, so garbage cannot pile up over a long run."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def run_interleaved(runners: dict[str, PolicyRunner], warm_up: bool = True) -> dict[str, PolicyRun]:
+    """Round i runs batch i of every runner, in an order that changes every round
+    (`round_orders`); returns each runner's totals.
+
+    With `warm_up`, every runner first runs its own first batch once, untimed and
+    unrecorded, so that the first-call costs of its code path (a stopper's first call,
+    lazy imports, buffers and allocator pools growing to size) fall in no timed round.
+    Each round runs with the garbage collector paused (`collector_paused`)."""
+    names = list(runners)
+    rounds = max((len(runner.groups) for runner in runners.values()), default=0)
+    if warm_up:
         for runner in runners.values():
-            if index < len(runner.groups):
-                runner.run_group(index)
+            runner.warm_up()
+    orders = round_orders(len(names), rounds)
+    for index, order in enumerate(tqdm(orders, desc="timed runs", leave=False)):
+        with collector_paused():
+            for position in order:
+                runner = runners[names[position]]
+                if index < len(runner.groups):
+                    runner.run_group(index)
     return {name: runner.result() for name, runner in runners.items()}
 
 
@@ -121,8 +173,7 @@ def evaluate_task(
     states = collect_states(engine, prompts, config.batch)
     test_traces = readout_traces(readout, states, candidates)
 
-    # warm-up, then the full model and every method timed in interleaved rounds
-    run_policy(engine, readout, prompts[: config.batch], candidates, FullPolicy(), config.batch)
+    # the full model and every method timed in interleaved rounds, each warmed up first
     runners = {
         REFERENCE: PolicyRunner(
             engine, readout, prompts, candidates, FullPolicy(), config.batch, texts
