@@ -11,6 +11,7 @@ import gc
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,30 @@ from earlyexit.decoding.shallow_deep import DecodeResult
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
+from earlyexit.runtime.classification import collect_states
 from earlyexit.tasks import Example, get_task
 
 PROMPT = "Name three colours."
 TOKENS = 16
-REVIEWS = ["a gripping, beautifully acted film", "flat, dull and far too long", "fine"]
+# Three clearly positive and three clearly negative reviews, then an ambiguous one: a
+# classifier that ignores its input (one label for all) gets half of GOLD wrong. Every
+# method below labels all six right with wide margins, measured on an AMD EPYC (`lscpu`'s
+# model name; fp32, the run's fresh home): the smallest gap between the two label scores,
+# at the layer each review exits, is 0.95 logits for the zero-shot label map (the first
+# review), 2.1 for the model's own head on SST-2's template, 1.6 for the file task's
+# AdaInfer probe, 2.2 for RAEE's and 3.5 for AdaInfer's on SST-2, where CPUs' fp32
+# roundings differ by ~1e-5. "fine" is not checked against a gold label (RAEE's probe
+# puts its two labels 0.05 apart), only against the readout, as every review is.
+REVIEWS = [
+    "a gripping, beautifully acted film",
+    "flat, dull and far too long",
+    "a warm, funny and moving triumph",
+    "a tedious, boring mess",
+    "a brilliant, joyous celebration of life",
+    "painfully unfunny and badly acted",
+    "fine",
+]
+GOLD = ["positive", "negative"] * 3  # REVIEWS[:6]
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +265,55 @@ def sst2(ee: EarlyExit):  # noqa: ANN201 - a Classification
     return ee.classify(REVIEWS, task="sst2", method="adainfer", calibration=24)
 
 
-def test_classify_sst2_labels_each_text_and_names_its_artifacts(ee: EarlyExit, sst2) -> None:  # noqa: ANN001
+def _task_state(ee: EarlyExit, task: str, calibrated: bool = True):  # noqa: ANN202
+    """The object's kept state for one task (demonstrations, candidates, readout, policies)."""
+    (state,) = [
+        s
+        for s in ee._tasks.values()
+        if s.task.name == task and (s.builder is not None) == calibrated
+    ]
+    return state
+
+
+def _states(ee: EarlyExit, state) -> torch.Tensor:  # noqa: ANN001
+    """Every layer's last-position state for each review's prompt, [review, layer, hidden]:
+    one plain full-depth pass, not the policy run."""
+    prompts = [state.task.prompt(Example(text, 0), state.demos) for text in REVIEWS]
+    return collect_states(ee.engine, prompts)
+
+
+def _readout_argmax(states: torch.Tensor, state, scores: Callable, layers: list[int]) -> list[int]:  # noqa: ANN001
+    """Per review, the class `scores(hidden, layer, candidates)` puts first at the given
+    layer (from `_states`): what a classification's labels are checked against."""
+    return [
+        int(scores(states[i, layer - 1 : layer], layer, state.candidates).argmax())
+        for i, layer in enumerate(layers)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sst2_states(ee: EarlyExit, sst2) -> torch.Tensor:  # noqa: ANN001
+    """`_states` of the SST-2 prompts the fixture classified (its 4 demonstrations)."""
+    return _states(ee, _task_state(ee, "sst2"))
+
+
+def _own_head(ee: EarlyExit) -> Callable:
+    """The model's own readout at any layer: final norm + LM head over the candidates."""
+    return lambda hidden, layer, candidates: ee.engine.logits(hidden, candidates)
+
+
+def test_classify_sst2_labels_each_text_and_names_its_artifacts(
+    ee: EarlyExit,
+    sst2,  # noqa: ANN001
+    sst2_states: torch.Tensor,
+) -> None:
     assert len(sst2.labels) == len(sst2.classes) == len(sst2.exit_layers) == len(REVIEWS)
-    assert set(sst2.labels) <= {"negative", "positive"}
+    assert sst2.labels[:6] == GOLD  # it reads the reviews
     assert [["negative", "positive"][c] for c in sst2.classes] == sst2.labels
+    # each label is the task probe's argmax at the layer the review exited at
+    state = _task_state(ee, "sst2")
+    layers = sst2.exit_layers
+    assert sst2.classes == _readout_argmax(sst2_states, state, state.readout.logits, layers)
     assert all(1 <= layer <= 30 for layer in sst2.exit_layers)
     report = sst2.report
     assert report.avg_layers == sum(sst2.exit_layers) / len(REVIEWS)
@@ -267,6 +332,7 @@ def test_classify_with_the_models_own_head(ee: EarlyExit) -> None:
     paper protocol): at full depth it is the model's own label-word argmax."""
     lens = ee.classify(REVIEWS, task="sst2", method="full", readout="lens", shots=0)
     assert lens.report.artifacts["readout"].startswith("logit lens: the model's own norm")
+    assert lens.labels[:6] == GOLD and lens.exit_layers == [30] * len(REVIEWS)
     engine, task = ee.engine, get_task("sst2")
     ids = task.label_token_ids(engine.tokenizer)
     for text, cls in zip(REVIEWS, lens.classes, strict=True):
@@ -275,9 +341,14 @@ def test_classify_with_the_models_own_head(ee: EarlyExit) -> None:
         assert cls == int(logits[0, ids].argmax())
 
 
-def test_classify_loads_a_saved_raee_database(smol: LayerEngine, ee: EarlyExit, sst2) -> None:  # noqa: ANN001
+def test_classify_loads_a_saved_raee_database(
+    smol: LayerEngine,
+    ee: EarlyExit,
+    sst2,  # noqa: ANN001
+    sst2_states: torch.Tensor,
+) -> None:
     # save what `earlyexit raee build` saves, from the calibration the fixture ran
-    (state,) = [s for s in ee._tasks.values() if s.builder is not None]
+    state = _task_state(ee, "sst2")
     path = home() / "raee" / "smollm2-135m" / "sst2"
     state.builder.database().save(path)
     state.readout.save(path / "probe")
@@ -289,8 +360,16 @@ def test_classify_loads_a_saved_raee_database(smol: LayerEngine, ee: EarlyExit, 
         )
         assert out.report.artifacts["readout"] == f"task probe loaded from {path / 'probe'}"
         assert out.report.artifacts["embedder"] == "minilm-l6"
-        assert all(1 <= layer <= 30 for layer in out.exit_layers) and len(out.labels) == 3
-        assert not fresh._tasks[next(iter(fresh._tasks))].builder  # nothing calibrated
+        assert all(1 <= layer <= 30 for layer in out.exit_layers)
+        assert len(out.labels) == len(REVIEWS) and out.labels[:6] == GOLD
+        loaded = _task_state(fresh, "sst2", calibrated=False)  # nothing calibrated
+        assert loaded.demos == state.demos  # the same prompts as the fixture's
+        readout, policy, _ = loaded.policies["raee"]
+        # the exits are the database's plan for these reviews, and each label is the loaded
+        # probe's argmax at its review's exit layer
+        assert policy.plan(REVIEWS).tolist() == out.exit_layers
+        layers = out.exit_layers
+        assert out.classes == _readout_argmax(sst2_states, loaded, readout.logits, layers)
     finally:
         shutil.rmtree(home() / "raee", ignore_errors=True)
 
@@ -298,8 +377,13 @@ def test_classify_loads_a_saved_raee_database(smol: LayerEngine, ee: EarlyExit, 
 def test_zero_shot_label_map(ee: EarlyExit) -> None:
     labels = {"0": "negative", "1": "positive"}
     out = ee.classify(REVIEWS, task=None, labels=labels, method="full")
-    assert set(out.labels) <= {"negative", "positive"} and out.exit_layers == [30] * 3
+    assert out.labels[:6] == GOLD and out.exit_layers == [30] * len(REVIEWS)
     assert out.report.shots == 0 and out.report.avg_layers == 30
+    # full depth: the model's own head (final norm + LM head) over the two label words
+    state = _task_state(ee, "labels", calibrated=False)
+    assert [w.strip() for w in state.task.label_words] == ["negative", "positive"]
+    own = [30] * len(REVIEWS)
+    assert out.classes == _readout_argmax(_states(ee, state), state, _own_head(ee), own)
     with pytest.raises(EarlyExitError, match="pass a labelled file"):
         ee.classify(REVIEWS, task=None, labels=labels, method="adainfer")
 
@@ -307,9 +391,15 @@ def test_zero_shot_label_map(ee: EarlyExit) -> None:
 def test_a_labelled_file_as_task(ee: EarlyExit, tmp_path: Path) -> None:
     data = tmp_path / "reviews.csv"
     words = ["great", "awful", "lovely", "boring", "superb", "tedious"]
+    # varied sentences: on "the {i}th film was {word}" rows the model says "negative" to
+    # every calibration prompt, so the probe distilled from it knows one class and AdaInfer
+    # answers "negative" to everything at layer 1
+    templates = ["a {} film", "the acting was {}", "a {} story from start to end"]
+    templates += ["{} from the first minute", "the plot is {}", "what a {} movie"]
+    templates += ["the ending was {}", "{} and well made", "a {} cast", "{} says the critic"]
     rows = [
-        f"the {i}th film was {w},{'pos' if j % 2 == 0 else 'neg'}"
-        for i in range(10)
+        f"{template.format(w)},{'pos' if j % 2 == 0 else 'neg'}"
+        for template in templates
         for j, w in enumerate(words)
     ]
     data.write_text("review,stars\n" + "\n".join(rows) + "\n")
@@ -318,8 +408,11 @@ def test_a_labelled_file_as_task(ee: EarlyExit, tmp_path: Path) -> None:
         REVIEWS, task=data, labels=labels, text_column="review", label_column="stars", shots=2
     )  # adainfer, calibrated on the demonstration pool (a fifth: 12 rows) less the 2 shown
     assert out.report.task == "reviews" and out.report.shots == 2
-    assert set(out.labels) <= {"negative", "positive"} and len(out.exit_layers) == 3
+    assert out.labels[:6] == GOLD and len(out.exit_layers) == len(REVIEWS)
     assert out.report.artifacts["readout"] == "task probe fitted on 10 train prompts (in memory)"
+    state = _task_state(ee, "reviews")
+    states = _states(ee, state)
+    assert out.classes == _readout_argmax(states, state, state.readout.logits, out.exit_layers)
     with pytest.raises(EarlyExitError, match="no column 'text'"):
         ee.classify(REVIEWS, task=str(data), labels=labels, method="full")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,19 +11,56 @@ import torch
 
 from earlyexit.bench import engine_bench
 from earlyexit.bench.engine_bench import (
+    PROMPTS,
     render_cost_table,
     render_pass_table,
     render_table,
     run_engine_bench,
 )
+from earlyexit.engine.kernels import MARGIN, linear_weights, shape_key
+from earlyexit.engine.skinny import MAX_ROWS
 from earlyexit.reporting import write_json
 
 pytestmark = pytest.mark.weights  # the benchmark loads smollm2-135m
 
 
-def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
+def _spy_on_paths(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Records what each decode path of the benchmark returned for its first run of each
+    length, keyed (dtype, batch, path, n), and each dtype's engine (key "engine", dtype)."""
+    seen: dict = {}
+    real = engine_bench._decoders
+
+    def spied(engine, ids, pad, llama):  # noqa: ANN001, ANN202
+        paths = real(engine, ids, pad, llama)
+        seen["engine", engine.weights] = engine
+        key = (engine.weights, ids.shape[0])
+
+        def wrap(path: str, fn):  # noqa: ANN001, ANN202
+            def run(n: int) -> torch.Tensor:
+                out = fn(n)
+                seen.setdefault((*key, path, n), out.tolist())
+                return out
+
+            return run
+
+        return {path: wrap(path, fn) for path, fn in paths.items()}
+
+    monkeypatch.setattr(engine_bench, "_decoders", spied)
+    return seen
+
+
+def _same_until_eos(mine: list[list[int]], hf: list[list[int]], eos: int) -> bool:
+    """Row by row, the same tokens up to the row's first EOS (hf's min_new_tokens bans it)."""
+    cuts = [row.index(eos) if eos in row else len(row) for row in mine]
+    return all(a[:c] == b[:c] for a, b, c in zip(mine, hf, cuts, strict=True))
+
+
+def test_engine_bench_schema_and_json_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_forced: Callable
+) -> None:
     # One thread: with 2 OpenMP threads and another process busy on a core, every op waits
     # on a descheduled thread and this test goes from ~15 s to minutes; the schema is the same.
+    seen = _spy_on_paths(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -49,15 +87,53 @@ def test_engine_bench_schema_and_json_round_trip(tmp_path: Path) -> None:
     } | {("engine-compiled", 1)}
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "float32"} == fp32
     assert {(r["path"], r["batch"]) for r in records if r["dtype"] == "int4"} == int4
+    fp32_engine = seen["engine", "float32"]
+    eos = fp32_engine.tokenizer.eos_token_id
     for r in records:
-        assert r["path"] == "hf" or r["matches_hf"]  # F.linear or not, the same tokens
-        assert r["tokens_per_s"] > 0 and r["seconds"] > 0
+        tokens = seen[r["dtype"], r["batch"], r["path"], 4]
+        hf = seen[r["dtype"], r["batch"], "hf", 4]
+        assert len(tokens) == r["batch"] and all(len(row) == 4 for row in tokens)
+        # matches_hf is this path's own tokens against hf's, not a constant
+        assert r["matches_hf"] == (None if r["path"] == "hf" else _same_until_eos(tokens, hf, eos))
+        if r["path"] != "engine-compiled":  # the eager paths are the model's arithmetic
+            assert r["path"] == "hf" or tokens == hf  # F.linear or not, the same tokens
+        # the rate is the batch's decoded tokens (the first excluded) over the decode time
+        assert r["seconds"] == pytest.approx(max(r["total_seconds"] - r["prefill_seconds"], 1e-9))
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 3 / r["seconds"])
+        assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["prefill_seconds"] > 0
+    # hf's tokens are the fp32 model's greedy continuation: each is the argmax of the model's
+    # own logits after the prompt and the tokens before it (one forward; fp32 rounding only)
+    (greedy,) = seen["float32", 1, "hf", 4]
+    logits = teacher_forced(fp32_engine, PROMPTS[0], greedy)
+    chosen = logits.gather(1, torch.tensor(greedy)[:, None])[:, 0]
+    assert torch.all(chosen >= logits.max(-1).values - 1e-3), (greedy, logits.argmax(-1))
     assert result["llama_cpp"] == "llama.cpp: not requested"
-    assert result["fastest_engine"] in ("float32", "int4")
-    assert isinstance(result["engine_overhead"], float) and result["cpu"]
+    rate = {(r["path"], r["dtype"]): r["tokens_per_s"] for r in records if r["batch"] == 1}
+    engines = {dtype: rate["engine", dtype] for dtype in ("float32", "int4")}
+    assert result["fastest_engine"] == max(engines, key=engines.get)
+    for dtype in ("float32", "int4"):
+        overhead = 1 - rate["engine", dtype] / rate["hf", dtype]
+        assert result["engine_overhead_by_dtype"][dtype] == pytest.approx(overhead)
+        assert result["weights"][dtype]["weights"] == dtype
+    assert result["engine_overhead"] == result["engine_overhead_by_dtype"]["float32"]
+    assert result["engine_overhead_batch"] == 1 and result["cpu"]
+    # the fp32 kernel choice: every weight shape of the model timed at 1..MAX_ROWS rows by
+    # both kernels, and skinny chosen exactly where it took at most MARGIN of plain's time
     choice = result["kernels"]["float32"]
-    assert choice["mode"] == "auto" and set(choice["skinny_rows"]) == set(choice["timings"])
+    assert choice["mode"] == "auto" and choice["threads"] == 1
+    shapes = {shape_key(w) for w in linear_weights(fp32_engine.model)}
+    assert set(choice["timings"]) == set(choice["skinny_rows"]) == shapes
+    for shape, by_rows in choice["timings"].items():
+        assert set(by_rows) == {str(n) for n in range(1, MAX_ROWS + 1)}
+        assert all(t["plain"] > 0 and t["skinny"] > 0 for t in by_rows.values())
+        wins = [int(n) for n, t in by_rows.items() if t["skinny"] <= MARGIN * t["plain"]]
+        assert choice["skinny_rows"][shape] == sorted(wins), shape
+    assert result["kernels"]["int4"]["skinny_rows"] == {}  # only fp32 weights go skinny
     costs = result["layer_costs"]["float32"]
+    layer = costs["ms_per_layer"]
+    assert costs["full_readout_over_layer"] == pytest.approx(costs["ms_full_readout"] / layer)
+    for k, ms in costs["ms_candidate_readout"].items():
+        assert costs["candidate_readout_over_layer"][k] == pytest.approx(ms / layer)
     numbers = [costs["ms_per_layer"], costs["ms_full_readout"], costs["full_readout_over_layer"]]
     numbers += list(costs["ms_candidate_readout"].values())
     numbers += list(costs["candidate_readout_over_layer"].values())

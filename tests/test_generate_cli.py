@@ -3,41 +3,162 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from earlyexit.cli import app
+from earlyexit.decoding.shallow_deep import DecodeResult, prompt_ids
+from earlyexit.runtime import generation
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # each command loads smollm2-135m
 
 runner = CliRunner()
 PROMPT = "Summarize: Anna wants to meet Tom at the station at five, but her train is late."
+# the lossy methods are checked token by token against one forward pass of the same weights
+# (teacher forcing): fp32 and eager, where the two differ by fp32 rounding only
+EAGER_FP32 = ("--dtype", "float32", "--compiled", "off")
+TOLERANCE = 1e-3  # logits: fp32 rounding between the decode loop and one forward is ~1e-5
 
 
-def _generate(*args: str) -> str:
-    result = runner.invoke(app, ["generate", PROMPT, "--max-new-tokens", "8", *args])
+@dataclass
+class Generated:
+    """One `earlyexit generate`: what it printed, and what its decoder returned."""
+
+    text: str
+    result: DecodeResult
+    engine: Any  # the LayerEngine the command loaded
+    layer: int  # its shallow exit layer
+    prompt: str  # the rendered prompt the decoder was given
+
+
+def _generate(*args: str) -> Generated:
+    decoded: dict[str, Any] = {}
+    real = generation.build_decoder
+
+    def spied(method, engine, shallow, config):  # noqa: ANN001, ANN202 - build_decoder's
+        decoder = real(method, engine, shallow, config)
+
+        def run(prompt: str, cfg) -> DecodeResult:  # noqa: ANN001
+            result = decoder(prompt, cfg)
+            decoded.update(result=result, engine=engine, layer=shallow.layer, prompt=prompt)
+            return result
+
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:  # the command imports it when it runs
+        patch.setattr(generation, "build_decoder", spied)
+        result = runner.invoke(app, ["generate", PROMPT, "--max-new-tokens", "8", *args])
     assert result.exit_code == 0, result.output
     *text, stats = result.stdout.strip().splitlines()  # the text, then a stats line
     assert "tokens/s" in stats
     # which decode steps ran, and why, on stderr (unless --compiled off)
     assert ("decode steps: " in result.stderr) == ("off" not in args)
-    return "\n".join(text).strip()
+    out = Generated("\n".join(text).strip(), **decoded)
+    tokens, layers = out.result.tokens, out.result.exit_layers
+    # what it printed is what it decoded: the tokens' text, their count, the share that
+    # exited at the shallow layer (every exit layer lies in 1..30)
+    tokenizer = out.engine.tokenizer
+    assert out.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert 1 <= len(tokens) == len(layers) <= 8 and all(1 <= e <= 30 for e in layers)
+    early = sum(e < 30 for e in layers) / len(layers)
+    assert stats.startswith(f"{len(tokens)} tokens, {early:.0%} at layer {out.layer},"), stats
+    return out
+
+
+def _teacher_forced(out: Generated) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own logits for each emitted token given the prompt and the tokens before
+    it, read at the shallow layer through the model's final norm and head (the logit lens:
+    the run's home is fresh, so no trained readout exists) and at full depth: [n, vocab] each.
+    One forward of the model's own modules, not the engine's decode loops."""
+    engine = out.engine
+    ids = prompt_ids(engine, out.prompt)
+    tokens = torch.tensor(out.result.tokens[:-1], dtype=ids.dtype)
+    with torch.no_grad():
+        forward = engine.model(
+            input_ids=torch.cat([ids[0], tokens])[None], output_hidden_states=True
+        )
+    start = ids.shape[1] - 1
+    # hidden_states[k]: the output of layer k (0: the embeddings)
+    shallow = engine.logits(forward.hidden_states[out.layer][:, start:])[0].float()
+    return shallow, forward.logits[0, start:].float()
+
+
+def _is_argmax(logits: torch.Tensor, token: int) -> bool:
+    return bool(logits[token] >= logits.max() - TOLERANCE)
+
+
+def _gaps(logits: torch.Tensor) -> list[float]:
+    """Per row, the top-1 minus top-2 probability: the exit confidence (`--measure gap`)."""
+    top = logits.softmax(-1).topk(2).values
+    return (top[:, 0] - top[:, 1]).tolist()
 
 
 def test_generate_methods_from_the_cli() -> None:
     full = _generate("--method", "full")
-    assert full
-    assert _generate("--method", "lossless:shallow:0.0") == full  # drafts all, still exact
-    assert _generate("--method", "lossless") == full  # n-gram drafts
+    assert full.text and full.result.exit_layers == [30] * len(full.result.tokens)
+    for exact in ("lossless:shallow:0.0", "lossless"):  # drafts all / n-gram drafts
+        out = _generate("--method", exact)
+        assert out.result.tokens == full.result.tokens and out.text == full.text, exact
     # transformers' own generate: the eager engine's arithmetic (the default `--compiled
     # auto` may run compiled steps, which round differently: tests/test_compiled.py)
-    assert _generate("--method", "hf") == _generate("--method", "full", "--compiled", "off")
-    for method in ("free", "calm:0.5", "static"):
-        _generate("--method", method)
+    hf = _generate("--method", "hf")
+    assert hf.result.tokens == _generate("--method", "full", "--compiled", "off").result.tokens
+
+    # full: each token is the model's own argmax after the prompt and the tokens before it
+    reference = _generate("--method", "full", *EAGER_FP32)
+    _, deep = _teacher_forced(reference)
+    assert all(_is_argmax(deep[i], t) for i, t in enumerate(reference.result.tokens))
+
+    # static: every token read out at layer 24, the prompt run through 24 layers only (on
+    # this prompt that is not the full model's text: the check tells the two apart)
+    static = _generate("--method", "static", *EAGER_FP32)
+    shallow, deep = _teacher_forced(static)
+    assert static.result.exit_layers == [24] * len(static.result.tokens)
+    assert all(_is_argmax(shallow[i], t) for i, t in enumerate(static.result.tokens))
+    assert not all(_is_argmax(deep[i], t) for i, t in enumerate(static.result.tokens))
+
+    # free: a token exits at 24 (the lens's argmax there, confident enough) or is the full
+    # model's (a catch-up or a verified draft); catch-ups fill the stacked tokens' deep KV
+    # exactly, so both hold against one forward over the emitted text. Its own calibrated
+    # threshold keeps every token deep on this prompt; at 0.3, tokens 2, 4 and 6 exit (lens
+    # gaps 0.48, 0.48, 0.96, measured on an AMD EPYC) and token 2 is not the full model's
+    for spec, threshold in (("free", 0.0), ("free:0.3", 0.3)):
+        free = _generate("--method", spec, *EAGER_FP32)
+        shallow, deep = _teacher_forced(free)
+        gaps = _gaps(shallow)
+        emitted = zip(free.result.tokens, free.result.exit_layers, strict=True)
+        for i, (token, layer) in enumerate(emitted):
+            assert layer in (24, 30), (spec, i)
+            if layer == 24:
+                assert _is_argmax(shallow[i], token) and gaps[i] >= threshold - TOLERANCE
+            else:
+                assert _is_argmax(deep[i], token), (spec, i)
+    assert {24, 30} <= set(free.result.exit_layers)
+
+    # calm:0.5: exits at 24 exactly where the lens's top-1 minus top-2 probability reaches
+    # 0.5 (layers 1..24 are always run, so that gap is the forward's); deep tokens are the
+    # full model's until the first exit (after it, deep layers read copied states)
+    calm = _generate("--method", "calm:0.5", *EAGER_FP32)
+    shallow, deep = _teacher_forced(calm)
+    gaps = _gaps(shallow)
+    layers = calm.result.exit_layers
+    assert layers[0] == 30  # the first token comes from the full-depth prefill
+    assert {24, 30} <= set(layers[1:])  # on this prompt: some exit, some do not
+    for i, (token, layer) in enumerate(zip(calm.result.tokens, layers, strict=True)):
+        assert layer in (24, 30)
+        if layer == 24:
+            assert _is_argmax(shallow[i], token) and gaps[i] >= 0.5 - TOLERANCE, i
+        else:
+            assert i == 0 or gaps[i] < 0.5 + TOLERANCE, i
+            assert 24 in layers[:i] or _is_argmax(deep[i], token), i
+
     sampled = ["--method", "free:0.3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
-    assert _generate(*sampled) == _generate(*sampled)
+    assert _generate(*sampled).result.tokens == _generate(*sampled).result.tokens
     bad = runner.invoke(app, ["generate", PROMPT, "--method", "fastest"])
     assert bad.exit_code != 0 and "unknown generation method 'fastest'" in bad.output
     for method, message in [

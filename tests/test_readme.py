@@ -50,8 +50,17 @@ def test_the_python_api_section_runs_as_written() -> None:
     assert "logit lens (untrained" in out.report.artifacts["shallow_exit"]  # hermetic home
     assert namespace["chunk"].generation is not None
     result = namespace["result"]
-    assert len(result.labels) == len(namespace["reviews"])
-    assert set(result.labels) <= {"negative", "positive"}
+    # the README's two reviews: clearly positive, then clearly negative (a classifier that
+    # gives every text one label fails). Both answers hold with wide margins: the gaps
+    # between the two label scores were 5.5 and 7.2 logits for AdaInfer's task probe (exits
+    # at layers 22 and 21) and 0.95 and 2.3 for the zero-shot label map, measured on an AMD
+    # EPYC, where `--dtype auto` took float32 (int4, taken where it times faster, was not
+    # measured)
+    assert namespace["reviews"] == [
+        "a gripping, beautifully acted film",
+        "flat, dull and far too long",
+    ]
+    assert result.labels == ["positive", "negative"] == namespace["zero_shot"].labels
     assert "task probe fitted on 40 train prompts" in result.report.artifacts["readout"]
     assert printed.getvalue().strip()
 
