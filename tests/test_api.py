@@ -224,13 +224,29 @@ def test_a_stream_stopped_early_leaves_no_worker(ee: EarlyExit) -> None:
 
 
 def test_stream_errors_reach_the_consumer(ee: EarlyExit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in a decode that runs alone (under the lock), and in the scheduler's loop
+    (a batched method), is raised in the consumer; no worker is left behind."""
     monkeypatch.setattr(ee, "_built", lambda request: _fake(ee, fail=RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
-        list(ee.stream(PROMPT))
+        list(ee.stream(PROMPT, method="static"))
+    monkeypatch.undo()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bang")
+
+    monkeypatch.setattr(ee.engine, "run_rows", broken)
+    with pytest.raises(RuntimeError, match="bang"):
+        list(ee.stream(PROMPT, method="full", max_new_tokens=4))
     assert not _stream_threads()
+    monkeypatch.undo()
+    assert ee.scheduler_stats().running == 0
+    assert len(ee.generate(PROMPT, method="full", max_new_tokens=3).tokens) == 3  # it lives
 
 
-def test_requests_are_serialized(ee: EarlyExit, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_decoding_alone_are_serialized(
+    ee: EarlyExit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Methods outside the scheduler (here `static`) take the model's lock in turn."""
     active, most = [0], [0]
     built = _fake(ee, delay=0.01)
     inner = built.decoder
@@ -247,10 +263,10 @@ def test_requests_are_serialized(ee: EarlyExit, monkeypatch: pytest.MonkeyPatch)
     results: list[str] = []
 
     def generate() -> None:
-        results.append(ee.generate(PROMPT).text)
+        results.append(ee.generate(PROMPT, method="static").text)
 
     def stream() -> None:
-        results.append("".join(c.text for c in ee.stream(PROMPT)))
+        results.append("".join(c.text for c in ee.stream(PROMPT, method="static")))
 
     workers = [threading.Thread(target=f) for f in (generate, stream, generate, stream)]
     for worker in workers:

@@ -35,6 +35,23 @@ def test_ngram_drafter_drafts_the_length_chosen_for_its_match() -> None:
     assert drafter.propose(None, None, 100, Sampler()).tokens == [9]  # type: ignore[arg-type]
 
 
+def test_a_request_that_does_not_copy_stops_drafting() -> None:
+    """With measured costs, the count drafted follows the request's own record: a 3-gram
+    match and rows at 0.2 of a pass each draft; after drafts that never stand, none (the
+    held-out summaries where drafting ran at 0.85x of `full`)."""
+    costs = {n: 1.0 + 0.2 * (n - 1) for n in range(1, MAX_DRAFT + 2)}
+    drafter = NgramDrafter(max_tokens=MAX_DRAFT, costs=costs)
+    drafter.start([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
+    assert len(drafter.propose(None, None, 100, Sampler()).tokens) >= 1  # type: ignore[arg-type]
+    drafted = 0
+    while drafter.propose(None, None, 100, Sampler()).tokens:  # type: ignore[arg-type]
+        drafted += 1
+        drafter.accept([100 + drafted])  # the model says something new: no draft stands
+        drafter.index.extend([1, 2, 3])  # and the 3-gram matches again
+        assert drafted < 20, "still drafting after 20 rejected passes"
+    assert drafted >= 3 and drafter.record.scale < 0.3
+
+
 def test_pass_costs_are_measured_once_then_read_back(
     smol: LayerEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -91,7 +91,7 @@ def test_corrupt_or_missing_readout(smol: LayerEngine, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_report_has_every_layer_and_costs(smol: LayerEngine, trained: TrainResult) -> None:
-    report = readout_report(smol, trained.readout, tokens=512, seq_len=128, cost_iters=5)
+    report = readout_report(smol, trained.readout, tokens=128, seq_len=128, cost_iters=2)
     assert [m["layer"] for m in report["layers"]] == list(range(1, smol.num_layers))
     by_layer = {m["layer"]: m for m in report["layers"]}
     assert by_layer[20]["kl"] < by_layer[20]["lens_kl"]  # trained layer

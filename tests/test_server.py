@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -22,6 +24,7 @@ MODEL = "smollm2-135m"
 PROMPT = "The three primary colours are"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 TOKENS = 12
+BOUND = 1e-3  # fp32 logits in a batch against alone (tests/test_scheduler.py)
 
 
 @pytest.fixture(scope="module")
@@ -198,38 +201,69 @@ def test_bad_chat_input(server: str, client: openai.OpenAI) -> None:
     assert code == 404 and answer["error"]["type"] == "not_found_error"
 
 
-def test_concurrent_streams_do_not_cross_talk(client: openai.OpenAI, ee: EarlyExit) -> None:
-    """Four streaming clients at once, each with its own prompt: each gets the answer it
-    gets alone (requests queue on the API's lock; each has its own KV cache)."""
+def _stream_text(client: openai.OpenAI, prompt: str, tokens: int = 8) -> str:
+    chunks = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"early_exit": {"method": "full", "stop_at_eos": False}},
+    )
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def _comparable_prefix(
+    smol: LayerEngine, teacher_forced: Callable, prompt: str, tokens: list
+) -> str:
+    """The text of the solo answer up to its first near-tie (top-2 gap within BOUND, which
+    a batch's rounding may flip): what an answer under load must begin with."""
+    logits = teacher_forced(smol, prompt, tokens)
+    top = logits.topk(2, dim=-1).values
+    gaps = (top[:, 0] - top[:, 1]).tolist()
+    cut = next((i for i, gap in enumerate(gaps) if gap <= BOUND), len(tokens))
+    return smol.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+
+
+def test_concurrent_streams_do_not_cross_talk(
+    client: openai.OpenAI, ee: EarlyExit, smol: LayerEngine, teacher_forced: Callable
+) -> None:
+    """Four streaming clients at once, decoded together in one running batch: each gets
+    the answer it gets alone (tie-aware: see tests/test_scheduler.py)."""
     prompts = [
         "The capital of France is",
         "Water boils at",
         "Once upon a time, there was a",
         "The best way to learn is",
     ]
-    alone = {p: ee.generate(p, method="full", max_new_tokens=8, chat=False).text for p in prompts}
-
-    def streamed(prompt: str) -> str:
-        chunks = client.completions.create(
-            model=MODEL,
-            prompt=prompt,
-            max_tokens=8,
-            temperature=0,
-            stream=True,
-            extra_body={"early_exit": {"method": "full"}},
-        )
-        return "".join(c.choices[0].text for c in chunks if c.choices)
-
+    alone = {
+        p: ee.generate(p, method="full", max_new_tokens=8, chat=False, stop_at_eos=False)
+        for p in prompts
+    }
+    steps = ee.scheduler_stats().steps
     with ThreadPoolExecutor(4) as pool:
-        together = dict(zip(prompts, pool.map(streamed, prompts), strict=True))
-    assert together == alone
+        together = dict(
+            zip(prompts, pool.map(lambda p: _stream_text(client, p), prompts), strict=True)
+        )
+    stats = ee.scheduler_stats()
+    assert stats.steps - steps < 4 * 7  # fewer passes than one request at a time takes
+    for prompt in prompts:
+        start = _comparable_prefix(smol, teacher_forced, prompt, alone[prompt].tokens)
+        assert together[prompt].startswith(start), (prompt, together[prompt], alone[prompt].text)
 
 
-def test_a_disconnected_stream_frees_the_model(server: str, ee: EarlyExit) -> None:
-    """A client that goes away after the first chunk: its decode (2000 tokens, minutes at
-    full depth) is cancelled and the model's lock is free again within seconds."""
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
-    body["early_exit"] = {"method": "full", "stop_at_eos": False}
+def _rows_freed(ee: EarlyExit, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stats = ee.scheduler_stats()
+        if stats.running == stats.queued == stats.prefilling == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _abandon(server: str, body: dict) -> None:
+    """Start a streamed completion, read its first event, and hang up."""
     connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=120)
     connection.request(
         "POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"}
@@ -239,8 +273,83 @@ def test_a_disconnected_stream_frees_the_model(server: str, ee: EarlyExit) -> No
     assert response.readline().startswith(b"data: ")  # decoding has begun
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    assert ee._lock.acquire(timeout=30), "the abandoned decode still holds the model"
-    ee._lock.release()
+
+
+LONG = {
+    "model": MODEL,
+    "prompt": PROMPT,
+    "max_tokens": 2000,
+    "stream": True,
+    "early_exit": {"method": "full", "stop_at_eos": False},
+}
+
+
+def test_a_disconnected_stream_frees_its_row(server: str, ee: EarlyExit) -> None:
+    """A client that goes away after the first chunk: its decode (2000 tokens, minutes at
+    full depth) is cancelled and its row freed within seconds."""
+    _abandon(server, LONG)
+    assert _rows_freed(ee), f"the abandoned decode still holds a row: {ee.scheduler_stats()}"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_sixteen_clients_with_bad_requests_and_disconnects(
+    server: str, client: openai.OpenAI, ee: EarlyExit
+) -> None:
+    """16 streaming clients at once (8 rows decode, 8 wait), with malformed requests and
+    abandoned streams among them: every good stream gets its tokens, the bad ones a 400,
+    and afterwards no row is running or leaked, /metrics says so, and memory is back."""
+    _stream_text(client, PROMPT, 4)  # warm: buffers of this size exist once
+    before = _rss_mb()
+    with ThreadPoolExecutor(24) as pool:
+        good = [pool.submit(_stream_text, client, f"{PROMPT} number {i}", 8) for i in range(16)]
+        bad = [pool.submit(_post, server, "/v1/completions", body) for body, _, _ in BAD[:4]]
+        gone = [pool.submit(_abandon, server, LONG) for _ in range(4)]
+        texts = [f.result(timeout=600) for f in good]
+        answers = [f.result(timeout=600) for f in bad]
+        for f in gone:
+            f.result(timeout=600)
+    assert all(texts) and all(400 <= code < 500 for code, _ in answers)
+    assert _rows_freed(ee), ee.scheduler_stats()
+    metrics = _get(server, "/metrics")
+    assert "earlyexit_running_rows 0.0" in metrics and "earlyexit_queue_depth 0.0" in metrics
+    assert ee.scheduler.cache is None  # an idle scheduler keeps no KV
+    assert _rss_mb() - before < 200, (before, _rss_mb())
+    assert _stream_text(client, PROMPT, 2)  # and it still answers
+
+
+def test_a_full_queue_answers_429_and_a_wrong_key_401(smol: LayerEngine) -> None:
+    small = EarlyExit.from_engine(smol, max_batch=1, max_queue=1)
+    with running_server(small, "full", api_key="sesame", methods=("full",)) as url:
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert json.loads(_get(url, "/health"))["status"] == "ok"  # open without a key
+        assert keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices
+        with pytest.raises(openai.BadRequestError, match="not served here"):
+            keyed.completions.create(
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=2,
+                extra_body={"early_exit": {"method": "free"}},
+            )
+        pool = ThreadPoolExecutor(1)
+        with small._lock:  # the scheduler's loop cannot start a job
+            waiting = pool.submit(
+                keyed.completions.create, model=MODEL, prompt=PROMPT, max_tokens=2
+            )
+            while small.scheduler_stats().queued == 0:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as refused:
+                keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+            assert refused.value.response.headers["retry-after"] == "1"
+        assert waiting.result(timeout=120).usage.completion_tokens == 2
+        pool.shutdown()
+    small.close()
 
 
 def test_classify_endpoint(server: str, ee: EarlyExit) -> None:
@@ -277,19 +386,26 @@ def test_metrics_count_requests_tokens_and_layers(server: str, client: openai.Op
     assert "earlyexit_request_seconds_bucket" in text
 
 
-def test_bench_serve_reports_every_method_without_cross_talk(ee: EarlyExit) -> None:
+def test_bench_serve_reports_every_cell_without_cross_talk(ee: EarlyExit) -> None:
     from earlyexit.bench.server_bench import render_server_table, run_server_bench
 
     result = run_server_bench(
-        methods=("full", "lossless", "free"), clients=2, requests=2, max_tokens=4, ee=ee
+        methods=("full", "lossless", "free"),
+        clients=(2,),
+        requests=2,
+        max_tokens=4,
+        max_batches=(2, 1),
+        ee=ee,
     )
-    loads = {m["method"]: m for m in result["methods"]}
-    assert list(loads) == ["full", "lossless", "free"]
-    for method, load in loads.items():
-        assert load["requests"] == 2 and load["errors"] == 0, load["error_messages"]
-        assert load["completion_tokens"] == 8 and load["p95_s"] >= load["p50_s"] > 0
+    cells = {(c["max_batch"], c["method"]): c for c in result["cells"]}
+    assert list(cells) == [(b, m) for b in (2, 1) for m in ("full", "lossless", "free")]
+    for (batch, method), cell in cells.items():
+        assert cell["requests"] == 2 and cell["errors"] == 0, cell["error_messages"]
+        assert cell["completion_tokens"] == 8 and cell["p95_s"] >= cell["p50_s"] > 0
         # greedy full / lossless answers are compared with their answers alone; free's
         # threshold learns across requests, so its answers are not
-        assert load["compared"] == (0 if method == "free" else 2) and load["mismatches"] == 0
-    assert loads["full"]["avg_layers"] == 30
-    assert render_server_table(result).row_count == 3
+        assert cell["compared"] == (0 if method == "free" else 2) and cell["mismatches"] == 0
+        if method != "free":  # batched: rows per pass within the limit
+            assert 1 <= cell["mean_batch"] <= batch
+    assert cells[1, "full"]["mean_batch"] == 1 and cells[2, "full"]["avg_layers"] == 30
+    assert render_server_table(result).row_count == 6

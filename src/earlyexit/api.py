@@ -8,9 +8,11 @@
 
 One `EarlyExit` holds one model (a `LayerEngine`), the artifacts built for it on first use
 (decoders with their calibrated thresholds, shallow exits, task probes, AdaInfer stoppers,
-RAEE databases) and one lock. Requests are serialized: every `generate`, `stream` and
-`classify` call holds the lock while it runs, so one object may be shared by concurrent
-callers (a server's request threads) and each request still runs alone on the model.
+RAEE databases), one lock and one scheduler. `full` and `lossless` (n-gram drafts) requests
+go through the scheduler (runtime/scheduler.py): concurrent callers (a server's request
+threads) are decoded together, continuously batched, up to `max_batch` rows. Every other
+request holds the lock while it runs; the scheduler takes the same lock per iteration, so
+each model computation runs alone.
 
 Every request reports what it used (`report.artifacts`): a trained readout with its path,
 or "logit lens (untrained)"; a probe fitted on N train prompts or loaded from a path; and
@@ -58,6 +60,7 @@ from earlyexit.runtime.generation import (
     calm_threshold,
     parse_method,
 )
+from earlyexit.runtime.scheduler import Job, Scheduler, SchedulerStats, check_limits
 from earlyexit.tasks.base import Example, Task
 
 __all__ = [
@@ -100,7 +103,9 @@ class GenerationReport:
     rollbacks: int
     prompt_tokens: int
     completion_tokens: int
-    prompt_seconds: float  # prefill and the first token
+    prompt_seconds: float  # arrival to the first token: queue wait, prefill (TTFT)
+    queue_seconds: float  # waiting for a row in the scheduler's batch (0: not batched)
+    batched: bool  # decoded by the scheduler in a running batch (else alone, under the lock)
     decode_seconds: float  # tokens 2..n
     setup_seconds: float  # building the decoder on this call (0 once built: kept in memory)
     tokens_per_s: float
@@ -358,19 +363,21 @@ class _TaskState:
 class EarlyExit:
     """One model, loaded once: `generate`, `stream` and `classify` with early exit.
 
-    Requests are serialized: each holds this object's lock while it runs (a stream holds it
-    from its first token to its last), so concurrent callers share one model safely and
-    their requests run one after another. Artifacts built on first use (decoders and their
+    `full` and `lossless` (n-gram) requests from concurrent callers are decoded together by
+    the scheduler, up to `max_batch` rows (1: one at a time, first come first served), with
+    at most `max_queue` waiting. Other methods hold this object's lock while they run (a
+    stream from its first token to its last). Artifacts built on first use (decoders and their
     calibration, shallow exits, task probes, stoppers, RAEE databases) are kept in memory
     on the object; make one object per model and keep it.
     """
 
-    def __init__(self, engine: LayerEngine) -> None:
+    def __init__(self, engine: LayerEngine, max_batch: int = 8, max_queue: int = 64) -> None:
         self.engine = engine
         # torch's CPU threads when the object was made; every request runs with them,
         # from whichever thread calls (OpenMP keeps the count per thread)
         self.threads = torch.get_num_threads()
         self._lock = threading.Lock()
+        self.scheduler = Scheduler(engine, self._lock, max_batch, max_queue, threads=self.threads)
         self._general: ExitReadout | None = None
         self._lens: ExitReadout | None = None
         self._decoders: dict[tuple, _Built] = {}
@@ -386,6 +393,8 @@ class EarlyExit:
         threads: int | None = None,
         kernels: str = "auto",
         compiled: bool | str = "auto",
+        max_batch: int = 8,
+        max_queue: int = 64,
     ) -> EarlyExit:
         """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
         verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
@@ -399,6 +408,7 @@ class EarlyExit:
         layers have one, int4 Llama layers, and a timed step was faster on this machine;
         the layer step is built once per machine, about 15 s, then loads in
         milliseconds), `on` or `off` (the eager engine, bit-identical to the model's own layers).
+        `max_batch`, `max_queue`: the scheduler's running rows and waiting requests.
         """
         from earlyexit.engine.engine import COMPILED_MODES
         from earlyexit.engine.kernels import MODES
@@ -415,14 +425,29 @@ class EarlyExit:
             if not isinstance(threads, int) or threads < 1:
                 raise EarlyExitError(f"threads must be a positive integer, not {threads!r}")
             torch.set_num_threads(threads)
+        check_limits(max_batch, max_queue)
         engine = LayerEngine(load_model(model, dtype=dtype), kernels=kernels)
         engine.set_compiled(compiled)
-        return cls(engine)
+        return cls(engine, max_batch, max_queue)
 
     @classmethod
-    def from_engine(cls, engine: LayerEngine) -> EarlyExit:
+    def from_engine(cls, engine: LayerEngine, max_batch: int = 8, max_queue: int = 64) -> EarlyExit:
         """Wrap an engine already built (it is used as is: kernels, dtype, threads)."""
-        return cls(engine)
+        return cls(engine, max_batch, max_queue)
+
+    def scheduler_stats(self) -> SchedulerStats:
+        """Running rows, waiting requests, decode passes and the mean running batch."""
+        return self.scheduler.stats()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, let running ones end within `timeout` s, stop the loop."""
+        self.scheduler.close(timeout)
+
+    def check_room(self, method: str) -> None:
+        """Raise QueueFull / ShuttingDown now when a request of `method` would be refused
+        (a server checks before it starts a stream's 200 response)."""
+        if self._batched(parse_method(method)):
+            self.scheduler.check_room()
 
     @property
     def tokenizer(self) -> Any:
@@ -496,8 +521,7 @@ class EarlyExit:
         request = self._request(
             prompt, method, max_new_tokens, temperature, top_p, seed, stop, chat, knobs
         )
-        with self._lock:
-            return self._run(request, None)
+        return self._execute(request, None, threading.Event())
 
     def stream(
         self,
@@ -609,6 +633,9 @@ class EarlyExit:
             )
         return self._shallow_exits[key]
 
+    def _has_built(self, request: _Request) -> bool:
+        return (request.method.spec, *request.knobs.decoder_key) in self._decoders
+
     def _built(self, request: _Request) -> _Built:
         """The decoder for the request's method and knobs (built once, then kept)."""
         method, knobs = request.method, request.knobs
@@ -689,12 +716,47 @@ class EarlyExit:
         self._decoders[key] = built
         return built
 
-    def _run(self, request: _Request, listener: Callable[[int, int], None] | None) -> Generation:
-        """One decode, the lock held by the caller. `listener` (a stream's) sees each token
-        as it is emitted; the text is assembled here either way."""
+    @staticmethod
+    def _batched(method: GenMethod) -> bool:
+        """Methods the scheduler decodes in a running batch (one token, or a row's n-gram
+        drafts, through every layer per pass); the rest decode alone under the lock."""
+        return method.name == "full" or (method.name, method.drafter) == ("lossless", "ngram")
+
+    def _execute(
+        self,
+        request: _Request,
+        listener: Callable[[int, int], None] | None,
+        cancel: threading.Event,
+    ) -> Generation:
+        """One decode: through the scheduler, or alone under the lock (waiting for it gives
+        up as soon as `cancel` is set). `listener` (a stream's) sees each token."""
+        if self._batched(request.method):
+            return self._run(request, listener, cancel)
+        while not self._lock.acquire(timeout=0.05):
+            if cancel.is_set():
+                raise _Cancelled
+        try:
+            if cancel.is_set():
+                raise _Cancelled
+            return self._run(request, listener, cancel)
+        finally:
+            self._lock.release()
+
+    def _run(
+        self,
+        request: _Request,
+        listener: Callable[[int, int], None] | None,
+        cancel: threading.Event,
+    ) -> Generation:
+        """One decode (batched, or with the lock held). The text is assembled here."""
         self._use_threads()
         began = time.perf_counter()
-        built = self._built(request)
+        batched = self._batched(request.method)
+        if batched and not self._has_built(request):
+            with self._lock:  # building touches the engine (cost timing, first use)
+                built = self._built(request)
+        else:
+            built = self._built(request)
         setup = time.perf_counter() - began
         assembler = _TextAssembler(self.tokenizer, request.decode.stop_strings)
 
@@ -704,7 +766,14 @@ class EarlyExit:
             assembler.push(token, layer)
 
         config = DecodeConfig(**{**vars(request.decode), "on_token": on_token})
-        result = built.decoder(request.prompt, config)
+        if batched:
+            method = request.method
+            fixed = int(method.value) if method.value else request.knobs.draft_tokens
+            ids, _ = self.engine.encode([request.prompt])
+            job = Job(ids, config, method.name == "lossless", fixed, cancelled=cancel)
+            result = self.scheduler.run(job)
+        else:
+            result = built.decoder(request.prompt, config)
         assembler.release(final=True)
         return self._generation(request, built, result, assembler, setup)
 
@@ -740,6 +809,8 @@ class EarlyExit:
             prompt_tokens=int(ids.shape[1]),
             completion_tokens=n,
             prompt_seconds=result.prefill_seconds,
+            queue_seconds=result.queue_seconds,
+            batched=self._batched(request.method),
             decode_seconds=result.decode_seconds,
             setup_seconds=setup,
             tokens_per_s=n / max(1e-9, result.seconds),
@@ -1017,15 +1088,17 @@ class EarlyExit:
 class Stream(Iterator[StreamChunk]):
     """The chunks of one streamed generation (from `EarlyExit.stream`).
 
-    The decode runs in a worker thread, started at the first `next()`, which takes the
-    model's lock and puts each emitted token on a queue; iterating takes the queued tokens,
-    assembles their text and yields them as `StreamChunk`s; the last chunk carries the
-    `Generation`. An exception in the decode is raised here, in the consumer.
+    The decode runs in a worker thread, started at the first `next()`, which submits it to
+    the scheduler (or takes the model's lock) and puts each emitted token on a queue;
+    iterating takes the queued tokens, assembles their text and yields them as
+    `StreamChunk`s; the last chunk carries the `Generation`. An exception in the decode is
+    raised here, in the consumer.
 
     Stopping early: `close()` (or leaving a `with` block, or the stream being garbage
-    collected) sets a cancel flag; the worker's token listener raises on the next token,
-    which ends the decode, releases the lock and ends the thread. `close()` waits for that
-    (one decoding step; a worker still waiting for the lock gives up at once); a stream
+    collected) sets a cancel flag: the scheduler frees the row at its next iteration (a
+    decode under the lock ends at the next token, its listener raising), and the thread
+    ends. `close()` waits for that (one decoding step; a worker still waiting for the lock
+    gives up at once); a stream
     merely dropped does not wait. A stream never closed and never read runs to its end
     (max_new_tokens): the queue is unbounded, so the worker never blocks on its consumer.
     """
@@ -1059,16 +1132,7 @@ class Stream(Iterator[StreamChunk]):
 
         def work() -> None:  # holds no reference to the Stream: dropping it cancels
             try:
-                while not owner._lock.acquire(timeout=0.05):
-                    if cancel.is_set():
-                        raise _Cancelled
-                try:
-                    if cancel.is_set():
-                        raise _Cancelled
-                    generation = owner._run(request, listener)
-                finally:
-                    owner._lock.release()
-                out.put(("done", generation))
+                out.put(("done", owner._execute(request, listener, cancel)))
             except _Cancelled:
                 out.put(("cancelled",))
             except BaseException as err:  # re-raised in the consumer

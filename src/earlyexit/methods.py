@@ -129,6 +129,9 @@ EVAL: tuple[Method, ...] = (
 )
 
 GEN_METHODS: tuple[str, ...] = tuple(m.syntax for m in GENERATION)
+# the families `earlyexit serve` offers unless told otherwise (--methods): the peers run
+# outside the scheduler (transformers' generate, llama.cpp) and are for benchmarks
+SERVED_METHODS: tuple[str, ...] = ("full", "lossless", "free", "calm", "static")
 EVAL_METHODS: tuple[str, ...] = tuple(m.syntax for m in EVAL)
 
 

@@ -90,6 +90,15 @@ def install_command(reinstall: bool = False, python: str | None = None) -> str:
     return f"{pip} uninstall -y llama-cpp-python && {line}" if reinstall else line
 
 
+def server_build_command(source: str = "llama.cpp", build: str = "llama.cpp/build") -> str:
+    """The shell lines that build llama.cpp's `llama-server` (continuous batching over
+    parallel slots; `bench serve --llama-server`) for this CPU from a llama.cpp checkout."""
+    args = cmake_args(cpu_flags(), platform.machine())
+    configure = f"cmake -S {source} -B {build} -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF"
+    configure += f" {args}" if args else ""
+    return f"{configure} && cmake --build {build} --target llama-server -j"
+
+
 def model_gguf(model: str) -> Path | None:
     """The GGUF llama.cpp runs for `model`: a registry model's source file, or the user's."""
     from earlyexit.models.fetch import gguf_file

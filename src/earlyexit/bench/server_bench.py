@@ -1,26 +1,33 @@
-"""`bench serve`: a bounded load test of `earlyexit serve` on localhost, methods side by side.
+"""`bench serve`: a bounded load test of `earlyexit serve` on localhost, methods and batch
+limits side by side at several client counts.
 
-The server runs in this process (uvicorn in a thread) on a free port; clients are the
-official `openai` client in threads, streaming chat completions of a generation task's
-prompts. Per method: `requests` requests, `clients` at a time, in rounds that alternate the
-methods (so machine drift hits them alike). Reported per method: errors, p50/p95 latency
-(request sent -> last chunk) and time to first token, completion tokens per second of wall
-time, layers per token, and cross-talk: every greedy answer is compared with the answer
-to the same prompt requested alone, before the load (methods whose adaptive threshold
-learns across requests, `free` without `:T`, legitimately differ and are not compared).
+One server per batch limit (`--max-batch 8,1`: continuous batching, and one request at a
+time) runs in this process (uvicorn in a thread) on a free port, all on the same loaded
+model; clients are the official `openai` client in threads, streaming chat completions of
+a generation task's prompts. Per client count and cell (batch limit x method): `requests`
+requests, `clients` at a time, in rounds that rotate the cells (so machine drift hits them
+alike). Reported per cell: errors, completion tokens per second of wall time, p50/p95
+latency (request sent -> last chunk) and time to first token, the scheduler's mean running
+batch, layers per token, and cross-talk: every greedy answer is compared with the answer to
+the same prompt requested alone, before the load; one that parts from it where the solo
+run's top-2 logit gap is within the measured batch rounding bound is counted as a tie, any
+other difference as a mismatch (`free` without `:T` learns across requests: not compared).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,30 +35,39 @@ from rich.table import Table
 
 from earlyexit.api import EarlyExit
 from earlyexit.engine.kernels import cpu_model
+from earlyexit.errors import EarlyExitError
 from earlyexit.runtime.generation import parse_method
+from earlyexit.runtime.scheduler import SchedulerStats
 
 
 @dataclass
 class MethodLoad:
     method: str
+    max_batch: int  # the scheduler's running-row limit (1: one request at a time)
+    clients: int
     requests: int
     errors: int
     p50_s: float
     p95_s: float
     ttft_p50_s: float
+    ttft_p95_s: float
     completion_tokens: int
-    wall_s: float  # summed over this method's rounds
+    wall_s: float  # summed over this cell's rounds
     tokens_per_s: float  # completion tokens / wall_s
+    mean_batch: float  # running rows per decode pass while this cell ran (0: not batched)
     avg_layers: float  # mean over requests of layers per decode-phase token
     compared: int  # answers compared with the same prompt's answer alone
-    mismatches: int  # of those, how many differ (cross-talk)
+    mismatches: int  # of those, how many differ beyond a near-tie (cross-talk)
+    ties: int  # of those, how many part at a near-tie of the solo run (rounding)
     error_messages: list[str] = field(default_factory=list)
 
 
 @contextmanager
-def running_server(ee: EarlyExit, method: str, start_seconds: float = 60) -> Iterator[str]:
-    """The server on a free localhost port in a thread; yields its base URL, and checks that
-    it stops (within a minute) on the way out."""
+def running_server(
+    ee: EarlyExit, method: str, start_seconds: float = 60, **options: Any
+) -> Iterator[str]:
+    """The server on a free localhost port in a thread (`options`: create_app's); yields
+    its base URL, and checks that it stops (within a minute) on the way out."""
     import uvicorn
 
     from earlyexit.server import create_app
@@ -59,7 +75,8 @@ def running_server(ee: EarlyExit, method: str, start_seconds: float = 60) -> Ite
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(ee, method), host="127.0.0.1", port=port, log_level="error")
+    app = create_app(ee, method, **options)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -78,9 +95,83 @@ def running_server(ee: EarlyExit, method: str, start_seconds: float = 60) -> Ite
         raise RuntimeError("the server did not stop")
 
 
+LLAMA_SERVER = "llama-server"  # the cell name of llama.cpp's own server
+
+
+@contextmanager
+def llama_server(
+    binary: Path, gguf: Path, slots: int, context: int, threads: int, start_seconds: float = 120
+) -> Iterator[str]:
+    """llama.cpp's server (continuous batching over `slots` parallel slots) on the GGUF, on
+    a free localhost port; yields its base URL once /health answers, stops it after."""
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(context * slots),
+        "-t",
+        str(threads),
+        "--no-webui",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_seconds
+    try:
+        while True:
+            if process.poll() is not None:
+                tail = process.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"llama-server exited ({process.returncode}): {tail}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not answer /health in {start_seconds} s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def _deterministic(method: str, temperature: float) -> bool:
+    if method == LLAMA_SERVER:
+        return False
     parsed = parse_method(method)
     return temperature == 0 and not (parsed.name == "free" and parsed.value is None)
+
+
+def _tie_prefix(ee: EarlyExit, prompt: str, tokens: list[int], bound: float) -> str:
+    """The solo answer's text up to its first near-tie (top-2 logit gap within `bound`,
+    which a batch's rounding may flip): what the same answer under load must begin with."""
+    from earlyexit.tasks.generation import render_prompt
+
+    engine = ee.engine
+    ids, _ = engine.encode([render_prompt(engine.tokenizer, prompt)])
+    sequence = torch.cat([ids[0], torch.tensor(tokens[:-1], dtype=ids.dtype)])[None]
+    with torch.inference_mode(), ee._lock:
+        logits = engine.model(input_ids=sequence).logits[0, ids.shape[1] - 1 :]
+    top = logits.float().topk(2, dim=-1).values
+    gaps = (top[:, 0] - top[:, 1]).tolist()
+    cut = next((i for i, gap in enumerate(gaps) if gap <= bound), len(tokens))
+    return engine.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
 
 
 def _one(client: Any, model: str, prompt: str, method: str, tokens: int, temperature: float):  # noqa: ANN202
@@ -89,6 +180,7 @@ def _one(client: Any, model: str, prompt: str, method: str, tokens: int, tempera
     began = time.perf_counter()
     first = None
     pieces, usage, telemetry = [], None, None
+    extra = {} if method == LLAMA_SERVER else {"extra_body": {"early_exit": {"method": method}}}
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -97,7 +189,7 @@ def _one(client: Any, model: str, prompt: str, method: str, tokens: int, tempera
         seed=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"early_exit": {"method": method}},
+        **extra,
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -117,117 +209,252 @@ def _one(client: Any, model: str, prompt: str, method: str, tokens: int, tempera
     )
 
 
+# logits of a row in a batch against alone (scripts/experiments/batch_rounding.py):
+# fp32 9.2e-5, int4 0.67 on the AMD EPYC; answers parting at a solo gap within this are ties
+TIE_BOUND = {"float32": 1e-3, "int4": 1.5, "int8": 1.5, "bfloat16": 1.5}
+
+
 def run_server_bench(
     model: str = "smollm2-135m",
     methods: Sequence[str] = ("full", "lossless", "free"),
-    clients: int = 8,
-    requests: int = 48,
+    clients: Sequence[int] = (1, 4, 8),
+    requests: int = 16,
     max_tokens: int = 32,
     task: str = "samsum",
     dtype: str = "auto",
     temperature: float = 0.0,
+    max_batches: Sequence[int] = (8, 1),
     ee: EarlyExit | None = None,
+    llama_server_binary: Path | None = None,
 ) -> dict[str, Any]:
+    """Per client count, `requests` streamed requests per (batch limit, method) cell, the
+    cells interleaved round by round (`clients` requests at a time), each cell's answers
+    compared with the same prompt answered alone; with `llama_server_binary`, llama.cpp's
+    server on the model's GGUF (as many slots as the most clients) is one more cell."""
     import openai
 
     from earlyexit.tasks.generation import get_generation_task
 
-    if clients < 1 or requests < clients or max_tokens < 1 or not methods:
-        raise ValueError("need clients >= 1, requests >= clients, max_tokens >= 1, a method")
+    clients = sorted(set(clients))
+    if not clients or clients[0] < 1 or requests < clients[-1] or max_tokens < 1 or not methods:
+        raise ValueError("need clients >= 1, requests >= the most clients, max_tokens >= 1")
     for method in methods:
         parse_method(method)
-    ee = ee or EarlyExit.load(model, dtype=dtype)
+    base = ee or EarlyExit.load(model, dtype=dtype)
+    servers = {
+        b: EarlyExit.from_engine(base.engine, max_batch=b, max_queue=4 * requests)
+        for b in max_batches
+    }
     prompts = [item.instruction for item in get_generation_task(task).items(requests)]
     prompts = [prompts[i % len(prompts)] for i in range(requests)]
+    bound = TIE_BOUND.get(base.engine.weights, 1.5)
     load_before = os.getloadavg()[0]
-    with running_server(ee, methods[0]) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-        alone: dict[tuple[str, str], str] = {}
-        for method in methods:  # reference answers, one request at a time (also warms up)
-            if _deterministic(method, temperature):
-                for prompt in dict.fromkeys(prompts):
-                    alone[method, prompt] = _one(
-                        client, ee.name, prompt, method, max_tokens, temperature
-                    )[2]
-            else:
-                _one(client, ee.name, prompts[0], method, max_tokens, temperature)
-        results: dict[str, list] = {m: [] for m in methods}
-        errors: dict[str, list[str]] = {m: [] for m in methods}
-        wall = dict.fromkeys(methods, 0.0)
-        with ThreadPoolExecutor(clients) as pool:
-            for start in range(0, requests, clients):  # one round: every method in turn
-                batch = prompts[start : start + clients]
-                for method in methods:
-                    began = time.perf_counter()
-                    futures = [
-                        (p, pool.submit(_one, client, ee.name, p, method, max_tokens, temperature))
-                        for p in batch
-                    ]
-                    for prompt, future in futures:
-                        try:
-                            results[method].append((prompt, *future.result()))
-                        except Exception as err:  # noqa: BLE001 - counted and reported
-                            errors[method].append(f"{type(err).__name__}: {err}"[:200])
-                    wall[method] += time.perf_counter() - began
-    loads = []
-    for method in methods:
-        rows = results[method]
-        latency = sorted(r[1] for r in rows) or [float("nan")]
-        ttft = sorted(r[2] for r in rows) or [float("nan")]
-        tokens = sum(r[4] for r in rows)
-        compared = [r for r in rows if (method, r[0]) in alone]
-        loads.append(
-            MethodLoad(
-                method=method,
-                requests=len(rows) + len(errors[method]),
-                errors=len(errors[method]),
-                p50_s=statistics.median(latency),
-                p95_s=latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
-                ttft_p50_s=statistics.median(ttft),
-                completion_tokens=tokens,
-                wall_s=wall[method],
-                tokens_per_s=tokens / wall[method] if wall[method] else 0.0,
-                avg_layers=statistics.fmean(r[5] for r in rows) if rows else float("nan"),
-                compared=len(compared),
-                mismatches=sum(r[3] != alone[method, r[0]] for r in compared),
-                error_messages=errors[method][:5],
+    cells: list[MethodLoad] = []
+    with contextlib.ExitStack() as stack:
+        urls = {
+            b: stack.enter_context(running_server(ee_b, methods[0])) for b, ee_b in servers.items()
+        }
+        first = max_batches[0]
+        client_of = {
+            b: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+            for b, url in urls.items()
+        }
+        keys = [(b, m) for b in max_batches for m in methods]
+        if llama_server_binary is not None:
+            from earlyexit.bench.llamacpp import model_gguf
+
+            gguf = model_gguf(base.name)
+            if gguf is None:
+                raise EarlyExitError(f"{base.name} has no GGUF for llama-server")
+            context = 2048  # per slot: a SAMSum prompt and its answer fit
+            url = stack.enter_context(
+                llama_server(
+                    llama_server_binary, gguf, clients[-1], context, torch.get_num_threads()
+                )
             )
-        )
+            client_of[0] = openai.OpenAI(
+                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900
+            )
+            _one(client_of[0], base.name, prompts[0], LLAMA_SERVER, max_tokens, temperature)
+            keys.append((0, LLAMA_SERVER))  # batch limit 0: llama-server's own slots
+        alone: dict[tuple[str, str], tuple[str, str]] = {}  # (text, its tie-free prefix)
+        for method in methods:  # reference answers, one request at a time (also warms up)
+            for b in max_batches:  # every server warms up (builds its decoders)
+                _one(client_of[b], base.name, prompts[0], method, max_tokens, temperature)
+            if not _deterministic(method, temperature):
+                continue
+            for prompt in dict.fromkeys(prompts):
+                text = _one(client_of[first], base.name, prompt, method, max_tokens, temperature)
+                generation = servers[first].generate(
+                    prompt, method=method, max_new_tokens=max_tokens, temperature=0.0, seed=0
+                )
+                alone[method, prompt] = (
+                    text[2],
+                    _tie_prefix(base, prompt, generation.tokens, bound),
+                )
+        for count in clients:
+            results: dict[tuple[int, str], list] = {k: [] for k in keys}
+            errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
+            wall = dict.fromkeys(keys, 0.0)
+            rows = dict.fromkeys(keys, 0)
+            steps = dict.fromkeys(keys, 0)
+            with ThreadPoolExecutor(count) as pool:
+                for round_, start in enumerate(range(0, requests, count)):
+                    batch = prompts[start : start + count]
+                    order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+                    for b, method in order:  # rotated: no cell always goes first
+                        stats = _stats(servers, b)
+                        before = (stats.steps, stats.mean_batch * stats.steps)
+                        began = time.perf_counter()
+                        futures = [
+                            (
+                                p,
+                                pool.submit(
+                                    _one,
+                                    client_of[b],
+                                    base.name,
+                                    p,
+                                    method,
+                                    max_tokens,
+                                    temperature,
+                                ),
+                            )
+                            for p in batch
+                        ]
+                        for prompt, future in futures:
+                            try:
+                                results[b, method].append((prompt, *future.result()))
+                            except Exception as err:  # noqa: BLE001 - counted and reported
+                                errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
+                        wall[b, method] += time.perf_counter() - began
+                        stats = _stats(servers, b)
+                        steps[b, method] += stats.steps - before[0]
+                        rows[b, method] += round(stats.mean_batch * stats.steps - before[1])
+            for b, method in keys:
+                cells.append(
+                    _cell(
+                        method,
+                        b,
+                        count,
+                        results[b, method],
+                        errors[b, method],
+                        wall[b, method],
+                        rows[b, method],
+                        steps[b, method],
+                        alone,
+                    )
+                )
+    for ee_b in servers.values():
+        ee_b.close()
     return {
-        "model": ee.name,
-        "weights": ee.engine.weights,
+        "model": base.name,
+        "weights": base.engine.weights,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "task": task,
         "clients": clients,
-        "requests_per_method": requests,
+        "max_batches": list(max_batches),
+        "requests_per_cell": requests,
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "scheduling": "one request decodes at a time (the API's lock); others queue",
-        "warmup": "each method's reference answers (or one request) before the load",
-        "methods": [asdict(load) for load in loads],
+        "tie_bound": bound,
+        "scheduling": "full and lossless continuously batched up to max_batch rows; "
+        "free decodes alone under the model's lock; llama-server (max batch 0 in the JSON): "
+        "its own continuous batching over as many slots as the most clients",
+        "llama_server": str(llama_server_binary) if llama_server_binary else None,
+        "warmup": "each method's reference answers (or one request per server) before the load",
+        "order": "cells (batch limit x method) rotated round by round",
+        "cells": [asdict(cell) for cell in cells],
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
 
+def _stats(servers: dict[int, EarlyExit], limit: int) -> SchedulerStats:
+    if limit in servers:
+        return servers[limit].scheduler_stats()
+    return SchedulerStats(0, 0, 0, 0, 0.0)  # llama-server: not ours to count
+
+
+def _cell(
+    method: str,
+    max_batch: int,
+    clients: int,
+    rows: list,
+    errors: list[str],
+    wall: float,
+    rows_stepped: int,
+    steps: int,
+    alone: dict[tuple[str, str], tuple[str, str]],
+) -> MethodLoad:
+    latency = sorted(r[1] for r in rows) or [float("nan")]
+    ttft = sorted(r[2] for r in rows) or [float("nan")]
+    tokens = sum(r[4] for r in rows)
+    compared = [r for r in rows if (method, r[0]) in alone]
+    differ = [r for r in compared if r[3] != alone[method, r[0]][0]]
+    crossed = [r for r in differ if not r[3].startswith(alone[method, r[0]][1])]
+    return MethodLoad(
+        method=method,
+        max_batch=max_batch,
+        clients=clients,
+        requests=len(rows) + len(errors),
+        errors=len(errors),
+        p50_s=statistics.median(latency),
+        p95_s=_p95(latency),
+        ttft_p50_s=statistics.median(ttft),
+        ttft_p95_s=_p95(ttft),
+        completion_tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=tokens / wall if wall else 0.0,
+        mean_batch=rows_stepped / steps if steps else 0.0,
+        avg_layers=statistics.fmean(r[5] for r in rows) if rows else float("nan"),
+        compared=len(compared),
+        mismatches=len(crossed),
+        ties=len(differ) - len(crossed),
+        error_messages=errors[:5],
+    )
+
+
+def _p95(values: list[float]) -> float:
+    return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+
+
 def render_server_table(result: dict[str, Any]) -> Table:
     table = Table(
-        title=f"{result['model']} ({result['weights']}) behind `earlyexit serve`: "
-        f"{result['clients']} streaming clients, {result['requests_per_method']} requests per "
-        f"method, {result['max_tokens']} tokens, {result['threads']} threads, {result['cpu']}"
+        title=f"{result['model']} ({result['weights']}) behind `earlyexit serve`: streaming "
+        f"clients {result['clients']}, {result['requests_per_cell']} requests per cell, "
+        f"{result['max_tokens']} tokens, {result['threads']} threads, {result['cpu']}"
     )
-    cols = ("method", "errors", "p50 s", "p95 s", "TTFT p50 s", "tok/s", "layers/token")
+    cols = (
+        "clients",
+        "method",
+        "max batch",
+        "errors",
+        "tok/s",
+        "p50 s",
+        "p95 s",
+        "TTFT p50 s",
+        "TTFT p95 s",
+        "mean batch",
+        "layers/token",
+    )
     for col in (*cols, "same as alone"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for m in result["methods"]:
-        same = f"{m['compared'] - m['mismatches']}/{m['compared']}" if m["compared"] else "n/a"
+    for m in result["cells"]:
+        same = "n/a"
+        if m["compared"]:
+            same = f"{m['compared'] - m['mismatches'] - m['ties']}/{m['compared']}"
+            same += f" (+{m['ties']} ties)" if m["ties"] else ""
         table.add_row(
+            str(m["clients"]),
             m["method"],
+            str(m["max_batch"]) if m["method"] != "llama-server" else "slots",
             str(m["errors"]),
+            f"{m['tokens_per_s']:.1f}",
             f"{m['p50_s']:.2f}",
             f"{m['p95_s']:.2f}",
             f"{m['ttft_p50_s']:.2f}",
-            f"{m['tokens_per_s']:.1f}",
+            f"{m['ttft_p95_s']:.2f}",
+            f"{m['mean_batch']:.2f}",
             f"{m['avg_layers']:.1f}",
             same,
         )

@@ -255,16 +255,26 @@ def bench_serve(
     method: str = typer.Option(
         "full,lossless,free", help=f"Comma-separated methods ({method_list(GENERATION)})."
     ),
-    clients: int = typer.Option(8, min=1, help="Concurrent streaming clients."),
-    requests: int = typer.Option(48, min=1, help="Requests per method."),
+    clients: str = typer.Option("1,4,8", help="Comma-separated concurrent streaming clients."),
+    max_batch: str = typer.Option(
+        "8,1", help="Comma-separated scheduler batch limits, one server each (1: one at a time)."
+    ),
+    requests: int = typer.Option(16, min=1, help="Requests per cell (batch limit x method)."),
     max_tokens: int = typer.Option(32, min=1, help="max_tokens of every request."),
     task: str = typer.Option("samsum", help="Prompts from this generation task."),
     temperature: float = TEMPERATURE_OPT,
     dtype: str = DTYPE_OPT,
+    llama_server: Path | None = typer.Option(
+        None,
+        "--llama-server",
+        help="llama.cpp's llama-server binary: its continuous batching on the same GGUF as "
+        "one more cell (README: how to build it for this CPU).",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the result JSON here."),
 ) -> None:
-    """Load-test `earlyexit serve` on localhost with the openai client: latency, tokens/s,
-    layers per token and cross-talk per method, methods alternating round by round."""
+    """Load-test `earlyexit serve` on localhost with the openai client: tokens/s, latency,
+    time to first token, mean running batch and cross-talk per client count, batch limit
+    and method, the cells rotating round by round."""
     from earlyexit.bench.server_bench import render_server_table, run_server_bench
     from earlyexit.reporting import write_json
     from earlyexit.runtime.generation import parse_method
@@ -272,13 +282,28 @@ def bench_serve(
     methods = parse_list(method, "--method")
     for m in methods:
         parse_method(m)
-    if requests < clients:
-        raise EarlyExitError(f"--requests ({requests}) must be at least --clients ({clients})")
+    counts = parse_list(clients, "--clients", int)
+    limits = parse_list(max_batch, "--max-batch", int)
+    if min(counts) < 1 or min(limits) < 1:
+        raise EarlyExitError("--clients and --max-batch take positive integers")
+    if llama_server is not None and not llama_server.is_file():
+        raise EarlyExitError(f"no llama-server binary at {llama_server}")
+    if requests < max(counts):
+        raise EarlyExitError(f"--requests ({requests}) must be at least the most --clients")
     result = run_server_bench(
-        model, methods, clients, requests, max_tokens, task, dtype, temperature
+        model,
+        methods,
+        counts,
+        requests,
+        max_tokens,
+        task,
+        dtype,
+        temperature,
+        limits,
+        llama_server_binary=llama_server,
     )
     console.print(render_server_table(result))
-    if any(m["errors"] or m["mismatches"] for m in result["methods"]):
+    if any(m["errors"] or m["mismatches"] for m in result["cells"]):
         console.print("[red]errors or cross-talk: see the JSON's error_messages[/]")
     if json_path:
         write_json(result, json_path)
@@ -287,9 +312,19 @@ def bench_serve(
 
 @bench_app.command("llamacpp-install")
 @friendly
-def bench_llamacpp_install() -> None:
+def bench_llamacpp_install(
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        help="Instead: the cmake lines that build llama-server (for `bench serve "
+        "--llama-server`) from this llama.cpp checkout.",
+    ),
+) -> None:
     """Print the pip line that builds llama.cpp (the `bench engine` anchor, the `llama.cpp`
     peer) for this CPU into this environment: `eval "$(earlyexit bench llamacpp-install)"`."""
-    from earlyexit.bench.llamacpp import install_command, installed
+    from earlyexit.bench.llamacpp import install_command, installed, server_build_command
 
+    if server is not None:
+        typer.echo(server_build_command(server, f"{server.rstrip('/')}/build"))
+        return
     typer.echo(install_command(reinstall=installed()))  # plain: no wrapping, no markup

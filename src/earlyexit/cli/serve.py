@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from earlyexit.cli.app import COMPILED_OPT, DTYPE_OPT, MODEL_OPT, app, console, friendly
-from earlyexit.methods import GENERATION, method_list
+from earlyexit.cli.app import (
+    COMPILED_OPT,
+    DTYPE_OPT,
+    MODEL_OPT,
+    app,
+    console,
+    friendly,
+    parse_list,
+)
+from earlyexit.errors import EarlyExitError
+from earlyexit.methods import GENERATION, SERVED_METHODS, method_list
 
 
 @app.command("serve")
@@ -25,6 +34,19 @@ def serve_command(
         30, min=0, help="Seconds in-flight requests get to finish on shutdown."
     ),
     compiled: str = COMPILED_OPT,
+    max_batch: int = typer.Option(
+        8, min=1, help="Rows decoded together (continuous batching); 1: one at a time."
+    ),
+    max_queue: int = typer.Option(
+        64, min=1, help="Requests waiting for a row; beyond it the server answers 429."
+    ),
+    methods: str = typer.Option(
+        ",".join(SERVED_METHODS), help="Comma-separated method families clients may use."
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="EARLYEXIT_API_KEY", help="Require 'Authorization: Bearer KEY'."
+    ),
+    cors: str = typer.Option("", help="Comma-separated origins allowed by CORS ('*': any)."),
 ) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/models), plus /v1/classify, /health and /metrics (Prometheus)."""
@@ -33,12 +55,36 @@ def serve_command(
     from earlyexit.server import serve
 
     parse_method(method)  # a bad method fails before the model loads
-    ee = EarlyExit.load(model, dtype=dtype, threads=threads, compiled=compiled)
+    families = parse_list(methods, "--methods")
+    for family in families:
+        parse_method(family)
+    if parse_method(method).name not in families:
+        raise EarlyExitError(f"--method {method} is not among --methods {methods}")
+    ee = EarlyExit.load(
+        model,
+        dtype=dtype,
+        threads=threads,
+        compiled=compiled,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
     console.print(f"decode steps: {ee.engine.compiled_choice.summary()}", highlight=False)
     if ee.engine.compiled is not None:  # the first request would otherwise load (or build) it
         ee.generate("Hello", method="full", max_new_tokens=2)
+    if "lossless" in families:  # its drafts follow batch pass costs: timed once per machine
+        ee.scheduler.prepare()
     console.print(
-        f"serving {ee.name} ({dtype}, default method {method}) on http://{host}:{port}/v1",
+        f"serving {ee.name} ({dtype}, default method {method}, up to {max_batch} rows "
+        f"batched) on http://{host}:{port}/v1",
         highlight=False,
     )
-    serve(ee, method, host, port, graceful_seconds=graceful)
+    serve(
+        ee,
+        method,
+        host,
+        port,
+        graceful_seconds=graceful,
+        methods=tuple(families),
+        api_key=api_key,
+        cors=tuple(parse_list(cors, "--cors")) if cors else (),
+    )

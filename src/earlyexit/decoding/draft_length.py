@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -85,4 +86,124 @@ def measure_pass_costs(engine: LayerEngine, rounds: int = 5, use_cache: bool = T
     if use_cache:
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(costs))
+    return costs
+
+
+# ---- drafts in a running batch -------------------------------------------------------------
+# A pass over a running batch has one width n for all rows (a ragged pass costs what its
+# widest row costs): the width is chosen per step from the measured cost of a pass over
+# B rows x n tokens and each row's expected accepted drafts, which follow its own record.
+ROW_BATCHES = (1, 2, 4, 8, 16)  # batch sizes whose pass costs are measured
+PRIOR_WEIGHT = 4.0  # pseudo-drafts of the table's expectation behind each row's record
+
+
+@dataclass
+class RowRecord:
+    """One row's drafts so far: how many it had accepted against how many the table
+    (MATCH_PREFIX) expected for the same match lengths and draft lengths. A row whose text
+    does not copy (a summary in new words) accepts less than expected and stops drafting."""
+
+    accepted: float = 0.0
+    expected: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return (self.accepted + PRIOR_WEIGHT) / (self.expected + PRIOR_WEIGHT)
+
+    def record(self, match: int, drafted: int, accepted: int) -> None:
+        if drafted and match:
+            self.expected += sum(MATCH_PREFIX[min(match, 3)][:drafted])
+            self.accepted += accepted
+
+    def gain(self, match: int, available: int) -> float:
+        """Expected accepted drafts when `available` looked-up tokens are verified."""
+        if not match or not available:
+            return 0.0
+        prefix = MATCH_PREFIX[min(match, 3)][:available]
+        return min(float(available), self.scale * sum(prefix))
+
+
+@dataclass
+class RowPassCosts:
+    """Seconds of a full-depth pass (layers + head over the real tokens) over B rows of n
+    new tokens, measured at ROW_BATCHES x 1..MAX_DRAFT+1; other B interpolated."""
+
+    seconds: dict[int, dict[int, float]]
+
+    def at(self, rows: int, width: int) -> float:
+        sizes = sorted(self.seconds)
+        if rows in self.seconds:
+            return self.seconds[rows][width]
+        lower = max((b for b in sizes if b < rows), default=sizes[0])
+        upper = min((b for b in sizes if b > rows), default=None)
+        if upper is None:  # beyond the largest measured batch: proportional
+            return self.seconds[lower][width] * rows / lower
+        t = (rows - lower) / (upper - lower)
+        return (1 - t) * self.seconds[lower][width] + t * self.seconds[upper][width]
+
+
+def pass_width(rows: list[tuple[RowRecord, int, int]], costs: RowPassCosts) -> int:
+    """The pass width n (1: no drafts) that maximises expected tokens per second over the
+    running rows, each given as (record, match length, looked-up tokens available)."""
+    count = len(rows)
+    best, best_rate = 1, count / costs.at(count, 1)
+    widest = max((available for _, _, available in rows), default=0)
+    for width in range(2, min(widest, MAX_DRAFT) + 2):
+        gained = sum(r.gain(m, min(a, width - 1)) for r, m, a in rows)
+        rate = (count + gained) / costs.at(count, width)
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
+
+
+@torch.inference_mode()
+def time_row_passes(engine: LayerEngine, batches: tuple[int, ...], rounds: int) -> RowPassCosts:
+    """Median seconds of a pass over B rows x n tokens (B in `batches`, n in
+    1..MAX_DRAFT+1) after a prompt, each (B, n) interleaved over rounds after a warm-up."""
+    ids, _ = engine.encode(["The quick brown fox jumps over the lazy dog. " * 4])
+    single = engine.prefill(ids, capacity=ids.shape[1] + MAX_DRAFT + 2).cache
+    samples: dict[tuple[int, int], list[float]] = {}
+    caches = {}
+    for rows in batches:
+        cache = engine.new_row_cache(rows, capacity=ids.shape[1] + MAX_DRAFT + 2)
+        for _ in range(rows):
+            cache.add(single)
+        caches[rows] = cache
+    filled = caches[batches[0]].fill[:, 0].clone()
+    inputs = ids[:, -1:].repeat(max(batches), MAX_DRAFT + 1)
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for rows in batches:
+            cache = caches[rows]
+            for width in range(1, MAX_DRAFT + 2):
+                hidden = engine.embed(inputs[:rows, :width])
+                start = time.perf_counter()
+                out = engine.run_rows(hidden, cache, 0, engine.num_layers)
+                engine.logits(out.reshape(rows * width, -1))
+                if round_:
+                    samples.setdefault((rows, width), []).append(time.perf_counter() - start)
+                cache.fill[:, :rows] = filled.unsqueeze(1)
+    seconds: dict[int, dict[int, float]] = {}
+    for (rows, width), values in samples.items():
+        seconds.setdefault(rows, {})[width] = statistics.median(values)
+    return RowPassCosts(seconds)
+
+
+def measure_row_pass_costs(
+    engine: LayerEngine, max_rows: int, rounds: int = 3, use_cache: bool = True
+) -> RowPassCosts:
+    """Pass costs of a running batch on this machine (cached as `measure_pass_costs` is),
+    for the measured batch sizes up to `max_rows` (at least batch 1)."""
+    batches = tuple(b for b in ROW_BATCHES if b <= max(1, max_rows))
+    if max_rows not in batches and max_rows > 1:
+        batches = (*batches, max_rows)
+    path_kind = (engine.weights, engine.kernels.skinny_rows, engine.compiled is not None)
+    key = machine_key("row-passes-1", engine.fingerprint, str(engine.dtype), *path_kind, batches)
+    path = home() / "kernels" / f"row-passes-{key}.json"
+    if use_cache and path.exists():
+        saved = json.loads(path.read_text())
+        return RowPassCosts({int(b): {int(n): s for n, s in v.items()} for b, v in saved.items()})
+    costs = time_row_passes(engine, batches, rounds)
+    if use_cache:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(costs.seconds))
     return costs

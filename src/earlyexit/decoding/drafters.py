@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit.decoding.draft_length import RowPassCosts, RowRecord, pass_width
 from earlyexit.decoding.sampling import Sampler
 from earlyexit.decoding.shallow_deep import ShallowExit, next_input
 from earlyexit.decoding.verify import Draft
@@ -61,31 +62,50 @@ class NgramIndex:
 
 @dataclass
 class NgramDrafter:
-    """Prompt lookup over prompt + output. `lengths`: tokens to draft per match length
-    (decoding/draft_length.py chooses them from the machine's pass costs); else `max_tokens`."""
+    """Prompt lookup over prompt + output. The number drafted per pass: with `costs` (the
+    machine's measured batch-1 pass costs, decoding/draft_length.py) the count that
+    maximises expected tokens per second given the match length and this request's own
+    acceptance so far (a text that does not copy stops drafting); else `lengths` per match
+    length; else `max_tokens`."""
 
     max_tokens: int = 4
     max_n: int = 3
     lengths: dict[int, int] | None = None
+    costs: dict[int, float] | None = None
     name: str = "ngram"
     index: NgramIndex = field(init=False)
+    record: RowRecord = field(init=False)
+    _proposed: tuple[int, list[int]] | None = field(init=False, default=None)
 
     reader = None  # reads no layer's states
 
     def start(self, prompt: list[int]) -> None:
         self.index = NgramIndex(self.max_n)
         self.index.extend(prompt)
+        self.record = RowRecord()
+        self._proposed = None
 
     def accept(self, tokens: list[int]) -> None:
         """Tokens emitted (verified) since the last call."""
+        if self._proposed is not None:  # how many of the last drafts stood
+            match, drafted = self._proposed
+            kept = 0
+            while kept < min(len(drafted), len(tokens)) and drafted[kept] == tokens[kept]:
+                kept += 1
+            self.record.record(match, len(drafted), kept)
+            self._proposed = None
         self.index.extend(tokens)
 
     def propose(
         self, engine: LayerEngine, cache: LayerKVCache, budget: int, sampler: Sampler
     ) -> Draft:
         match, tokens = self.index.lookup(min(self.max_tokens, budget))
-        if self.lengths is not None:
+        if self.costs is not None:
+            row = [(self.record, match, len(tokens))]
+            tokens = tokens[: pass_width(row, RowPassCosts({1: self.costs})) - 1]
+        elif self.lengths is not None:
             tokens = tokens[: self.lengths.get(match, 0)]
+        self._proposed = (match, tokens) if tokens else None
         probs = None
         if not sampler.greedy:  # a point guess: q is one-hot on the drafted token
             probs = [_one_hot(t, engine.vocab_size) for t in tokens]

@@ -71,6 +71,7 @@ class DecodeResult:
 
     num_layers: int = 0  # the model's depth: tokens with a smaller exit layer exited early
     prefill_seconds: float = 0.0  # up to the first token: the same work for every method
+    queue_seconds: float = 0.0  # waiting for a row of the scheduler's batch
     listener: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     def push(self, token: int, layer: int) -> None:

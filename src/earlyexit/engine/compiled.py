@@ -67,6 +67,7 @@ from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.kernels import machine_key
 from earlyexit.engine.layer_step import LlamaLayerStep
 from earlyexit.engine.quant import ACT, GROUP, QuantLinear
+from earlyexit.engine.row_cache import RowKVCache
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
 
@@ -395,6 +396,15 @@ class CompiledSpans:
             and not cache.has_padding
         )
 
+    def accepts_row(self, hidden: torch.Tensor, filled: int) -> bool:
+        """A running batch of one row (engine/row_cache.py) past its prefill."""
+        return (
+            self.failed is None
+            and hidden.shape[0] == 1
+            and 1 <= hidden.shape[1] <= MAX_ROWS
+            and filled > 0
+        )
+
     def load(self) -> None:
         """Load every layer's compiled step now (building the library first where this
         machine has none), so that no decode step waits for it. Raises
@@ -453,4 +463,18 @@ class CompiledSpans:
             run = self._runners.get(layer) or self._load(layer)
             (hidden,) = run([hidden, keys, values, offset_t])
             cache.lengths[layer] = offset + rows
+        return hidden
+
+    def run_row(
+        self, hidden: torch.Tensor, cache: RowKVCache, start: int, end: int
+    ) -> torch.Tensor:
+        """The same steps for the one row of a running batch of one (engine/row_cache.py):
+        its buffers' first row is laid out as a batch-1 cache's buffer."""
+        offset, rows = int(cache.fill[start, 0]), hidden.shape[1]
+        offset_t = torch.tensor(offset, device=hidden.device)
+        for layer in range(start, end):
+            keys, values = cache.ensure(layer, offset + rows)
+            run = self._runners.get(layer) or self._load(layer)
+            (hidden,) = run([hidden, keys[:1], values[:1], offset_t])
+            cache.fill[layer, 0] = offset + rows
         return hidden

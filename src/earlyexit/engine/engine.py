@@ -34,6 +34,7 @@ from earlyexit.engine.kernels import KernelChoice, choose_kernels, cpu_model
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
 from earlyexit.engine.quant import QuantLinear
+from earlyexit.engine.row_cache import RowKVCache, row_mask
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
@@ -252,6 +253,18 @@ class LayerEngine:
             pad=pad,
         )
 
+    def new_row_cache(self, max_rows: int, capacity: int = 256) -> RowKVCache:
+        """A cache for a running batch whose rows join and leave (engine/row_cache.py)."""
+        return RowKVCache(
+            self.num_layers,
+            self.arch.num_kv_heads,
+            self.arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            max_rows=max_rows,
+            capacity=capacity,
+        )
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.arch.embed(input_ids)
 
@@ -301,6 +314,57 @@ class LayerEngine:
                 hidden,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=rope[kind],
+            )
+        return hidden
+
+    @_in_engine_scope
+    @torch.inference_mode()
+    def run_rows(
+        self,
+        hidden: torch.Tensor,
+        cache: RowKVCache,
+        start: int,
+        end: int,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run layers [start, end) over `hidden` [rows, n, H] of a running batch whose rows
+        hold different numbers of tokens (engine/row_cache.py): row r's inputs take the
+        slots after its own fill; `counts[r]` of them are real (default: all n), the rest
+        padding of a ragged pass whose outputs the caller ignores.
+
+        Each layer is the same function `run_layers` calls; one row at a time this is the
+        batch-1 computation up to the rounding of products over more rows."""
+        rows, num_new = hidden.shape[:2]
+        if rows != cache.rows:
+            raise ValueError(f"{rows} input rows for a batch of {cache.rows}")
+        if start == end:
+            return hidden
+        fill = cache.fill[start, :rows].clone()
+        if not bool((cache.fill[start:end, :rows] == fill).all()):
+            raise ValueError(f"layers {start}..{end - 1} hold different tokens for some row")
+        cache.begin_pass(counts if counts is not None else torch.full((rows,), num_new))
+        compiled = self.compiled
+        if compiled is not None and compiled.accepts_row(hidden, int(fill[0])):
+            return compiled.run_row(hidden, cache, start, end)
+        positions = (fill.unsqueeze(1) + torch.arange(num_new)).to(hidden.device)
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for layer in range(start, end):
+            kind = self.arch.layer_types[layer]
+            if kind not in rope:
+                rope[kind] = self.arch.position_embeddings(hidden, positions, kind)
+                masks[kind] = row_mask(fill, num_new, self.arch.window_of(kind)).to(hidden.device)
+            step = self.steps[layer]
+            if step is not None:
+                hidden = step(hidden, masks[kind], rope[kind], cache)
+                continue
+            hidden = self.arch.layers[layer](
+                hidden,
+                attention_mask=masks[kind],
+                position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
                 position_embeddings=rope[kind],

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from earlyexit.decoding.calm import decode_calm
-from earlyexit.decoding.draft_length import MAX_DRAFT, draft_lengths, measure_pass_costs
+from earlyexit.decoding.draft_length import MAX_DRAFT, measure_pass_costs
 from earlyexit.decoding.drafters import CompositeDrafter, Drafter, NgramDrafter, ShallowDrafter
 from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import (
@@ -225,10 +225,10 @@ def block_exit(engine: LayerEngine, layer: int | None) -> ShallowExit:
 
 
 def _ngram_factory(engine: LayerEngine, fixed: int | None) -> Callable[[], NgramDrafter]:
-    """Fresh n-gram drafters (one per request: the index is per context); draft lengths per
-    match length from this machine's verify-pass costs unless `fixed`."""
-    lengths = None if fixed else draft_lengths(measure_pass_costs(engine))
-    return lambda: NgramDrafter(max_tokens=fixed or MAX_DRAFT, lengths=lengths)
+    """Fresh n-gram drafters (one per request: the index is per context); drafts per pass
+    from this machine's verify-pass costs and the request's own acceptance, unless `fixed`."""
+    costs = None if fixed else measure_pass_costs(engine)
+    return lambda: NgramDrafter(max_tokens=fixed or MAX_DRAFT, costs=costs)
 
 
 def _lossless(

@@ -1,22 +1,22 @@
 """`earlyexit serve`: an OpenAI-compatible HTTP server over one `EarlyExit` object.
 
 The server adds no decoding logic: every request becomes one `EarlyExit.generate`,
-`stream` or `classify` call (protocol.py translates). Scheduling is the API's own lock, a
-queue: one request decodes at a time, the others wait their turn in worker threads while
-the event loop keeps accepting, streaming and answering /health and /metrics. Continuous
-batching is not done: every early-exit decoder here decodes one sequence, with its own
-exit decisions, KV fill levels and drafts per step (see ARCHITECTURE.md).
+`stream` or `classify` call (protocol.py translates). Scheduling is the API's: `full` and
+`lossless` requests are decoded together by its scheduler (continuous batching,
+runtime/scheduler.py), the others take the model's lock in turn; requests wait in worker
+threads while the event loop keeps accepting, streaming and answering /health and /metrics.
+A full queue answers 429 with Retry-After, a server shutting down 503.
 
-A client that disconnects mid-stream cancels its decode at the next token (the API's
-`Stream.close`), which frees the model for the next request. On shutdown uvicorn stops
-accepting, lets in-flight requests finish for up to `graceful_seconds`, then cancels them.
+A client that disconnects mid-stream cancels its decode (the API's `Stream.close`): its
+row is freed at the scheduler's next iteration. On shutdown uvicorn stops accepting, lets
+in-flight requests finish for up to `graceful_seconds`, then the scheduler cancels them.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -31,6 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from earlyexit.api import EarlyExit, Generation
 from earlyexit.errors import EarlyExitError
+from earlyexit.methods import SERVED_METHODS
+from earlyexit.runtime.scheduler import QueueFull, ShuttingDown
 from earlyexit.server import protocol
 from earlyexit.server.metrics import ServerMetrics
 
@@ -73,6 +75,42 @@ class _Metered:
             self.metrics.latency.labels(known).observe(time.perf_counter() - began)
 
 
+class _Guarded:
+    """ASGI middleware: the API key (Bearer; 401) and the body size limit (413), answered
+    as OpenAI JSON errors before the route runs."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("method") != "OPTIONS":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {self.api_key}":
+                response = _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            response = _error(
+                413,
+                f"the request body is over {self.max_body_bytes} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 _ROUTES = (
     "/health",
     "/metrics",
@@ -100,15 +138,39 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
-def create_app(ee: EarlyExit, method: str = "lossless", name: str | None = None) -> FastAPI:
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body beyond this answers 413
+
+
+def create_app(
+    ee: EarlyExit,
+    method: str = "lossless",
+    name: str | None = None,
+    methods: Sequence[str] = SERVED_METHODS,
+    api_key: str | None = None,
+    cors: Sequence[str] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
     """The FastAPI app serving `ee` under `name` (default: the model's name), with
-    `method` as every request's default (a request's `early_exit.method` overrides it)."""
+    `method` as every request's default (a request's `early_exit.method` overrides it).
+    `methods`: the method families clients may ask for; `api_key`: required as a Bearer
+    token (401 without it; /health stays open); `cors`: allowed browser origins."""
+    from starlette.middleware.cors import CORSMiddleware
+
     from earlyexit.runtime.generation import parse_method
 
-    parse_method(method)  # an unknown default fails at start, not on the first request
+    allowed = tuple(methods)
+    for family in allowed:
+        parse_method(family)
+    if parse_method(method).name not in allowed:
+        raise EarlyExitError(f"the default method {method} is not among --methods {allowed}")
     served = name or ee.name
-    metrics = ServerMetrics(ee.num_layers)
+    metrics = ServerMetrics(ee.num_layers, ee.scheduler_stats)
     app = FastAPI(title="earlyexit", description="OpenAI-compatible early-exit inference")
+    app.add_middleware(_Guarded, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors), allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(_Metered, metrics=metrics)
     app.state.ee, app.state.metrics = ee, metrics
 
@@ -119,6 +181,16 @@ def create_app(ee: EarlyExit, method: str = "lossless", name: str | None = None)
     @app.exception_handler(EarlyExitError)
     async def refused(_: Request, err: EarlyExitError) -> JSONResponse:
         return _error(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(QueueFull)
+    async def busy(_: Request, err: QueueFull) -> JSONResponse:
+        response = _error(429, str(err), "rate_limit_error", "queue_full")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(ShuttingDown)
+    async def closing(_: Request, err: ShuttingDown) -> JSONResponse:
+        return _error(503, str(err), "server_error", "shutting_down")
 
     @app.exception_handler(ModelNotFound)
     async def unknown_model(_: Request, err: ModelNotFound) -> JSONResponse:
@@ -158,8 +230,14 @@ def create_app(ee: EarlyExit, method: str = "lossless", name: str | None = None)
     ) -> Response:
         check_model(req.model)
         args = req.generate_args(method, max_tokens)
+        family = parse_method(args["method"]).name
+        if family not in allowed:
+            raise EarlyExitError(
+                f"method '{family}' is not served here: use one of {', '.join(allowed)}"
+            )
         knobs = {k: v for k, v in (req.early_exit or {}).items() if k != "method"}
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        ee.check_room(args["method"])  # a 429 / 503 before any response starts
         if not req.stream:
             generation: Generation = await run_in_threadpool(
                 lambda: ee.generate(prompt, chat=False, **args)
@@ -241,8 +319,10 @@ async def _events(
                     yield _sse(protocol.chunk(rid, model, chat, piece.text))
                 if piece.generation is not None:
                     generation = piece.generation
-        except EarlyExitError as err:  # the status is sent: the error goes in the stream
-            yield _sse(protocol.error_body(str(err)))
+        except Exception as err:  # noqa: BLE001 - the status is sent: the error goes in the stream
+            message = str(err) if isinstance(err, EarlyExitError) else f"internal error: {err}"
+            yield _sse(protocol.error_body(message))
+            yield _sse("[DONE]")
             return
         if generation is None:  # cancelled
             return
@@ -268,15 +348,21 @@ def serve(
     port: int = 8000,
     graceful_seconds: int = 30,
     log_level: str = "info",
+    **options: Any,
 ) -> None:
-    """Run the server until interrupted (Ctrl-C / SIGTERM: graceful shutdown)."""
+    """Run the server until interrupted (Ctrl-C / SIGTERM: graceful shutdown: uvicorn
+    stops accepting and waits up to `graceful_seconds`, then the scheduler cancels what
+    still runs). `options`: create_app's (methods, api_key, cors, max_body_bytes)."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(ee, method),
+        create_app(ee, method, **options),
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=graceful_seconds,
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        ee.close(timeout=1.0)
