@@ -58,24 +58,20 @@ def _same_until_eos(mine: list[list[int]], hf: list[list[int]], eos: int) -> boo
 def test_engine_bench_schema_and_json_round_trip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_forced: Callable
 ) -> None:
-    # One thread: with 2 OpenMP threads and another process busy on a core, every op waits
-    # on a descheduled thread and this test goes from ~15 s to minutes; the schema is the same.
+    # torch's threads as every other test: the compiled int4 step's library is built once
+    # per thread count, and this one is shared with tests/test_compiled.py
     seen = _spy_on_paths(monkeypatch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_engine_bench(
-            new_tokens=4,
-            batches=(1, 2),
-            dtypes=("float32", "int4"),
-            repeats=1,
-            layer_iters=20,
-            llama_cpp=False,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    result = run_engine_bench(
+        new_tokens=4,
+        batches=(1, 2),
+        dtypes=("float32", "int4"),
+        repeats=1,
+        layer_iters=20,
+        llama_cpp=False,
+    )
     assert result["model"] == "smollm2-135m"
-    assert result["threads"] == 1 and result["new_tokens"] == 4 and result["warmup"]
+    assert result["threads"] == torch.get_num_threads()
+    assert result["new_tokens"] == 4 and result["warmup"]
     records = result["records"]
     fp32 = {
         (path, batch)

@@ -699,8 +699,9 @@ class EarlyExit:
                 artifacts["drafts"] = f"n-gram, {config.draft_tokens} per pass (fixed)"
             else:
                 artifacts["drafts"] = (
-                    "n-gram, per-pass count from this machine's measured verify-pass costs "
-                    "(cached under EARLYEXIT_HOME/kernels)"
+                    "n-gram, per-pass count from this machine's measured pass costs at the "
+                    "running batch size and this request's own acceptance (costs cached "
+                    "under EARLYEXIT_HOME/kernels)"
                 )
         kernels = self.engine.kernels
         artifacts["kernels"] = (
