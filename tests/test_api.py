@@ -91,7 +91,7 @@ def test_lossless_generate_is_the_full_models_greedy_output(
     assert report.prompt_tokens > 5 and report.tokens_per_s > 0
     assert report.exit_layers == [30] * TOKENS and report.shallow_fraction == 0
     assert report.passes >= 1 and report.draft_accepted <= report.draft_proposed
-    assert "measured verify-pass costs" in report.artifacts["drafts"]
+    assert "measured pass costs" in report.artifacts["drafts"]
     assert full.report.avg_layers == 30 and full.report.passes == TOKENS - 1
     assert full.report.threshold is None and full.report.shallow_layer is None
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from earlyexit.decoding.draft_length import MATCH_PREFIX, RowPassCosts, RowRecord, pass_width
-from earlyexit.decoding.shallow_deep import DecodeConfig
+from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, Threshold
 from earlyexit.engine import LayerEngine
-from earlyexit.runtime.scheduler import Job, QueueFull, Scheduler
+from earlyexit.readouts.readout import ExitReadout
+from earlyexit.runtime.scheduler import FreeRow, Job, QueueFull, Scheduler, exit_pays
 
 BOUND = 1e-3  # fp32 logits, a row in a batch against the row alone (measured 9.2e-5)
 PROMPTS = [
@@ -194,3 +195,85 @@ def test_draft_width_follows_pass_costs_and_each_rows_record() -> None:
     costs = _costs(0.1, rows_cost=0.5)
     assert costs.at(2, 3) < costs.at(3, 3) < costs.at(4, 3)
     assert MATCH_PREFIX[3][0] > MATCH_PREFIX[1][0]
+
+
+def _free_job(engine: LayerEngine, prompt: str, tokens: int, threshold: float) -> Job:
+    """A greedy FREE row (plain: no drafts) exiting at layer 24 through the logit lens."""
+    config = DecodeConfig(max_new_tokens=tokens, stop_at_eos=False)
+    free = FreeRow(ShallowExit(ExitReadout(engine), FREE_LAYER), Threshold(threshold))
+    return Job(_ids(engine, prompt), config, drafts=False, free=free)
+
+
+FREE_LAYER = 24
+KV_BOUND = 1e-3  # fp32 keys/values, rows of a batch against one prefill (6.0e-5, AMD EPYC)
+
+
+def test_free_rows_exit_per_row_and_catch_up_exactly(
+    smol: LayerEngine, teacher_forced: Callable
+) -> None:
+    """Three FREE rows, exits tried at every step, and a full row that joins while they hold
+    stacked tokens: each FREE token emitted at the top is the full model's next token after
+    the row's own text, each emitted at layer 24 the exit's argmax there; after a catch-up a
+    row's keys/values in every layer are those of one full-depth run over its text."""
+    scheduler = Scheduler(smol, threading.Lock(), max_batch=4, exits="always")
+    jobs = [_free_job(smol, prompt, 24, threshold=0.3) for prompt in PROMPTS[:3]]
+    scheduler.waiting.extend(jobs)
+    late = _job(smol, PROMPTS[3], 12)
+    checked, worst = 0, 0.0
+    while not all(job.finished.is_set() for job in [*jobs, late]):
+        scheduler._iteration()
+        stacked = any(job.free.stack for job in jobs if job.free and not job.finished.is_set())
+        if stacked and late not in scheduler.waiting and not late.finished.is_set():
+            scheduler.waiting.append(late)  # joins rows whose deep layers lag
+        cache = scheduler.cache
+        for job in scheduler.running:
+            if job.free is None or job.free.stack or not job.result.catchups:
+                continue
+            fill = int(cache.fill[0, job.row])
+            assert cache.fill[:, job.row].eq(fill).all()  # every layer caught up
+            text = torch.cat([job.ids[0], torch.tensor(job.result.tokens[:-1])])[None]
+            fresh = smol.prefill(text).cache
+            for layer in range(smol.num_layers):
+                keys, values = fresh.layer_kv(layer)
+                worst = max(
+                    worst,
+                    float((cache.keys[layer][job.row, :, :fill] - keys[0]).abs().max()),
+                    float((cache.values[layer][job.row, :, :fill] - values[0]).abs().max()),
+                )
+            checked += 1
+    assert late.result.exit_layers == [smol.num_layers] * 12
+    assert checked > 0 and worst < KV_BOUND
+    readout, top, exited, near = ExitReadout(smol), smol.num_layers, 0, 0
+    for prompt, job in zip(PROMPTS, jobs, strict=False):
+        tokens, layers = job.result.tokens, job.result.exit_layers
+        assert len(tokens) == 24 and set(layers) <= {FREE_LAYER, top}
+        text = smol.tokenizer.decode(job.ids[0], skip_special_tokens=False)
+        deep = teacher_forced(smol, text, tokens)
+        sequence = torch.cat([job.ids[0], torch.tensor(tokens[:-1])])[None]
+        with torch.inference_mode():
+            cache = smol.new_cache(1, sequence.shape[1])
+            hidden = smol.run_layers(smol.embed(sequence), cache, 0, FREE_LAYER)[0]
+            shallow = readout.logits(hidden[job.ids.shape[1] - 1 :], FREE_LAYER)
+        for i, (token, layer) in enumerate(zip(tokens, layers, strict=True)):
+            logits = deep[i] if layer == top else shallow[i]
+            gap = logits.topk(2).values
+            if float(gap[0] - gap[1]) <= BOUND:
+                near += 1  # a near-tie: either token is this computation's answer
+                continue
+            assert token == int(logits.argmax()), (prompt, i, layer)
+            exited += layer == FREE_LAYER
+        assert job.free is not None and job.result.catchups > 0
+        # every exited token taught the threshold, but those still stacked when it ended
+        assert len(job.result.pairs) >= layers.count(FREE_LAYER) - len(job.free.stack)
+    assert exited >= 6 and near <= 2  # rows did exit, and near-ties are rare
+
+
+def test_free_exits_are_tried_only_while_they_pay() -> None:
+    """Exits save the deep layers' time only when every row exits, and cost the exit heads
+    always: tried at batch 1 with a good exit rate, not with eight rows of the same rate
+    (0.6 ** 8 = 1.7%), and measured first when a time is unknown."""
+    assert exit_pays([0.6], deep_seconds=0.010, exit_seconds=0.002)
+    assert not exit_pays([0.6] * 8, deep_seconds=0.020, exit_seconds=0.004)
+    assert not exit_pays([0.1], deep_seconds=0.010, exit_seconds=0.002)
+    assert exit_pays([0.6] * 8, deep_seconds=None, exit_seconds=0.004)
+    assert exit_pays([0.6], deep_seconds=0.010, exit_seconds=None)

@@ -60,7 +60,7 @@ from earlyexit.runtime.generation import (
     calm_threshold,
     parse_method,
 )
-from earlyexit.runtime.scheduler import Job, Scheduler, SchedulerStats, check_limits
+from earlyexit.runtime.scheduler import FreeRow, Job, Scheduler, SchedulerStats, check_limits
 from earlyexit.tasks.base import Example, Task
 
 __all__ = [
@@ -720,8 +720,13 @@ class EarlyExit:
     @staticmethod
     def _batched(method: GenMethod) -> bool:
         """Methods the scheduler decodes in a running batch (one token, or a row's n-gram
-        drafts, through every layer per pass); the rest decode alone under the lock."""
-        return method.name == "full" or (method.name, method.drafter) == ("lossless", "ngram")
+        drafts, per pass; FREE rows exit per row: runtime/scheduler.py); the rest decode
+        alone under the lock."""
+        return (
+            method.name == "full"
+            or (method.name, method.drafter) == ("lossless", "ngram")
+            or (method.name == "free" and method.drafter in ("ngram", "plain"))
+        )
 
     def _execute(
         self,
@@ -769,9 +774,16 @@ class EarlyExit:
         config = DecodeConfig(**{**vars(request.decode), "on_token": on_token})
         if batched:
             method = request.method
-            fixed = int(method.value) if method.value else request.knobs.draft_tokens
+            fixed = request.knobs.draft_tokens  # lossless:ngram:N fixes N; free's value is T
+            if method.name == "lossless" and method.value:
+                fixed = int(method.value)
             ids, _ = self.engine.encode([request.prompt])
-            job = Job(ids, config, method.name == "lossless", fixed, cancelled=cancel)
+            free = None
+            if method.name == "free":
+                assert built.shallow is not None and isinstance(built.decoder, ThresholdDecoder)
+                free = FreeRow(built.shallow, built.decoder.threshold)
+            drafts = method.drafter == "ngram"
+            job = Job(ids, config, drafts, fixed, free=free, cancelled=cancel)
             result = self.scheduler.run(job)
         else:
             result = built.decoder(request.prompt, config)

@@ -14,9 +14,9 @@ threshold learns from (shallow confidence, shallow == deep) pairs. (Verifying th
 tokens and rolling back instead is `lossless` with the shallow drafter:
 decoding/speculative.py.)
 
-Batch >= 2 is not offered: rows exit at different tokens, so their deep layers would hold
-different numbers of slots, and a catch-up for one row stalls the others; on this
-weight-bandwidth-bound CPU, batching already buys more than exits do (see BENCHMARKS).
+This loop is batch 1. Many requests at once decode FREE per row in the scheduler's running
+batch (runtime/scheduler.py: per-row fill levels let each row's deep layers lag by its own
+stack; the deep layers are skipped only when every row exits, and tried while that pays).
 
 Methods: `full` (the reference), `static` (every token at layer k, the prompt too),
 `free` (fixed or adaptive threshold).

@@ -14,9 +14,21 @@ scheme, in plain functions as gpt-fast writes its decode loop):
 4. hands each request its tokens (a row keeps the drafts the full model agrees with) and
    retires finished ones at once.
 
+`free` rows (FREE's synchronized parallel decoding, per row): when every running row is a
+FREE row and no row drafts, a step may first run only the shallow layers [0, k) and read
+each row's exit. If every row is confident, that is the step: each row emits its shallow
+token and stacks its layer-k state; the deep layers are skipped for the whole batch. If
+some row is not, the same step goes on through [k, L) for every row, each row's stacked
+states in front of its new one (their deep KV filled in that pass, as FREE does alone).
+Skipping deep layers only saves time when *all* rows exit at once, and reading the exits
+costs a head per row, so the step is tried only while it measurably pays: P(all rows
+exit) x (seconds of the deep layers at this batch size) > (seconds of the exit heads),
+with each row's own exit rate and both times measured here as the loop runs (`exit_pays`).
+At batch 1 this is FREE as alone; under load FREE rows decode as `lossless` rows do.
+
 `max_batch=1` is one request at a time, first come first served. The loop holds the
-engine's lock for one iteration at a time, so methods that decode alone (free, calm,
-static: their deep layers are deferred per token) take turns with whole iterations.
+engine's lock for one iteration at a time, so methods that decode alone (calm, static,
+free with a draft block) take turns with whole iterations.
 """
 
 from __future__ import annotations
@@ -37,7 +49,15 @@ from earlyexit.decoding.draft_length import (
 )
 from earlyexit.decoding.drafters import NgramIndex
 from earlyexit.decoding.sampling import Sampler
-from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, Stopping, emit
+from earlyexit.decoding.shallow_deep import (
+    DecodeConfig,
+    DecodeResult,
+    Guess,
+    ShallowExit,
+    Stopping,
+    Threshold,
+    emit,
+)
 from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine
@@ -45,6 +65,37 @@ from earlyexit.engine.row_cache import RowKVCache
 from earlyexit.errors import EarlyExitError
 
 PREFILL_CHUNK = 128  # prompt tokens per iteration while other rows decode
+EXIT_PRIOR = (2.0, 4.0)  # a row's exit rate before it has tried: 2 exits in 4 tries
+RETRY_EXITS = 32  # steps after which exits that did not pay are tried (and timed) again
+TIME_WEIGHT = 0.2  # weight of the newest time in the loop's running averages
+
+
+def exit_pays(rates: list[float], deep_seconds: float | None, exit_seconds: float | None) -> bool:
+    """Whether trying the shallow exits this step is worth it: it saves `deep_seconds` only
+    when every row exits (chance: the product of the rows' exit rates) and costs
+    `exit_seconds` always. An unmeasured time is measured by trying."""
+    if deep_seconds is None or exit_seconds is None:
+        return True
+    chance = 1.0
+    for rate in rates:
+        chance *= rate
+    return chance * deep_seconds > exit_seconds
+
+
+@dataclass
+class FreeRow:
+    """A FREE row's exit and what it holds back from the deep layers."""
+
+    shallow: ShallowExit  # its exit layer k and readout (no draft block)
+    threshold: Threshold  # shared across requests: FREE's threshold keeps learning
+    stack: list[torch.Tensor] = field(default_factory=list)  # layer-k states [1, H]
+    guesses: list[Guess] = field(default_factory=list)  # the tokens emitted for them
+    tries: float = EXIT_PRIOR[1]
+    exits: float = EXIT_PRIOR[0]
+
+    @property
+    def rate(self) -> float:
+        return self.exits / self.tries
 
 
 class QueueFull(EarlyExitError):
@@ -70,6 +121,7 @@ class Job:
     config: DecodeConfig  # its on_token listener sees each token as it is emitted
     drafts: bool  # lossless: n-gram drafts verified per pass; else one token per pass
     fixed_drafts: int | None = None  # drafts per pass when fixed (lossless:ngram:N)
+    free: FreeRow | None = None  # a FREE row: its shallow exit and stack
     result: DecodeResult = field(init=False)
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
@@ -113,8 +165,14 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = PREFILL_CHUNK,
         threads: int | None = None,
+        exits: str = "measured",
     ) -> None:
+        """`exits`: "measured" tries FREE rows' shallow exits while `exit_pays`; "always"
+        at every step they can (the paper's FREE: tests use it to pin the behaviour)."""
         check_limits(max_batch, max_queue)
+        if exits not in ("measured", "always"):
+            raise EarlyExitError(f"exits must be measured or always, not {exits!r}")
+        self.exits = exits
         self.engine, self.lock = engine, lock
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.threads = threads
@@ -128,6 +186,10 @@ class Scheduler:
         self._closing = False
         self.steps = 0
         self._rows_stepped = 0
+        # running averages by batch size: seconds of the deep layers + head, of the exits
+        self._deep_seconds: dict[int, float] = {}
+        self._exit_seconds: dict[int, float] = {}
+        self._since_try = 0
 
     # ---- the caller's side ---------------------------------------------------------------
     def check_room(self) -> None:
@@ -263,6 +325,10 @@ class Scheduler:
             return False
         job.sampler = Sampler(job.config.sampling)
         job.stopping = Stopping(engine, job.config)
+        if job.free is not None:
+            if job.free.shallow.block is not None:
+                raise EarlyExitError("a FREE row's exit reads layer k itself (no draft block)")
+            job.free.threshold.begin_sequence()
         job.result.num_layers = engine.num_layers
         first = job.sampler.pick(engine.logits(hidden[:, -1]))
         job.result.prefill_seconds = time.perf_counter() - job.submitted
@@ -280,12 +346,13 @@ class Scheduler:
         self.running.append(job)
         return True
 
-    def _push(self, job: Job, tokens: list[int]) -> bool:
-        """Emit tokens to the job (up to where it stops); False when its listener raised
-        (a stream whose consumer left): the job is cancelled."""
+    def _push(self, job: Job, tokens: list[int], layer: int | None = None) -> bool:
+        """Emit tokens to the job (up to where it stops), produced at `layer` (default the
+        top); False when its listener raised (a stream whose consumer left): the job is
+        cancelled."""
         assert job.stopping is not None
         try:
-            new = emit(job.result, tokens, self.engine.num_layers, job.stopping)
+            new = emit(job.result, tokens, layer or self.engine.num_layers, job.stopping)
         except BaseException as err:  # noqa: BLE001 - the listener's, e.g. a closed stream
             job.error = err
             job.cancel()
@@ -318,7 +385,6 @@ class Scheduler:
     def _step(self) -> None:
         engine, cache, jobs = self.engine, self.cache, self.running
         assert cache is not None
-        total = engine.num_layers
         looked = [self._drafts(job) for job in jobs]
         width = self._width(looked)
         drafts = [tokens[: width - 1] for _, tokens in looked]
@@ -326,39 +392,179 @@ class Scheduler:
         for row, (job, draft) in enumerate(zip(jobs, drafts, strict=True)):
             last = job.result.tokens[-1]
             inputs[row] = torch.tensor([last, *draft, *[last] * (width - 1 - len(draft))])
-        counts = torch.tensor([1 + len(d) for d in drafts])
+        counts = [1 + len(d) for d in drafts]
         base = cache.fill[0, : len(jobs)].clone()
-        hidden = engine.run_rows(engine.embed(inputs.to(engine.device)), cache, 0, total, counts)
-        real = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)  # [rows, width]
-        logits = engine.logits(hidden[real])  # only the real inputs' rows of the head
         self.steps += 1
         self._rows_stepped += len(jobs)
-        done = []
+        embedded = engine.embed(inputs.to(engine.device))
+        layer = self._exit_layer(width)
+        if layer is None:  # every layer for every row: one pass (rows stack nothing here)
+            states = self._through([embedded[r, :n] for r, n in enumerate(counts)], 0)
+            self._finish_step(jobs, looked, drafts, states, base, None)
+            return
+        shallow = engine.run_rows(embedded, cache, 0, layer)  # one token per row
+        began = time.perf_counter()
+        guesses = []
+        for row, job in enumerate(jobs):
+            assert job.free is not None and job.sampler is not None
+            guesses.append(job.free.shallow.guess(shallow[row, 0], job.sampler))
+        exited = [
+            g.confidence >= j.free.threshold.value and len(j.free.stack) < j.config.max_stack
+            for j, g in zip(jobs, guesses, strict=True)
+            if j.free is not None
+        ]
+        rows = len(jobs)
+        self._average(self._exit_seconds, rows, time.perf_counter() - began)
+        for job, out in zip(jobs, exited, strict=True):
+            assert job.free is not None
+            job.free.tries += 1
+            job.free.exits += out
+            job.result.layer_tokens += layer
+        if all(exited):  # the whole batch skips the deep layers this step
+            done = []
+            for row, (job, guess) in enumerate(zip(jobs, guesses, strict=True)):
+                assert job.free is not None and job.stopping is not None
+                job.free.stack.append(shallow[row, :1])
+                job.free.guesses.append(guess)
+                if not self._push(job, [guess.token], layer) or job.stopping.done(
+                    job.result.tokens
+                ):
+                    done.append(job)
+            for job in done:
+                self._retire(job)
+            return
+        began = time.perf_counter()
+        states = self._through([shallow[r, :1] for r in range(rows)], layer)
+        self._finish_step(jobs, looked, drafts, states, base, (layer, guesses, exited))
+        self._average(self._deep_seconds, rows, time.perf_counter() - began)
+
+    def _exit_layer(self, width: int) -> int | None:
+        """The shallow exit layer this step tries, or None (a pass through every layer):
+        only when every row is a FREE row with one exit layer, none drafts, and trying
+        measurably pays (or `exits` is "always")."""
+        frees = [job.free for job in self.running]
+        if width > 1 or any(f is None for f in frees):
+            return None
+        layers = {f.shallow.layer for f in frees if f is not None}
+        if len(layers) != 1:
+            return None
+        rows = len(self.running)
+        self._since_try += 1
+        pays = exit_pays(
+            [f.rate for f in frees if f is not None],
+            self._deep_seconds.get(rows),
+            self._exit_seconds.get(rows),
+        )
+        if self.exits == "always" or pays or self._since_try >= RETRY_EXITS:
+            self._since_try = 0
+            return layers.pop()
+        return None
+
+    @staticmethod
+    def _average(times: dict[int, float], rows: int, seconds: float) -> None:
+        old = times.get(rows)
+        times[rows] = seconds if old is None else (1 - TIME_WEIGHT) * old + TIME_WEIGHT * seconds
+
+    def _through(self, states: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+        """Run each row's states [n_r, H] from layer `start` to the top, in ragged passes over
+        every row. A FREE row's stacked layer-k states join in front of its own at layer k
+        (their deep keys/values are written in that pass); returns each row's top-layer
+        states, stacked ones first."""
+        engine, cache, jobs = self.engine, self.cache, self.running
+        assert cache is not None
+        cuts = {start, engine.num_layers}
+        cuts |= {j.free.shallow.layer for j in jobs if j.free and j.free.stack}
+        bounds = sorted(c for c in cuts if c >= start)
+        for low, high in zip(bounds, bounds[1:], strict=False):
+            for row, job in enumerate(jobs):
+                if job.free is not None and job.free.stack and job.free.shallow.layer == low:
+                    states[row] = torch.cat([*job.free.stack, states[row]])
+            width = max(len(s) for s in states)
+            padded = states[0].new_zeros(len(states), width, states[0].shape[-1])
+            for row, rows_states in enumerate(states):
+                padded[row, : len(rows_states)] = rows_states
+            counts = torch.tensor([len(s) for s in states])
+            out = engine.run_rows(padded, cache, low, high, counts)
+            states = [out[row, : len(s)] for row, s in enumerate(states)]
+        return states
+
+    def _finish_step(
+        self,
+        jobs: list[Job],
+        looked: list[tuple[int, list[int]]],
+        drafts: list[list[int]],
+        states: list[torch.Tensor],
+        base: torch.Tensor,
+        tried: tuple[int, list[Guess], list[bool]] | None,
+    ) -> None:
+        """After a pass to the top: FREE rows learn from their stacked tokens; each row keeps
+        what the full model verifies or, having exited this step (`tried`: the exit layer,
+        each row's guess and whether it exited), its shallow token."""
+        cache, total = self.cache, self.engine.num_layers
+        assert cache is not None
+        logits = self.engine.logits(torch.cat(states))  # only the real inputs' rows of the head
+        done, offset = [], 0
         for row, (job, draft) in enumerate(zip(jobs, drafts, strict=True)):
             assert job.sampler is not None and job.stopping is not None
-            mine = logits[int(counts[:row].sum()) : int(counts[: row + 1].sum())]
-            probs = None
-            if not job.sampler.greedy and draft:  # a point guess: q one-hot on the draft
-                probs = [
-                    torch.nn.functional.one_hot(torch.tensor(t), logits.shape[-1]).float()
-                    for t in draft
-                ]
-            verdict = verify(Draft(draft, probs=probs), mine, job.sampler)
-            kept = min(int(counts[row]), verdict.accepted + 1)
-            cache.set_fill(row, int(base[row]) + kept)
+            mine = logits[offset : offset + len(states[row])]
+            offset += len(states[row])
             result = job.result
-            result.layer_tokens += int(counts[row]) * total
+            stacked, exit_layer = 0, total
+            if job.free is not None:
+                exit_layer = job.free.shallow.layer
+                stacked = self._catch_up(job, mine)
+            mine = mine[stacked:]
+            deep = (total - exit_layer) * stacked  # the stacked tokens' deep layers
+            if tried is None:  # the inputs went through every layer here
+                result.layer_tokens += deep + total * len(mine)
+            else:  # their shallow layers were counted when the exits were tried
+                result.layer_tokens += deep + (total - exit_layer) * len(mine)
             result.passes += 1
-            result.drafted += len(draft)
-            result.accepted += verdict.accepted
-            result.rollbacks += int(verdict.accepted < len(draft))
-            job.record.record(looked[row][0], len(draft), verdict.accepted)
-            if not self._push(job, verdict.tokens(Draft(draft))) or job.stopping.done(
-                result.tokens
-            ):
+            if tried is not None:  # this row's exit was read: the threshold learns from it
+                guess = tried[1][row]
+                pair = (guess.confidence, guess.top == int(mine[0].argmax()))
+                job.free.threshold.observe([pair])  # type: ignore[union-attr]
+                result.pairs.append(pair)
+            if tried is not None and tried[2][row]:  # exited: its shallow token stands
+                cache.set_fill(row, int(base[row]) + 1)
+                emitted, layer = [tried[1][row].token], exit_layer
+            else:
+                probs = None
+                if not job.sampler.greedy and draft:  # a point guess: q one-hot on the draft
+                    probs = [
+                        torch.nn.functional.one_hot(torch.tensor(t), logits.shape[-1]).float()
+                        for t in draft
+                    ]
+                verdict = verify(Draft(draft, probs=probs), mine, job.sampler)
+                kept = min(len(mine), verdict.accepted + 1)
+                cache.set_fill(row, int(base[row]) + kept)
+                result.drafted += len(draft)
+                result.accepted += verdict.accepted
+                result.rollbacks += int(verdict.accepted < len(draft))
+                job.record.record(looked[row][0], len(draft), verdict.accepted)
+                emitted, layer = verdict.tokens(Draft(draft)), total
+            if not self._push(job, emitted, layer) or job.stopping.done(result.tokens):
                 done.append(job)
         for job in done:
             self._retire(job)
+
+    @staticmethod
+    def _catch_up(job: Job, logits: torch.Tensor) -> int:
+        """A FREE row's stacked tokens have been through the deep layers: the threshold
+        learns whether each shallow token was the deep one (FREE's pairs). Returns how
+        many there were."""
+        free = job.free
+        assert free is not None
+        stacked = len(free.stack)
+        if stacked:
+            tops = logits[:stacked].argmax(-1).tolist()
+            pairs = [(g.confidence, g.top == tops[i]) for i, g in enumerate(free.guesses)]
+            free.threshold.observe(pairs)
+            job.result.pairs += pairs
+            job.result.catchups += 1
+            free.stack.clear()
+            free.guesses.clear()
+        return stacked
 
     def _retire(self, job: Job) -> None:
         """Free the job's row (the last row moves into it) and finish the job."""
