@@ -23,7 +23,14 @@ from earlyexit.decoding.draft_length import MATCH_PREFIX, RowPassCosts, RowRecor
 from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, Threshold
 from earlyexit.engine import LayerEngine
 from earlyexit.readouts.readout import ExitReadout
-from earlyexit.runtime.scheduler import FreeRow, Job, QueueFull, Scheduler, exit_pays
+from earlyexit.runtime.scheduler import (
+    FreeRow,
+    Job,
+    QueueFull,
+    RequestTimeout,
+    Scheduler,
+    exit_pays,
+)
 
 BOUND = 1e-3  # fp32 logits, a row in a batch against the row alone (measured 9.2e-5)
 PROMPTS = [
@@ -151,6 +158,25 @@ def test_a_cancelled_request_frees_its_row(smol: LayerEngine) -> None:
     assert short.finished.wait(60) and long.finished.wait(60)
     assert len(long.result.tokens) < 2000 and len(short.result.tokens) == 4
     assert scheduler.stats().running == 0 and scheduler.cache is None  # no KV kept
+    scheduler.close()
+
+
+def test_a_request_past_its_timeout_ends_where_it_is(smol: LayerEngine) -> None:
+    """A job still waiting when its timeout passes never runs; a running one stops at the
+    next iteration and frees its row; both end with RequestTimeout."""
+    lock = threading.Lock()
+    scheduler = Scheduler(smol, lock, max_batch=2)
+    waiting = _job(smol, PROMPTS[1], 4)
+    waiting.timeout = 0.05
+    with lock:  # the loop cannot take it off the queue in time
+        scheduler.submit(waiting)
+        time.sleep(0.2)
+    running = _job(smol, PROMPTS[0], 2000)
+    running.timeout = 2.0
+    for job in (waiting, scheduler.submit(running)):
+        assert job.finished.wait(120) and isinstance(job.error, RequestTimeout)
+    assert waiting.result.tokens == [] and 0 < len(running.result.tokens) < 2000
+    assert scheduler.stats().running == 0 and scheduler.cache is None
     scheduler.close()
 
 

@@ -352,6 +352,30 @@ def test_a_full_queue_answers_429_and_a_wrong_key_401(smol: LayerEngine) -> None
     small.close()
 
 
+def test_a_request_past_its_timeout_gets_504_or_an_error_event(smol: LayerEngine) -> None:
+    """--request-timeout: a long completion answers 504, a long stream ends with an error
+    event and [DONE]; their rows are freed and the server answers the next request."""
+    timed = EarlyExit.from_engine(smol, request_timeout=2.0)
+    with running_server(timed, "full") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError, match="request timeout") as failed:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4000)
+        assert failed.value.status_code == 504
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4000, "stream": True}
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
+        connection.request(
+            "POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"}
+        )
+        events = [e for e in connection.getresponse().read().decode().split("\n\n") if e]
+        connection.close()
+        assert events[-1] == "data: [DONE]"  # after the tokens that came in time
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert "request timeout" in error["message"]
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices
+        assert timed.scheduler_stats().running == 0
+    timed.close()
+
+
 def test_classify_endpoint(server: str, ee: EarlyExit) -> None:
     body = {
         "texts": ["a gripping, beautifully acted film", "flat, dull and far too long"],

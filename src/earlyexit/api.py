@@ -60,7 +60,15 @@ from earlyexit.runtime.generation import (
     calm_threshold,
     parse_method,
 )
-from earlyexit.runtime.scheduler import FreeRow, Job, Scheduler, SchedulerStats, check_limits
+from earlyexit.runtime.scheduler import (
+    FreeRow,
+    Job,
+    RequestTimeout,
+    Scheduler,
+    SchedulerStats,
+    check_limits,
+    check_timeout,
+)
 from earlyexit.tasks.base import Example, Task
 
 __all__ = [
@@ -287,6 +295,20 @@ class _Built:
     threshold: Callable[[], float | None]
 
 
+def _with_deadline(
+    listener: Callable[[int, int], None] | None, began: float, limit: float
+) -> Callable[[int, int], None]:
+    """`listener`, raising RequestTimeout at the first token past `limit` seconds."""
+
+    def timed(token: int, layer: int) -> None:
+        if time.perf_counter() - began > limit:
+            raise RequestTimeout(limit)
+        if listener is not None:
+            listener(token, layer)
+
+    return timed
+
+
 class _Cancelled(Exception):
     """Raised by a stream's token listener once its consumer has gone: ends the decode."""
 
@@ -371,8 +393,16 @@ class EarlyExit:
     on the object; make one object per model and keep it.
     """
 
-    def __init__(self, engine: LayerEngine, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        engine: LayerEngine,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        request_timeout: float | None = None,
+    ) -> None:
+        check_timeout(request_timeout)
         self.engine = engine
+        self.request_timeout = request_timeout
         # torch's CPU threads when the object was made; every request runs with them,
         # from whichever thread calls (OpenMP keeps the count per thread)
         self.threads = torch.get_num_threads()
@@ -395,6 +425,7 @@ class EarlyExit:
         compiled: bool | str = "auto",
         max_batch: int = 8,
         max_queue: int = 64,
+        request_timeout: float | None = None,
     ) -> EarlyExit:
         """Load `model`: a registry name (`smollm2-135m`, `gemma3-270m`; fetched and
         verified on first use), a local Hugging Face directory, a .gguf file or a hub id.
@@ -408,7 +439,9 @@ class EarlyExit:
         layers have one, int4 Llama layers, and a timed step was faster on this machine;
         the layer step is built once per machine, about 15 s, then loads in
         milliseconds), `on` or `off` (the eager engine, bit-identical to the model's own layers).
-        `max_batch`, `max_queue`: the scheduler's running rows and waiting requests.
+        `max_batch`, `max_queue`: the scheduler's running rows and waiting requests;
+        `request_timeout`: seconds a generate request may take, waiting included (then
+        RequestTimeout; None: no limit).
         """
         from earlyexit.engine.engine import COMPILED_MODES
         from earlyexit.engine.kernels import MODES
@@ -426,14 +459,21 @@ class EarlyExit:
                 raise EarlyExitError(f"threads must be a positive integer, not {threads!r}")
             torch.set_num_threads(threads)
         check_limits(max_batch, max_queue)
+        check_timeout(request_timeout)
         engine = LayerEngine(load_model(model, dtype=dtype), kernels=kernels)
         engine.set_compiled(compiled)
-        return cls(engine, max_batch, max_queue)
+        return cls(engine, max_batch, max_queue, request_timeout)
 
     @classmethod
-    def from_engine(cls, engine: LayerEngine, max_batch: int = 8, max_queue: int = 64) -> EarlyExit:
+    def from_engine(
+        cls,
+        engine: LayerEngine,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        request_timeout: float | None = None,
+    ) -> EarlyExit:
         """Wrap an engine already built (it is used as is: kernels, dtype, threads)."""
-        return cls(engine, max_batch, max_queue)
+        return cls(engine, max_batch, max_queue, request_timeout)
 
     def scheduler_stats(self) -> SchedulerStats:
         """Running rows, waiting requests, decode passes and the mean running batch."""
@@ -735,16 +775,22 @@ class EarlyExit:
         cancel: threading.Event,
     ) -> Generation:
         """One decode: through the scheduler, or alone under the lock (waiting for it gives
-        up as soon as `cancel` is set). `listener` (a stream's) sees each token."""
+        up as soon as `cancel` is set). `listener` (a stream's) sees each token. Past
+        `request_timeout` it ends with RequestTimeout (checked at every token)."""
+        began, limit = time.perf_counter(), self.request_timeout
+        if limit is not None:
+            listener = _with_deadline(listener, began, limit)
         if self._batched(request.method):
-            return self._run(request, listener, cancel)
+            return self._run(request, listener, cancel, began)
         while not self._lock.acquire(timeout=0.05):
             if cancel.is_set():
                 raise _Cancelled
+            if limit is not None and time.perf_counter() - began > limit:
+                raise RequestTimeout(limit)
         try:
             if cancel.is_set():
                 raise _Cancelled
-            return self._run(request, listener, cancel)
+            return self._run(request, listener, cancel, began)
         finally:
             self._lock.release()
 
@@ -753,8 +799,10 @@ class EarlyExit:
         request: _Request,
         listener: Callable[[int, int], None] | None,
         cancel: threading.Event,
+        called: float,
     ) -> Generation:
-        """One decode (batched, or with the lock held). The text is assembled here."""
+        """One decode (batched, or with the lock held; the caller called at `called`). The
+        text is assembled here."""
         self._use_threads()
         began = time.perf_counter()
         batched = self._batched(request.method)
@@ -784,6 +832,8 @@ class EarlyExit:
                 free = FreeRow(built.shallow, built.decoder.threshold)
             drafts = method.drafter == "ngram"
             job = Job(ids, config, drafts, fixed, free=free, cancelled=cancel)
+            if self.request_timeout is not None:  # what is left of it, counted from here
+                job.timeout = self.request_timeout - (job.submitted - called)
             result = self.scheduler.run(job)
         else:
             result = built.decoder(request.prompt, config)

@@ -40,6 +40,12 @@ def serve_command(
     max_queue: int = typer.Option(
         64, min=1, help="Requests waiting for a row; beyond it the server answers 429."
     ),
+    request_timeout: float | None = typer.Option(
+        None,
+        min=0.001,
+        help="Seconds a generate request may take, queue wait included (504 after; "
+        "default: no limit).",
+    ),
     methods: str = typer.Option(
         ",".join(SERVED_METHODS), help="Comma-separated method families clients may use."
     ),
@@ -67,11 +73,12 @@ def serve_command(
         compiled=compiled,
         max_batch=max_batch,
         max_queue=max_queue,
+        request_timeout=request_timeout,
     )
     console.print(f"decode steps: {ee.engine.compiled_choice.summary()}", highlight=False)
     if ee.engine.compiled is not None:  # the first request would otherwise load (or build) it
         ee.generate("Hello", method="full", max_new_tokens=2)
-    if "lossless" in families:  # its drafts follow batch pass costs: timed once per machine
+    if {"lossless", "free"} & set(families):  # drafts follow batch pass costs: timed once
         ee.scheduler.prepare()
     console.print(
         f"serving {ee.name} ({dtype}, default method {method}, up to {max_batch} rows "

@@ -19,7 +19,8 @@ FREE row and no row drafts, a step may first run only the shallow layers [0, k) 
 each row's exit. If every row is confident, that is the step: each row emits its shallow
 token and stacks its layer-k state; the deep layers are skipped for the whole batch. If
 some row is not, the same step goes on through [k, L) for every row, each row's stacked
-states in front of its new one (their deep KV filled in that pass, as FREE does alone).
+states in front of its new one (their deep KV filled in that pass, as FREE does alone), and
+every row takes the deep token (computed now, it costs nothing more than the shallow one).
 Skipping deep layers only saves time when *all* rows exit at once, and reading the exits
 costs a head per row, so the step is tried only while it measurably pays: P(all rows
 exit) x (seconds of the deep layers at this batch size) > (seconds of the exit heads),
@@ -106,11 +107,29 @@ class ShuttingDown(EarlyExitError):
     """The scheduler is closing: the server answers 503."""
 
 
+class RequestTimeout(EarlyExitError):
+    """A request ran past its deadline (`--request-timeout`): the server answers 504."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the request ran past the server's {seconds:g} s request timeout; ask for fewer "
+            "tokens or retry when the server is less busy"
+        )
+
+
 def check_limits(max_batch: int, max_queue: int) -> None:
     """One line naming the fix for a bad batch or queue limit."""
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise EarlyExitError(f"{name} must be an integer >= 1, not {value!r}")
+
+
+def check_timeout(seconds: float | None) -> None:
+    """One line naming the fix for a bad request timeout (None: no limit)."""
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise EarlyExitError(f"request_timeout must be a number of seconds > 0, not {seconds!r}")
 
 
 @dataclass(eq=False)  # compared by identity (the running list's remove)
@@ -127,6 +146,7 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    timeout: float | None = None  # seconds from submission, then RequestTimeout
     # decoding state, set by the scheduler
     row: int = -1
     sampler: Sampler | None = None
@@ -278,12 +298,31 @@ class Scheduler:
 
     @torch.inference_mode()
     def _iteration(self) -> None:
+        self._expire()
         for job in [j for j in self.running if j.cancelled.is_set()]:
             self._retire(job)
         self.admitting = [j for j in self.admitting if not self._dropped(j)]
         self._admit()
         if self.running:
             self._step()
+
+    def _expire(self) -> None:
+        """Requests past their timeout end with RequestTimeout, wherever they are."""
+        now = time.perf_counter()
+
+        def late(job: Job) -> bool:
+            if job.timeout is None or now - job.submitted <= job.timeout:
+                return False
+            job.error = RequestTimeout(job.timeout)
+            job.cancel()
+            return True
+
+        with self._wake:
+            for job in [j for j in self.waiting if late(j)]:
+                self.waiting.remove(job)
+                self._finish(job)
+        for job in [*self.admitting, *self.running]:
+            late(job)  # cancelled: freed below
 
     def _dropped(self, job: Job) -> bool:
         if job.cancelled.is_set():
@@ -435,7 +474,7 @@ class Scheduler:
             return
         began = time.perf_counter()
         states = self._through([shallow[r, :1] for r in range(rows)], layer)
-        self._finish_step(jobs, looked, drafts, states, base, (layer, guesses, exited))
+        self._finish_step(jobs, looked, drafts, states, base, guesses)
         self._average(self._deep_seconds, rows, time.perf_counter() - began)
 
     def _exit_layer(self, width: int) -> int | None:
@@ -495,11 +534,12 @@ class Scheduler:
         drafts: list[list[int]],
         states: list[torch.Tensor],
         base: torch.Tensor,
-        tried: tuple[int, list[Guess], list[bool]] | None,
+        tried: list[Guess] | None,
     ) -> None:
-        """After a pass to the top: FREE rows learn from their stacked tokens; each row keeps
-        what the full model verifies or, having exited this step (`tried`: the exit layer,
-        each row's guess and whether it exited), its shallow token."""
+        """After a pass to the top: FREE rows learn from their stacked tokens and, where the
+        step tried the exits (`tried`: each row's guess), from this one; each row keeps what
+        the full model verifies. A row that could have exited but whose batch went deep
+        takes the deep token: it is already computed."""
         cache, total = self.cache, self.engine.num_layers
         assert cache is not None
         logits = self.engine.logits(torch.cat(states))  # only the real inputs' rows of the head
@@ -521,29 +561,26 @@ class Scheduler:
                 result.layer_tokens += deep + (total - exit_layer) * len(mine)
             result.passes += 1
             if tried is not None:  # this row's exit was read: the threshold learns from it
-                guess = tried[1][row]
+                guess = tried[row]
                 pair = (guess.confidence, guess.top == int(mine[0].argmax()))
                 job.free.threshold.observe([pair])  # type: ignore[union-attr]
                 result.pairs.append(pair)
-            if tried is not None and tried[2][row]:  # exited: its shallow token stands
-                cache.set_fill(row, int(base[row]) + 1)
-                emitted, layer = [tried[1][row].token], exit_layer
-            else:
-                probs = None
-                if not job.sampler.greedy and draft:  # a point guess: q one-hot on the draft
-                    probs = [
-                        torch.nn.functional.one_hot(torch.tensor(t), logits.shape[-1]).float()
-                        for t in draft
-                    ]
-                verdict = verify(Draft(draft, probs=probs), mine, job.sampler)
-                kept = min(len(mine), verdict.accepted + 1)
-                cache.set_fill(row, int(base[row]) + kept)
-                result.drafted += len(draft)
-                result.accepted += verdict.accepted
-                result.rollbacks += int(verdict.accepted < len(draft))
-                job.record.record(looked[row][0], len(draft), verdict.accepted)
-                emitted, layer = verdict.tokens(Draft(draft)), total
-            if not self._push(job, emitted, layer) or job.stopping.done(result.tokens):
+            probs = None
+            if not job.sampler.greedy and draft:  # a point guess: q one-hot on the draft
+                probs = [
+                    torch.nn.functional.one_hot(torch.tensor(t), logits.shape[-1]).float()
+                    for t in draft
+                ]
+            verdict = verify(Draft(draft, probs=probs), mine, job.sampler)
+            kept = min(len(mine), verdict.accepted + 1)
+            cache.set_fill(row, int(base[row]) + kept)
+            result.drafted += len(draft)
+            result.accepted += verdict.accepted
+            result.rollbacks += int(verdict.accepted < len(draft))
+            job.record.record(looked[row][0], len(draft), verdict.accepted)
+            if not self._push(job, verdict.tokens(Draft(draft))) or job.stopping.done(
+                result.tokens
+            ):
                 done.append(job)
         for job in done:
             self._retire(job)

@@ -2,10 +2,11 @@
 
 The server adds no decoding logic: every request becomes one `EarlyExit.generate`,
 `stream` or `classify` call (protocol.py translates). Scheduling is the API's: `full` and
-`lossless` requests are decoded together by its scheduler (continuous batching,
+`lossless` and `free` requests are decoded together by its scheduler (continuous batching,
 runtime/scheduler.py), the others take the model's lock in turn; requests wait in worker
 threads while the event loop keeps accepting, streaming and answering /health and /metrics.
-A full queue answers 429 with Retry-After, a server shutting down 503.
+A full queue answers 429 with Retry-After, a server shutting down 503, a request past
+`--request-timeout` 504 (an error event mid-stream).
 
 A client that disconnects mid-stream cancels its decode (the API's `Stream.close`): its
 row is freed at the scheduler's next iteration. On shutdown uvicorn stops accepting, lets
@@ -32,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from earlyexit.api import EarlyExit, Generation
 from earlyexit.errors import EarlyExitError
 from earlyexit.methods import SERVED_METHODS
-from earlyexit.runtime.scheduler import QueueFull, ShuttingDown
+from earlyexit.runtime.scheduler import QueueFull, RequestTimeout, ShuttingDown
 from earlyexit.server import protocol
 from earlyexit.server.metrics import ServerMetrics
 
@@ -191,6 +192,10 @@ def create_app(
     @app.exception_handler(ShuttingDown)
     async def closing(_: Request, err: ShuttingDown) -> JSONResponse:
         return _error(503, str(err), "server_error", "shutting_down")
+
+    @app.exception_handler(RequestTimeout)
+    async def too_long(_: Request, err: RequestTimeout) -> JSONResponse:
+        return _error(504, str(err), "server_error", "timeout")
 
     @app.exception_handler(ModelNotFound)
     async def unknown_model(_: Request, err: ModelNotFound) -> JSONResponse:
