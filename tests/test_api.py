@@ -23,6 +23,7 @@ from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
 from earlyexit.runtime.classification import collect_states
+from earlyexit.runtime.kept import Kept
 from earlyexit.tasks import Example, get_task
 
 PROMPT = "Name three colours."
@@ -274,6 +275,32 @@ def test_requests_decoding_alone_are_serialized(
     for worker in workers:
         worker.join()
     assert most[0] == 1 and results == ["one two three four"] * 4
+
+
+def test_what_requests_leave_behind_is_bounded(ee: EarlyExit) -> None:
+    """Decoders are kept per (method, knobs), which clients choose: at most `limit` stay,
+    the least recently used going first, and a dropped one is rebuilt when asked again."""
+    limit, ee._decoders.limit = ee._decoders.limit, 3
+    try:
+        for layer in (10, 12, 14, 16, 12):
+            out = ee.generate(PROMPT, method="static", shallow_layer=layer, max_new_tokens=1)
+            assert out.report.exit_layers == [layer]
+        assert len(ee._decoders) == 3
+        kept = {b.shallow.layer for b in ee._decoders.values() if b.shallow is not None}
+        assert kept == {12, 14, 16}  # 10 went first; 12 was used again
+    finally:
+        ee._decoders.limit = limit
+
+
+def test_kept_drops_the_least_recently_used() -> None:
+    kept: Kept[int] = Kept(2)
+    kept.put("a", 1)
+    kept.put("b", 2)
+    assert kept.get("a") == 1  # a is now the most recent
+    kept.put("c", 3)
+    assert "b" not in kept and kept.get("b") is None and kept.values() == [1, 3]
+    with pytest.raises(ValueError, match="at least one"):
+        Kept(0)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ from earlyexit.runtime.generation import (
     calm_threshold,
     parse_method,
 )
+from earlyexit.runtime.kept import Kept
 from earlyexit.runtime.scheduler import (
     FreeRow,
     Job,
@@ -83,6 +84,8 @@ __all__ = [
 ]
 
 DATASET_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")  # earlyexit.tasks.custom.FORMATS
+KEPT_DECODERS = 32  # decoders (and shallow exits) kept per object, least recently used go
+KEPT_TASKS = 8  # classification tasks' calibrations kept per object
 
 
 # ------------------------------------------------------------------------- results
@@ -410,9 +413,10 @@ class EarlyExit:
         self.scheduler = Scheduler(engine, self._lock, max_batch, max_queue, threads=self.threads)
         self._general: ExitReadout | None = None
         self._lens: ExitReadout | None = None
-        self._decoders: dict[tuple, _Built] = {}
-        self._shallow_exits: dict[tuple, tuple[ShallowExit, str]] = {}
-        self._tasks: dict[tuple, _TaskState] = {}
+        # kept across requests, bounded (clients choose the keys): runtime/kept.py
+        self._decoders: Kept[_Built] = Kept(KEPT_DECODERS)
+        self._shallow_exits: Kept[tuple[ShallowExit, str]] = Kept(KEPT_DECODERS)
+        self._tasks: Kept[_TaskState] = Kept(KEPT_TASKS)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -667,11 +671,13 @@ class EarlyExit:
 
     def _shallow(self, knobs: _Knobs) -> tuple[ShallowExit, str]:
         key = (knobs.shallow_layer, knobs.measure, knobs.restrict_vocab)
-        if key not in self._shallow_exits:
-            self._shallow_exits[key] = shallow_exit(
-                self.engine, knobs.shallow_layer, knobs.measure, knobs.restrict_vocab
+        kept = self._shallow_exits.get(key)
+        if kept is None:
+            kept = self._shallow_exits.put(
+                key,
+                shallow_exit(self.engine, knobs.shallow_layer, knobs.measure, knobs.restrict_vocab),
             )
-        return self._shallow_exits[key]
+        return kept
 
     def _has_built(self, request: _Request) -> bool:
         return (request.method.spec, *request.knobs.decoder_key) in self._decoders
@@ -680,8 +686,9 @@ class EarlyExit:
         """The decoder for the request's method and knobs (built once, then kept)."""
         method, knobs = request.method, request.knobs
         key = (method.spec, *knobs.decoder_key)
-        if key in self._decoders:
-            return self._decoders[key]
+        kept = self._decoders.get(key)
+        if kept is not None:
+            return kept
         artifacts: dict[str, str] = {}
         shallow = None
         if method.drafter == "adapter":  # the exit reads the trained draft block
@@ -754,7 +761,7 @@ class EarlyExit:
         why = getattr(self.engine.model.config, "earlyexit_weights_reason", "")
         artifacts["weights"] = self.engine.weights + (f" ({why})" if why else "")
         built = _Built(decoder, shallow, artifacts, threshold)
-        self._decoders[key] = built
+        self._decoders.put(key, built)
         return built
 
     @staticmethod
@@ -1042,7 +1049,7 @@ class EarlyExit:
             shots = config.shots if pool else 0  # a task without a train split: zero-shot
             demos = task.demonstrations(shots, config.seed)
             state = _TaskState(task, config, demos, task.label_token_ids(self.tokenizer))
-            self._tasks[full_key] = state
+            self._tasks.put(full_key, state)
         return state
 
     def _calibrated(self, state: _TaskState, method: str) -> MethodBuilder:
