@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from earlyexit.engine import LayerEngine
+from earlyexit.engine import LayerEngine, kernels
 from earlyexit.engine.kernels import cpu_model
 from earlyexit.engine.quant import (
     GROUP,
@@ -223,15 +223,40 @@ def test_auto_keeps_fp32_for_weights_that_are_not_4bit() -> None:
     assert weights == "float32" and "not 4-bit groups" in why and "--dtype int4" in why
 
 
-def test_auto_times_exact_groups_once_per_machine() -> None:
+def test_auto_times_exact_groups_once_per_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact groups are timed (int4 vs fp32 products, cached): the choice names both times
     and the CPU; a second call reads the cache and decides the same."""
+    monkeypatch.setattr(kernels, "_busy_seconds", lambda: None)  # others' CPU unknown
     gen = torch.Generator().manual_seed(8)
     model = _tiny(q4_1_weight(256, 512, gen)[0])
     first = choose_weights(model)
     cached = list((home() / "kernels").glob("weights-*.json"))
     assert first[0] in ("int4", "float32") and "ms int4 vs" in first[1] and cpu_model() in first[1]
     assert len(cached) >= 1 and choose_weights(model) == first
+
+
+def test_a_timing_taken_while_others_use_the_cpu_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other processes busy on the cores (simulated: the machine's busy time grows by a
+    whole core for every second of the timing, beyond this process's own): the choice is
+    made from the timing and says so, but nothing is cached."""
+    clock = {"busy": 0.0}
+
+    def busy_seconds() -> float:
+        clock["busy"] += 10.0  # far more than any timing here takes on its own
+        return clock["busy"]
+
+    monkeypatch.setattr(kernels, "_busy_seconds", busy_seconds)
+    model = _tiny(q4_1_weight(128, 384, torch.Generator().manual_seed(9))[0])  # a new shape
+    before = set((home() / "kernels").glob("weights-*.json"))
+    weights, why = choose_weights(model)
+    assert weights in ("int4", "float32") and "not cached" in why
+    assert set((home() / "kernels").glob("weights-*.json")) == before
+    monkeypatch.setattr(kernels, "_busy_seconds", lambda: 5.0)  # no busy time beyond ours
+    with kernels.OthersCPU() as idle:
+        sum(range(10000))
+    assert idle.share == 0.0 and not idle.busy
 
 
 @pytest.mark.weights

@@ -21,11 +21,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -97,6 +99,47 @@ def machine_key(procedure: str, *parts: object) -> str:
     changes; `machine()` is the rest. 20 hex digits."""
     text = repr((procedure, sorted(machine().items()), parts))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+BUSY_SHARE = 0.25  # other processes' CPU, as a share of all cores, above which a timing is
+# used for this process's decision but not cached (a choice made under load is not kept)
+
+
+class OthersCPU:
+    """How much CPU other processes used while a timing ran: a timing taken while another
+    job competed for the cores can be several times off (int4 products were timed 19x
+    slower than alone on a 2-core AMD EPYC with a test suite running beside them), and a
+    cached one would decide every later load. Reads the machine's busy time from
+    /proc/stat and subtracts this process's own CPU time; where /proc/stat is missing the
+    share is unknown (None) and the timing is cached as before."""
+
+    def __enter__(self) -> OthersCPU:
+        self.share: float | None = None
+        self._start = (_busy_seconds(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self._start
+        now = _busy_seconds()
+        if busy is None or now is None:
+            return
+        elapsed = max(time.perf_counter() - wall, 1e-9)
+        others = (now - busy) - (time.process_time() - own)
+        self.share = max(0.0, others) / (elapsed * (os.cpu_count() or 1))
+
+    @property
+    def busy(self) -> bool:
+        return self.share is not None and self.share > BUSY_SHARE
+
+
+def _busy_seconds() -> float | None:
+    """Seconds all cores spent busy since boot (/proc/stat's first line), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -324,8 +324,9 @@ def plain_copy(module: nn.Module) -> nn.Module:
 
 AUTO_MARGIN = 0.9  # int4 must take at most this fraction of fp32's time to be chosen
 # part of the timing caches' keys: bump when what is timed changes (timings of an older
-# procedure are measured again). weights 2: fp32 on the engine's kernel choice, not F.linear
-WEIGHTS_PROCEDURE = 2
+# procedure are measured again). weights 2: fp32 on the engine's kernel choice, not F.linear;
+# 3: the least disturbed of 5 interleaved sweeps, not cached when others used the CPU
+WEIGHTS_PROCEDURE = 3
 MANY_ROWS_PROCEDURE = 1
 EXACT = 1e-6  # 4-bit groups rebuild the fp32 weights to this fraction of their largest |w|
 
@@ -402,7 +403,7 @@ def choose_weights(
     cached per machine (`machine_key`), procedure, shapes and fp32 kernels; the decision
     (AUTO_MARGIN) is made anew from them. An engine's own model (its linears switched to
     the skinny kernel) is judged by the same weights."""
-    from earlyexit.engine.kernels import machine, machine_key
+    from earlyexit.engine.kernels import OthersCPU, machine, machine_key
     from earlyexit.paths import atomic_file, home
 
     linears = _decoder_linears(model)
@@ -418,26 +419,35 @@ def choose_weights(
     shapes = [tuple(m.weight.shape) for m in linears]
     key = machine_key(f"weights-{WEIGHTS_PROCEDURE}", shapes, skinny)
     path = home() / "kernels" / f"weights-{key}.json"
+    busy = ""
     if use_cache and path.exists():
         timing = json.loads(path.read_text())
     else:
         quantized = [QuantLinear(m.weight, 4) for m in linears]
         int4_products = [(q.in_features, q) for q in quantized]
         fp32, int4 = [], []
-        for _ in range(3):  # interleaved: drift hits both
-            fp32.append(_sweep_seconds(fp32_products))
-            int4.append(_sweep_seconds(int4_products))
+        with OthersCPU() as others:
+            for _ in range(5):  # interleaved: drift hits both; the least disturbed counts
+                fp32.append(_sweep_seconds(fp32_products))
+                int4.append(_sweep_seconds(int4_products))
         here = machine()
         timing = {"cpu": here["cpu"], "threads": here["threads"], "machine": here}
-        timing |= {"fp32_kernel": kernel, "fp32_ms": 1e3 * statistics.median(fp32)}
-        timing["int4_ms"] = 1e3 * statistics.median(int4)
-        if use_cache:
+        timing |= {"fp32_kernel": kernel, "fp32_ms": 1e3 * min(fp32)}
+        timing["int4_ms"] = 1e3 * min(int4)
+        timing["others_cpu_share"] = others.share
+        if others.busy:
+            busy = (
+                f"; timed while other processes used {others.share:.0%} of the CPU: "
+                "not cached, timed again next time"
+            )
+        elif use_cache:
             with atomic_file(path) as tmp:
                 tmp.write_text(json.dumps(timing, indent=1))
     ratio = timing["int4_ms"] / timing["fp32_ms"]
     measured = (
         f"decoder products {timing['int4_ms']:.1f} ms int4 vs {timing['fp32_ms']:.1f} ms fp32 "
         f"on {timing['fp32_kernel']} per token on {timing['cpu']}, {timing['threads']} threads"
+        + busy
     )
     if ratio <= AUTO_MARGIN:
         return "int4", f"weights are exact 4-bit groups; {measured}"
