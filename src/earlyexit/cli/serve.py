@@ -77,7 +77,7 @@ def serve_command(
     )
     console.print(f"decode steps: {ee.engine.compiled_choice.summary()}", highlight=False)
     if ee.engine.compiled is not None:  # the first request would otherwise load (or build) it
-        ee.generate("Hello", method="full", max_new_tokens=2)
+        ee.engine.greedy(ee.engine.encode(["Hello"])[0], 2)  # here: the scheduler's thread
     if {"lossless", "free"} & set(families):  # drafts follow batch pass costs: timed once
         ee.scheduler.prepare()
     console.print(

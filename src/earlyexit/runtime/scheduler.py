@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -203,6 +204,7 @@ class Scheduler:
         self._costs: RowPassCosts | None = None
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._here = False  # the loop runs in a caller's thread (`serve_here`)
         self._closing = False
         self.steps = 0
         self._rows_stepped = 0
@@ -227,7 +229,7 @@ class Scheduler:
         with self._wake:
             self.check_room()
             self.waiting.append(job)
-            if self._thread is None:
+            if self._thread is None and not self._here:
                 self._thread = threading.Thread(
                     target=self._loop, name="earlyexit-scheduler", daemon=True
                 )
@@ -273,14 +275,27 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, timeout))
 
+    def serve_here(self, stop: Callable[[], bool]) -> None:
+        """Run the loop in the calling thread (not a thread of its own) until `stop()`,
+        checked every 0.1 s while idle and after every iteration. A server calls it from
+        the thread that loaded the model: a decode in another thread is slower
+        (scripts/experiments/thread_penalty.py)."""
+        with self._wake:
+            if self._thread is not None:
+                raise EarlyExitError("the scheduler's loop already runs in its own thread")
+            self._here = True
+        self._loop(stop)
+
     # ---- the loop ------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, stop: Callable[[], bool] | None = None) -> None:
         while True:
             with self._wake:
                 while not (self.waiting or self.admitting or self.running):
-                    if self._closing:
+                    if self._closing or (stop is not None and stop()):
                         return
-                    self._wake.wait()
+                    self._wake.wait(timeout=None if stop is None else 0.1)
+            if stop is not None and stop():
+                return
             with self.lock:
                 if self.threads is not None and torch.get_num_threads() != self.threads:
                     torch.set_num_threads(self.threads)

@@ -16,6 +16,8 @@ in-flight requests finish for up to `graceful_seconds`, then the scheduler cance
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
@@ -367,7 +369,20 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=graceful_seconds,
     )
+    server = uvicorn.Server(config)
+    # The engine's work stays in this thread, which loaded the model: a decode in another
+    # thread ran 2-2.6x slower here (scripts/experiments/thread_penalty.py: a second OpenMP
+    # team on a 2-core machine). So uvicorn runs in a thread and this one runs the scheduler.
+    http = threading.Thread(target=server.run, name="earlyexit-http", daemon=True)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in handled}
+    http.start()
     try:
-        uvicorn.Server(config).run()
+        ee.scheduler.serve_here(stop=lambda: not http.is_alive())
     finally:
+        http.join(timeout=graceful_seconds + 5)
         ee.close(timeout=1.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in reversed(server._captured_signals):  # as uvicorn does in the main thread
+        signal.raise_signal(sig)
