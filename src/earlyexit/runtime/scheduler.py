@@ -35,6 +35,7 @@ free with a draft block) take turns with whole iterations.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -78,10 +79,7 @@ def exit_pays(rates: list[float], deep_seconds: float | None, exit_seconds: floa
     `exit_seconds` always. An unmeasured time is measured by trying."""
     if deep_seconds is None or exit_seconds is None:
         return True
-    chance = 1.0
-    for rate in rates:
-        chance *= rate
-    return chance * deep_seconds > exit_seconds
+    return math.prod(rates) * deep_seconds > exit_seconds
 
 
 @dataclass
