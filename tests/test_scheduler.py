@@ -303,3 +303,47 @@ def test_free_exits_are_tried_only_while_they_pay() -> None:
     assert not exit_pays([0.1], deep_seconds=0.010, exit_seconds=0.002)
     assert exit_pays([0.6] * 8, deep_seconds=None, exit_seconds=0.004)
     assert exit_pays([0.6], deep_seconds=0.010, exit_seconds=None)
+
+
+def _job_seen_from(engine: LayerEngine, prompt: str, tokens: int, seen: set[int]) -> Job:
+    """A greedy job whose listener records the threads its tokens were decoded in."""
+    config = DecodeConfig(
+        max_new_tokens=tokens,
+        stop_at_eos=False,
+        on_token=lambda token, layer: seen.add(threading.get_ident()),
+    )
+    return Job(_ids(engine, prompt), config, drafts=False)
+
+
+def test_the_caller_runs_the_loop_and_hands_it_on(smol: LayerEngine) -> None:
+    """`run` decodes in the calling thread (the thread that loaded the model is the fast
+    one); callers in other threads share the batch and take the loop over in turn; a job
+    only submitted is run by a thread of the scheduler's own, which ends when idle."""
+    scheduler = Scheduler(smol, threading.Lock(), max_batch=4)
+    here: set[int] = set()
+    assert len(scheduler.run(_job_seen_from(smol, PROMPTS[0], 6, here)).tokens) == 6
+    assert here == {threading.get_ident()}
+    seen: list[set[int]] = [set() for _ in range(3)]
+    results: dict[int, int] = {}
+
+    def call(i: int, tokens: int) -> None:
+        results[i] = len(scheduler.run(_job_seen_from(smol, PROMPTS[i], tokens, seen[i])).tokens)
+
+    callers = [threading.Thread(target=call, args=(i, 4 + 8 * i)) for i in range(3)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(300)
+    assert results == {0: 4, 1: 12, 2: 20}
+    # the longest job outlives the others' callers: its own caller ran its last steps
+    assert {t.ident for t in callers}.issuperset(set().union(*seen))
+    assert callers[2].ident in seen[2]
+    alone: set[int] = set()
+    job = scheduler.submit(_job_seen_from(smol, PROMPTS[3], 5, alone))
+    assert job.finished.wait(120) and len(job.result.tokens) == 5
+    assert alone and threading.get_ident() not in alone
+    deadline = time.monotonic() + 10
+    while scheduler._driver is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler._driver is None  # its thread ended with the work
+    scheduler.close()

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,7 +37,7 @@ from earlyexit.api import EarlyExit
 from earlyexit.engine.kernels import cpu_model
 from earlyexit.errors import EarlyExitError
 from earlyexit.runtime.generation import parse_method
-from earlyexit.runtime.scheduler import SchedulerStats
+from earlyexit.runtime.scheduler import Scheduler, SchedulerStats, serve_here
 
 
 @dataclass
@@ -250,101 +250,111 @@ def run_server_bench(
     prompts = [prompts[i % len(prompts)] for i in range(requests)]
     bound = TIE_BOUND.get(base.engine.weights, 1.5)
     load_before = os.getloadavg()[0]
-    cells: list[MethodLoad] = []
-    with contextlib.ExitStack() as stack:
-        urls = {
-            b: stack.enter_context(running_server(ee_b, methods[0])) for b, ee_b in servers.items()
-        }
-        first = max_batches[0]
-        client_of = {
-            b: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-            for b, url in urls.items()
-        }
-        keys = [(b, m) for b in max_batches for m in methods]
-        if llama_server_binary is not None:
-            from earlyexit.bench.llamacpp import model_gguf
 
-            gguf = model_gguf(base.name)
-            if gguf is None:
-                raise EarlyExitError(f"{base.name} has no GGUF for llama-server")
-            context = 2048  # per slot: a SAMSum prompt and its answer fit
-            url = stack.enter_context(
-                llama_server(
-                    llama_server_binary, gguf, clients[-1], context, torch.get_num_threads()
-                )
-            )
-            client_of[0] = openai.OpenAI(
-                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900
-            )
-            _one(client_of[0], base.name, prompts[0], LLAMA_SERVER, max_tokens, temperature)
-            keys.append((0, LLAMA_SERVER))  # batch limit 0: llama-server's own slots
-        alone: dict[tuple[str, str], tuple[str, str]] = {}  # (text, its tie-free prefix)
-        for method in methods:  # reference answers, one request at a time (also warms up)
-            for b in max_batches:  # every server warms up (builds its decoders)
-                _one(client_of[b], base.name, prompts[0], method, max_tokens, temperature)
-            if not _deterministic(method, temperature):
-                continue
-            for prompt in dict.fromkeys(prompts):
-                text = _one(client_of[first], base.name, prompt, method, max_tokens, temperature)
-                generation = servers[first].generate(
-                    prompt, method=method, max_new_tokens=max_tokens, temperature=0.0, seed=0
-                )
-                alone[method, prompt] = (
-                    text[2],
-                    _tie_prefix(base, prompt, generation.tokens, bound),
-                )
-        for count in clients:
-            results: dict[tuple[int, str], list] = {k: [] for k in keys}
-            errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
-            wall = dict.fromkeys(keys, 0.0)
-            rows = dict.fromkeys(keys, 0)
-            steps = dict.fromkeys(keys, 0)
-            with ThreadPoolExecutor(count) as pool:
-                for round_, start in enumerate(range(0, requests, count)):
-                    batch = prompts[start : start + count]
-                    order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
-                    for b, method in order:  # rotated: no cell always goes first
-                        stats = _stats(servers, b)
-                        before = (stats.steps, stats.mean_batch * stats.steps)
-                        began = time.perf_counter()
-                        futures = [
-                            (
-                                p,
-                                pool.submit(
-                                    _one,
-                                    client_of[b],
-                                    base.name,
-                                    p,
-                                    method,
-                                    max_tokens,
-                                    temperature,
-                                ),
-                            )
-                            for p in batch
-                        ]
-                        for prompt, future in futures:
-                            try:
-                                results[b, method].append((prompt, *future.result()))
-                            except Exception as err:  # noqa: BLE001 - counted and reported
-                                errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
-                        wall[b, method] += time.perf_counter() - began
-                        stats = _stats(servers, b)
-                        steps[b, method] += stats.steps - before[0]
-                        rows[b, method] += round(stats.mean_batch * stats.steps - before[1])
-            for b, method in keys:
-                cells.append(
-                    _cell(
-                        method,
-                        b,
-                        count,
-                        results[b, method],
-                        errors[b, method],
-                        wall[b, method],
-                        rows[b, method],
-                        steps[b, method],
-                        alone,
+    def load() -> list[MethodLoad]:
+        cells: list[MethodLoad] = []
+        with contextlib.ExitStack() as stack:
+            urls = {
+                b: stack.enter_context(running_server(ee_b, methods[0]))
+                for b, ee_b in servers.items()
+            }
+            first = max_batches[0]
+            client_of = {
+                b: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+                for b, url in urls.items()
+            }
+            keys = [(b, m) for b in max_batches for m in methods]
+            if llama_server_binary is not None:
+                from earlyexit.bench.llamacpp import model_gguf
+
+                gguf = model_gguf(base.name)
+                if gguf is None:
+                    raise EarlyExitError(f"{base.name} has no GGUF for llama-server")
+                context = 2048  # per slot: a SAMSum prompt and its answer fit
+                url = stack.enter_context(
+                    llama_server(
+                        llama_server_binary, gguf, clients[-1], context, torch.get_num_threads()
                     )
                 )
+                client_of[0] = openai.OpenAI(
+                    base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900
+                )
+                _one(client_of[0], base.name, prompts[0], LLAMA_SERVER, max_tokens, temperature)
+                keys.append((0, LLAMA_SERVER))  # batch limit 0: llama-server's own slots
+            alone: dict[tuple[str, str], tuple[str, str]] = {}  # (text, its tie-free prefix)
+            for method in methods:  # reference answers, one request at a time (also warms up)
+                for b in max_batches:  # every server warms up (builds its decoders)
+                    _one(client_of[b], base.name, prompts[0], method, max_tokens, temperature)
+                if not _deterministic(method, temperature):
+                    continue
+                for prompt in dict.fromkeys(prompts):
+                    text = _one(
+                        client_of[first], base.name, prompt, method, max_tokens, temperature
+                    )
+                    generation = servers[first].generate(
+                        prompt, method=method, max_new_tokens=max_tokens, temperature=0.0, seed=0
+                    )
+                    alone[method, prompt] = (
+                        text[2],
+                        _tie_prefix(base, prompt, generation.tokens, bound),
+                    )
+            for count in clients:
+                results: dict[tuple[int, str], list] = {k: [] for k in keys}
+                errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
+                wall = dict.fromkeys(keys, 0.0)
+                rows = dict.fromkeys(keys, 0)
+                steps = dict.fromkeys(keys, 0)
+                with ThreadPoolExecutor(count) as pool:
+                    for round_, start in enumerate(range(0, requests, count)):
+                        batch = prompts[start : start + count]
+                        order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+                        for b, method in order:  # rotated: no cell always goes first
+                            stats = _stats(servers, b)
+                            before = (stats.steps, stats.mean_batch * stats.steps)
+                            began = time.perf_counter()
+                            futures = [
+                                (
+                                    p,
+                                    pool.submit(
+                                        _one,
+                                        client_of[b],
+                                        base.name,
+                                        p,
+                                        method,
+                                        max_tokens,
+                                        temperature,
+                                    ),
+                                )
+                                for p in batch
+                            ]
+                            for prompt, future in futures:
+                                try:
+                                    results[b, method].append((prompt, *future.result()))
+                                except Exception as err:  # noqa: BLE001 - counted and reported
+                                    errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
+                            wall[b, method] += time.perf_counter() - began
+                            stats = _stats(servers, b)
+                            steps[b, method] += stats.steps - before[0]
+                            rows[b, method] += round(stats.mean_batch * stats.steps - before[1])
+                for b, method in keys:
+                    cells.append(
+                        _cell(
+                            method,
+                            b,
+                            count,
+                            results[b, method],
+                            errors[b, method],
+                            wall[b, method],
+                            rows[b, method],
+                            steps[b, method],
+                            alone,
+                        )
+                    )
+        return cells
+
+    # The clients run in a worker thread; this thread, which loaded the model, runs every
+    # server's loop (a decode in another thread is slower: Scheduler.run).
+    cells = _beside_the_loops([ee_b.scheduler for ee_b in servers.values()], load)
     for ee_b in servers.values():
         ee_b.close()
     return {
@@ -369,6 +379,26 @@ def run_server_bench(
         "cells": [asdict(cell) for cell in cells],
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
+
+
+def _beside_the_loops(schedulers: list[Scheduler], work: Callable[[], Any]) -> Any:
+    """`work()` in a worker thread while this thread runs the schedulers' loops (until it
+    returns); its result, or its exception raised here."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - raised in the calling thread
+            out["error"] = err
+
+    worker = threading.Thread(target=target, name="earlyexit-bench-load", daemon=True)
+    worker.start()
+    serve_here(schedulers, stop=lambda: not worker.is_alive())
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _stats(servers: dict[int, EarlyExit], limit: int) -> SchedulerStats:

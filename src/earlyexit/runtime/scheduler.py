@@ -200,9 +200,9 @@ class Scheduler:
         self.running: list[Job] = []  # running[r] holds row r of the cache
         self.cache: RowKVCache | None = None
         self._costs: RowPassCosts | None = None
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._here = False  # the loop runs in a caller's thread (`serve_here`)
+        self._wake = threading.Condition()  # an RLock: _finish may run with it held
+        self._driver: int | None = None  # ident of the thread running the loop now
+        self._callers = 0  # threads in `run` or `serve_here` that may run the loop
         self._closing = False
         self.steps = 0
         self._rows_stepped = 0
@@ -223,22 +223,38 @@ class Scheduler:
             )
 
     def submit(self, job: Job) -> Job:
-        """Queue a job (refused as `check_room` says)."""
+        """Queue a job (refused as `check_room` says). Someone runs the loop: a caller in
+        `run` or `serve_here`, else a thread of the scheduler's own."""
         with self._wake:
             self.check_room()
             self.waiting.append(job)
-            if self._thread is None and not self._here:
-                self._thread = threading.Thread(
-                    target=self._loop, name="earlyexit-scheduler", daemon=True
-                )
-                self._thread.start()
-            self._wake.notify()
+            self._ensure_driver()
+            self._wake.notify_all()
         return job
 
     def run(self, job: Job) -> DecodeResult:
-        """Submit and wait for the result; an error in the job is raised here."""
-        self.submit(job)
-        job.finished.wait()
+        """Submit and wait for the result; an error in the job is raised here.
+
+        The caller runs the loop itself while no one else does (for every running job,
+        until its own is done, then hands it on): a decode in the thread that loaded the
+        model (a script's main thread) is 2-2.6x faster than in another thread
+        (scripts/experiments/thread_penalty.py)."""
+        with self._wake:
+            self._callers += 1
+        try:
+            self.submit(job)
+            while True:
+                with self._wake:
+                    while not job.finished.is_set() and self._driver is not None:
+                        self._wake.wait(timeout=0.1)
+                    if job.finished.is_set():
+                        break
+                    self._driver = threading.get_ident()
+                self._loop(until=job.finished.is_set)
+        finally:
+            with self._wake:
+                self._callers -= 1
+                self._ensure_driver()
         if job.error is not None:
             raise job.error
         return job.result
@@ -262,45 +278,69 @@ class Scheduler:
             self._closing = True
             for job in self.waiting:
                 job.error = ShuttingDown("the server shut down before this request ran")
-                job.finished.set()
+                self._finish(job)
             self.waiting.clear()
-            self._wake.notify()
+            self._wake.notify_all()
         deadline = time.monotonic() + timeout
         while (self.running or self.admitting) and time.monotonic() < deadline:
             time.sleep(0.01)
         for job in [*self.running, *self.admitting]:
             job.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout=max(1.0, timeout))
+        while self._driver is not None and time.monotonic() < deadline + max(1.0, timeout):
+            time.sleep(0.01)  # the loop frees cancelled rows at its next iteration
 
     def serve_here(self, stop: Callable[[], bool]) -> None:
-        """Run the loop in the calling thread (not a thread of its own) until `stop()`,
-        checked every 0.1 s while idle and after every iteration. A server calls it from
-        the thread that loaded the model: a decode in another thread is slower
-        (scripts/experiments/thread_penalty.py)."""
-        with self._wake:
-            if self._thread is not None:
-                raise EarlyExitError("the scheduler's loop already runs in its own thread")
-            self._here = True
-        self._loop(stop)
+        """Run the loop in the calling thread until `stop()` (checked every 0.1 s while idle
+        and after every iteration). A server calls it from the thread that loaded the model
+        (see `run`)."""
+        serve_here([self], stop)
 
     # ---- the loop ------------------------------------------------------------------------
-    def _loop(self, stop: Callable[[], bool] | None = None) -> None:
-        while True:
-            with self._wake:
-                while not (self.waiting or self.admitting or self.running):
-                    if self._closing or (stop is not None and stop()):
+    def _has_work(self) -> bool:
+        return bool(self.waiting or self.admitting or self.running)
+
+    def _ensure_driver(self) -> None:
+        """(`_wake` held) Work that no one runs and no caller will: a thread of our own
+        runs it, until a caller arrives or the work is done."""
+        if self._driver is None and self._callers == 0 and self._has_work():
+            thread = threading.Thread(
+                target=self._loop,
+                kwargs={"until": lambda: self._callers > 0},
+                name="earlyexit-scheduler",
+                daemon=True,
+            )
+            self._driver = -1  # the thread's, from now: no second one starts meanwhile
+            thread.start()
+
+    def _release(self) -> None:
+        """(`_wake` held) The running thread stops running the loop and hands it on."""
+        self._driver = None
+        self._ensure_driver()
+        self._wake.notify_all()
+
+    def _loop(self, until: Callable[[], bool]) -> None:
+        """Iterations in this thread (which holds `_driver`) while there is work and not
+        `until()`; then `_release`, in the same critical section as the decision."""
+        try:
+            while True:
+                with self._wake:
+                    if not self._has_work() or until():
+                        self._release()
                         return
-                    self._wake.wait(timeout=None if stop is None else 0.1)
-            if stop is not None and stop():
-                return
-            with self.lock:
-                if self.threads is not None and torch.get_num_threads() != self.threads:
-                    torch.set_num_threads(self.threads)
-                try:
-                    self._iteration()
-                except BaseException as err:  # noqa: BLE001 - every job hears of it
-                    self._fail_all(err)
+                self._one_iteration()
+        except BaseException:
+            with self._wake:
+                self._release()
+            raise
+
+    def _one_iteration(self) -> None:
+        with self.lock:
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                self._iteration()
+            except BaseException as err:  # noqa: BLE001 - every job hears of it
+                self._fail_all(err)
 
     def _fail_all(self, err: BaseException) -> None:
         for job in [*self.running, *self.admitting]:
@@ -632,4 +672,37 @@ class Scheduler:
 
     def _finish(self, job: Job) -> None:
         job.result.seconds = time.perf_counter() - job.submitted
-        job.finished.set()
+        with self._wake:  # callers waiting in `run` look again
+            job.finished.set()
+            self._wake.notify_all()
+
+
+def serve_here(schedulers: list[Scheduler], stop: Callable[[], bool]) -> None:
+    """Run the loops of `schedulers` (which may share one engine: an iteration holds its
+    scheduler's lock) in the calling thread, in turn, until `stop()`: a server, or a bench
+    with several servers, calls it from the thread that loaded the model (see
+    `Scheduler.run`). Waits for a loop another thread runs to be handed over."""
+    me = threading.get_ident()
+    for scheduler in schedulers:
+        with scheduler._wake:
+            scheduler._callers += 1  # a thread of its own hands the loop over
+            while scheduler._driver is not None:
+                scheduler._wake.wait(timeout=0.1)
+            scheduler._driver = me
+    first = schedulers[0]
+    try:
+        while not stop():
+            busy = False
+            for scheduler in schedulers:
+                if scheduler._has_work():
+                    scheduler._one_iteration()
+                    busy = True
+            if not busy:
+                with first._wake:  # one scheduler: woken at once; several: polled
+                    if not first._has_work():
+                        first._wake.wait(timeout=0.1 if len(schedulers) == 1 else 0.005)
+    finally:
+        for scheduler in schedulers:
+            with scheduler._wake:
+                scheduler._callers -= 1
+                scheduler._release()
