@@ -49,6 +49,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.weights)
 
 
+@pytest.fixture(autouse=True)
+def _others_cpu_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timings are cached whatever else the machine runs meanwhile, so that tests of the
+    caches do not depend on the machine's load (tests/test_quant.py checks, with a simulated
+    load, that a timing taken while others use the CPU is not cached)."""
+    from earlyexit.engine import kernels
+
+    monkeypatch.setattr(kernels, "_busy_seconds", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def smol() -> LayerEngine:
     return LayerEngine(load_model("smollm2-135m", dtype="float32"))

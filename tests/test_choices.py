@@ -42,13 +42,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _others_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Timings here are cached whatever else the machine runs (tests/test_quant.py checks
-    that one taken while others use the CPU is not)."""
-    monkeypatch.setattr(kernels, "_busy_seconds", lambda: None)
-
-
-@pytest.fixture(autouse=True)
 def _threads_restored() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield

@@ -226,7 +226,6 @@ def test_auto_keeps_fp32_for_weights_that_are_not_4bit() -> None:
 def test_auto_times_exact_groups_once_per_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact groups are timed (int4 vs fp32 products, cached): the choice names both times
     and the CPU; a second call reads the cache and decides the same."""
-    monkeypatch.setattr(kernels, "_busy_seconds", lambda: None)  # others' CPU unknown
     gen = torch.Generator().manual_seed(8)
     model = _tiny(q4_1_weight(256, 512, gen)[0])
     first = choose_weights(model)
@@ -248,11 +247,24 @@ def test_a_timing_taken_while_others_use_the_cpu_is_not_cached(
         return clock["busy"]
 
     monkeypatch.setattr(kernels, "_busy_seconds", busy_seconds)
+
+    def busy_timing() -> kernels.OthersCPU:
+        with kernels.OthersCPU() as others:
+            pass
+        return others
+
     model = _tiny(q4_1_weight(128, 384, torch.Generator().manual_seed(9))[0])  # a new shape
     before = set((home() / "kernels").glob("weights-*.json"))
     weights, why = choose_weights(model)
     assert weights in ("int4", "float32") and "not cached" in why
     assert set((home() / "kernels").glob("weights-*.json")) == before
+    # the same for the other timing caches (engine/kernels.py keep_timing)
+    kernels_before = set((home() / "kernels").glob("kernels-*.json"))
+    timed = _tiny(torch.randn(256, 512))  # big enough to be timed for the skinny kernel
+    assert kernels.choose_kernels(timed).timings and not kernels.keep_timing(
+        home() / "kernels" / "x.json", {}, busy_timing()
+    )
+    assert set((home() / "kernels").glob("kernels-*.json")) == kernels_before
     monkeypatch.setattr(kernels, "_busy_seconds", lambda: 5.0)  # no busy time beyond ours
     with kernels.OthersCPU() as idle:
         sum(range(10000))

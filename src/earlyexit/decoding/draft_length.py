@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit.engine.engine import LayerEngine
-from earlyexit.engine.kernels import machine_key
-from earlyexit.paths import atomic_file, home
+from earlyexit.engine.kernels import OthersCPU, keep_timing, machine_key
+from earlyexit.paths import home
 
 MAX_DRAFT = 7  # verify passes over at most 8 rows (the row counts whose cost is measured)
 
@@ -82,10 +82,9 @@ def measure_pass_costs(engine: LayerEngine, rounds: int = 5, use_cache: bool = T
     path = home() / "kernels" / f"passes-{key}.json"
     if use_cache and path.exists():
         return {int(n): s for n, s in json.loads(path.read_text()).items()}
-    costs = time_passes(engine, rounds)
-    if use_cache:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(costs))
+    with OthersCPU() as others:
+        costs = time_passes(engine, rounds)
+    keep_timing(path, costs, others, use_cache)
     return costs
 
 
@@ -202,8 +201,7 @@ def measure_row_pass_costs(
     if use_cache and path.exists():
         saved = json.loads(path.read_text())
         return RowPassCosts({int(b): {int(n): s for n, s in v.items()} for b, v in saved.items()})
-    costs = time_row_passes(engine, batches, rounds)
-    if use_cache:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(costs.seconds))
+    with OthersCPU() as others:
+        costs = time_row_passes(engine, batches, rounds)
+    keep_timing(path, costs.seconds, others, use_cache)
     return costs

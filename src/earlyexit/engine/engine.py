@@ -30,7 +30,13 @@ from earlyexit.engine.compiled import (
     compilable,
     torch_supported,
 )
-from earlyexit.engine.kernels import KernelChoice, choose_kernels, cpu_model
+from earlyexit.engine.kernels import (
+    KernelChoice,
+    OthersCPU,
+    choose_kernels,
+    cpu_model,
+    keep_timing,
+)
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
 from earlyexit.engine.quant import QuantLinear
@@ -38,7 +44,7 @@ from earlyexit.engine.row_cache import RowKVCache, row_mask
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
 from earlyexit.models.load import LoadedModel
-from earlyexit.paths import atomic_file, home
+from earlyexit.paths import home
 
 
 @dataclass
@@ -173,7 +179,7 @@ class LayerEngine:
             return CompiledChoice(**{**saved, "compiled": faster, "cached": True})
         ids = self.tokenizer(TIMING_PROMPT, return_tensors="pt")["input_ids"].to(self.device)
         times: dict[bool, list[float]] = {False: [], True: []}
-        with torch.inference_mode():
+        with torch.inference_mode(), OthersCPU() as others:
             state = self.prefill(ids, capacity=ids.shape[1] + 1)
             step, filled = self.embed(ids[:, -1:]), list(state.cache.lengths)
             for rounds in range(TIMING_ROUNDS + 1):  # round 0 warms up (loads or builds)
@@ -189,8 +195,7 @@ class LayerEngine:
         choice = CompiledChoice(
             "auto", compiled < eager, eager, compiled, cpu_model(), threads, library=spans.key(0)
         )
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(asdict(choice), indent=1))
+        keep_timing(path, asdict(choice), others)
         return choice
 
     @contextmanager

@@ -132,6 +132,17 @@ class OthersCPU:
         return self.share is not None and self.share > BUSY_SHARE
 
 
+def keep_timing(path: Path, record: object, others: OthersCPU, use_cache: bool = True) -> bool:
+    """Cache `record` (JSON) at `path`, unless other processes used more than BUSY_SHARE of
+    the CPU while it was timed (`others`): then it decides this load only and is measured
+    again next time. True when kept."""
+    if not use_cache or others.busy:
+        return False
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return True
+
+
 def _busy_seconds() -> float | None:
     """Seconds all cores spent busy since boot (/proc/stat's first line), or None."""
     try:
@@ -276,9 +287,8 @@ def choose_kernels(
         choice.timings, choice.cached = saved["timings"], True
         choice.skinny_rows = decide(choice.timings)  # today's margin on the saved timings
         return choice
-    choice.timings = measure(weights, sweep=sweep)
+    with OthersCPU() as others:
+        choice.timings = measure(weights, sweep=sweep)
     choice.skinny_rows = decide(choice.timings)
-    if use_cache:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(asdict(choice), indent=1))
+    keep_timing(path, asdict(choice), others, use_cache)
     return choice

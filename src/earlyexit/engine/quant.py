@@ -471,8 +471,8 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
     dense bf16 / fp32 copy of the dequantized weight; timed once on the model's largest
     quantized layer at `rows` rows, cached per machine (`machine_key`), procedure and
     shape, and decided anew from the cached times."""
-    from earlyexit.engine.kernels import machine, machine_key
-    from earlyexit.paths import atomic_file, home
+    from earlyexit.engine.kernels import OthersCPU, keep_timing, machine, machine_key
+    from earlyexit.paths import home
 
     layers = [m for m in _products(model) if m.bits == 4] or _products(model)
     if not layers:
@@ -491,7 +491,7 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
         **{name: (lambda w=w: nn.functional.linear(x.to(w.dtype), w)) for name, w in dense.items()},
     }
     times: dict[str, list[float]] = {name: [] for name in products}
-    with torch.inference_mode():
+    with torch.inference_mode(), OthersCPU() as others:
         for _ in range(5):  # interleaved; the first round is a warm-up
             for name, product in products.items():
                 start = time.perf_counter()
@@ -499,9 +499,7 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
                 times[name].append(time.perf_counter() - start)
     ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
     choice = min(ms, key=ms.get)
-    if use_cache:
-        here = machine()
-        record = {"cpu": here["cpu"], "machine": here, "rows": rows, "ms": ms, "choice": choice}
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(record))
+    here = machine()
+    record = {"cpu": here["cpu"], "machine": here, "rows": rows, "ms": ms, "choice": choice}
+    keep_timing(path, record, others, use_cache)
     return choice
