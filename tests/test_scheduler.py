@@ -141,6 +141,7 @@ def test_requests_joining_and_leaving_get_their_tokens_alone(
     stats = scheduler.stats()
     scheduler.close()
     assert stats.running == 0 and stats.mean_batch > 1.5  # they did decode together
+    assert (stats.drafted_rows > 0) == drafts and stats.exit_tries == 0
     for prompt, job, solo_tokens, budget in zip(PROMPTS, jobs, alone, budgets, strict=True):
         assert len(job.result.tokens) == budget
         assert _same_or_tie(smol, teacher_forced, prompt, solo_tokens, job.result.tokens)
@@ -292,6 +293,8 @@ def test_free_rows_exit_per_row_and_catch_up_exactly(
         # every exited token taught the threshold, but those still stacked when it ended
         assert len(job.result.pairs) >= layers.count(FREE_LAYER) - len(job.free.stack)
     assert exited >= 6 and near <= 2  # rows did exit, and near-ties are rare
+    stats = scheduler.stats()  # counted: exits read, and passes that skipped the deep layers
+    assert 0 < stats.exit_skips < stats.exit_tries <= stats.steps and stats.drafted_rows == 0
 
 
 def test_free_exits_are_tried_only_while_they_pay() -> None:

@@ -430,5 +430,8 @@ def test_bench_serve_reports_every_cell_without_cross_talk(ee: EarlyExit) -> Non
         # threshold learns across requests, so its answers are not
         assert cell["compared"] == (0 if method == "free" else 2) and cell["mismatches"] == 0
         assert 1 <= cell["mean_batch"] <= batch  # batched: rows per pass within the limit
+        assert cell["steps"] >= 1 and cell["exit_skips"] <= cell["exit_tries"] <= cell["steps"]
+        if method == "full":  # what drafts and exits each cell tried is counted
+            assert cell["drafted_rows"] == cell["exit_tries"] == 0
     assert cells[1, "full"]["mean_batch"] == 1 and cells[2, "full"]["avg_layers"] == 30
     assert render_server_table(result).row_count == 6

@@ -16,6 +16,7 @@ other difference as a mismatch (`free` exits by the load and learns: not compare
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import socket
@@ -37,7 +38,7 @@ from earlyexit.api import EarlyExit
 from earlyexit.engine.kernels import cpu_model
 from earlyexit.errors import EarlyExitError
 from earlyexit.runtime.generation import parse_method
-from earlyexit.runtime.scheduler import Scheduler, SchedulerStats, serve_here
+from earlyexit.runtime.scheduler import Scheduler, serve_here
 
 
 @dataclass
@@ -55,6 +56,10 @@ class MethodLoad:
     wall_s: float  # summed over this cell's rounds
     tokens_per_s: float  # completion tokens / wall_s
     mean_batch: float  # running rows per decode pass while this cell ran (0: not batched)
+    steps: int  # the scheduler's decode passes while this cell ran
+    drafted_rows: int  # rows that carried n-gram drafts into those passes
+    exit_tries: int  # passes that read FREE rows' shallow exits
+    exit_skips: int  # of those, passes where every row exited (deep layers skipped)
     avg_layers: float  # mean over requests of layers per decode-phase token
     compared: int  # answers compared with the same prompt's answer alone
     mismatches: int  # of those, how many differ beyond a near-tie (cross-talk)
@@ -302,15 +307,13 @@ def run_server_bench(
                 results: dict[tuple[int, str], list] = {k: [] for k in keys}
                 errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
                 wall = dict.fromkeys(keys, 0.0)
-                rows = dict.fromkeys(keys, 0)
-                steps = dict.fromkeys(keys, 0)
+                counted = {k: collections.Counter() for k in keys}  # scheduler counters
                 with ThreadPoolExecutor(count) as pool:
                     for round_, start in enumerate(range(0, requests, count)):
                         batch = prompts[start : start + count]
                         order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
                         for b, method in order:  # rotated: no cell always goes first
-                            stats = _stats(servers, b)
-                            before = (stats.steps, stats.mean_batch * stats.steps)
+                            before = _counters(servers, b)
                             began = time.perf_counter()
                             futures = [
                                 (
@@ -333,9 +336,8 @@ def run_server_bench(
                                 except Exception as err:  # noqa: BLE001 - counted and reported
                                     errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
                             wall[b, method] += time.perf_counter() - began
-                            stats = _stats(servers, b)
-                            steps[b, method] += stats.steps - before[0]
-                            rows[b, method] += round(stats.mean_batch * stats.steps - before[1])
+                            counted[b, method].update(_counters(servers, b))
+                            counted[b, method].subtract(before)
                 for b, method in keys:
                     cells.append(
                         _cell(
@@ -345,8 +347,7 @@ def run_server_bench(
                             results[b, method],
                             errors[b, method],
                             wall[b, method],
-                            rows[b, method],
-                            steps[b, method],
+                            counted[b, method],
                             alone,
                         )
                     )
@@ -401,10 +402,15 @@ def _beside_the_loops(schedulers: list[Scheduler], work: Callable[[], Any]) -> A
     return out["value"]
 
 
-def _stats(servers: dict[int, EarlyExit], limit: int) -> SchedulerStats:
-    if limit in servers:
-        return servers[limit].scheduler_stats()
-    return SchedulerStats(0, 0, 0, 0, 0.0)  # llama-server: not ours to count
+COUNTERS = ("steps", "rows_stepped", "drafted_rows", "exit_tries", "exit_skips")
+
+
+def _counters(servers: dict[int, EarlyExit], limit: int) -> collections.Counter:
+    """The scheduler's counters (since its start) of the server with batch limit `limit`."""
+    if limit not in servers:
+        return collections.Counter()  # llama-server: not ours to count
+    stats = servers[limit].scheduler_stats()
+    return collections.Counter({name: getattr(stats, name) for name in COUNTERS})
 
 
 def _cell(
@@ -414,8 +420,7 @@ def _cell(
     rows: list,
     errors: list[str],
     wall: float,
-    rows_stepped: int,
-    steps: int,
+    counted: collections.Counter,
     alone: dict[tuple[str, str], tuple[str, str]],
 ) -> MethodLoad:
     latency = sorted(r[1] for r in rows) or [float("nan")]
@@ -437,7 +442,11 @@ def _cell(
         completion_tokens=tokens,
         wall_s=wall,
         tokens_per_s=tokens / wall if wall else 0.0,
-        mean_batch=rows_stepped / steps if steps else 0.0,
+        mean_batch=counted["rows_stepped"] / counted["steps"] if counted["steps"] else 0.0,
+        steps=counted["steps"],
+        drafted_rows=counted["drafted_rows"],
+        exit_tries=counted["exit_tries"],
+        exit_skips=counted["exit_skips"],
         avg_layers=statistics.fmean(r[5] for r in rows) if rows else float("nan"),
         compared=len(compared),
         mismatches=len(crossed),
@@ -467,6 +476,8 @@ def render_server_table(result: dict[str, Any]) -> Table:
         "TTFT p50 s",
         "TTFT p95 s",
         "mean batch",
+        "rows drafting",
+        "exits skipped/tried",
         "layers/token",
     )
     for col in (*cols, "same as alone"):
@@ -487,6 +498,8 @@ def render_server_table(result: dict[str, Any]) -> Table:
             f"{m['ttft_p50_s']:.2f}",
             f"{m['ttft_p95_s']:.2f}",
             f"{m['mean_batch']:.2f}",
+            f"{m['drafted_rows'] / (m['mean_batch'] * m['steps']):.0%}" if m["steps"] else "n/a",
+            f"{m['exit_skips']}/{m['exit_tries']}" if m["steps"] else "n/a",
             f"{m['avg_layers']:.1f}",
             same,
         )

@@ -166,11 +166,17 @@ class Job:
 
 @dataclass
 class SchedulerStats:
+    """Now (running, queued, prefilling) and since the start (the rest)."""
+
     running: int
     queued: int
     prefilling: int
-    steps: int
-    mean_batch: float  # running rows per decode pass, since the start
+    steps: int  # decode passes
+    mean_batch: float  # running rows per decode pass
+    rows_stepped: int = 0  # rows over all passes
+    drafted_rows: int = 0  # rows that carried n-gram drafts into a pass
+    exit_tries: int = 0  # passes that read FREE rows' shallow exits
+    exit_skips: int = 0  # of those, passes where every row exited (deep layers skipped)
 
 
 class Scheduler:
@@ -206,6 +212,9 @@ class Scheduler:
         self._closing = False
         self.steps = 0
         self._rows_stepped = 0
+        self._drafted_rows = 0
+        self._exit_tries = 0
+        self._exit_skips = 0
         # running averages by batch size: seconds of the deep layers + head, of the exits
         self._deep_seconds: dict[int, float] = {}
         self._exit_seconds: dict[int, float] = {}
@@ -268,7 +277,15 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         mean = self._rows_stepped / self.steps if self.steps else 0.0
         return SchedulerStats(
-            len(self.running), len(self.waiting), len(self.admitting), self.steps, mean
+            len(self.running),
+            len(self.waiting),
+            len(self.admitting),
+            self.steps,
+            mean,
+            self._rows_stepped,
+            self._drafted_rows,
+            self._exit_tries,
+            self._exit_skips,
         )
 
     def close(self, timeout: float = 10.0) -> None:
@@ -488,12 +505,14 @@ class Scheduler:
         base = cache.fill[0, : len(jobs)].clone()
         self.steps += 1
         self._rows_stepped += len(jobs)
+        self._drafted_rows += sum(1 for n in counts if n > 1)
         embedded = engine.embed(inputs.to(engine.device))
         layer = self._exit_layer(width)
         if layer is None:  # every layer for every row: one pass (rows stack nothing here)
             states = self._through([embedded[r, :n] for r, n in enumerate(counts)], 0)
             self._finish_step(jobs, looked, drafts, states, base, None)
             return
+        self._exit_tries += 1
         shallow = engine.run_rows(embedded, cache, 0, layer)  # one token per row
         began = time.perf_counter()
         guesses = []
@@ -513,6 +532,7 @@ class Scheduler:
             job.free.exits += out
             job.result.layer_tokens += layer
         if all(exited):  # the whole batch skips the deep layers this step
+            self._exit_skips += 1
             done = []
             for row, (job, guess) in enumerate(zip(jobs, guesses, strict=True)):
                 assert job.free is not None and job.stopping is not None
