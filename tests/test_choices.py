@@ -244,6 +244,53 @@ def test_many_rows_timings_are_not_read_under_another_key(
     assert len(list(home.glob("many-rows-*.json"))) == 2
 
 
+def test_batch_dense_rule() -> None:
+    """A dense copy serves a running batch from the smallest timed size where it beats the
+    kernel by AUTO_MARGIN there and at every larger size; the copy that starts first wins."""
+    decide = quant.decide_batch_dense
+
+    def ms(int4: list[float], fp32: list[float], bf16: list[float]) -> dict:
+        sizes = quant.BATCH_ROWS
+        return {
+            name: dict(zip(sizes, times, strict=True))
+            for name, times in (("int4", int4), ("fp32", fp32), ("bf16", bf16))
+        }
+
+    assert decide(ms([10, 20, 40], [30, 30, 30], [50, 50, 50])) == (8, "fp32")
+    assert decide(ms([10, 20, 40], [9, 15, 30], [50, 50, 50])) == (2, "fp32")
+    assert decide(ms([10, 20, 40], [30, 15, 30], [50, 17, 20])) == (4, "fp32")
+    assert decide(ms([10, 20, 40], [30, 30, 30], [50, 17, 20])) == (4, "bf16")
+    assert decide(ms([10, 20, 40], [9, 30, 50], [50, 50, 50])) is None  # not at larger sizes
+    assert decide(ms([10, 20, 40], [9.5, 19, 38], [50, 50, 50])) is None  # within the margin
+
+
+def test_batch_dense_decides_from_cached_timings(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny(exact_groups(64, 128, seed=7))
+    quantize_model(model, "int4")  # times the running-batch products once
+    path = only(home, "batch-dense-*.json")
+    record = json.loads(path.read_text())
+    monkeypatch.setattr(quant, "_MM", no_timing)  # the int4 product: no timing of it
+    int4 = {str(b): 10.0 * b for b in quant.BATCH_ROWS}
+    for dense, chosen in ((5.0, (2, "fp32")), (1000.0, None), (35.0, (4, "fp32"))):
+        fp32 = {str(b): dense for b in quant.BATCH_ROWS}
+        path.write_text(json.dumps({**record, "ms": {"int4": int4, "fp32": fp32, "bf16": {}}}))
+        choice = quant.choose_batch_dense(model)
+        assert choice.cached and choice.chosen == chosen
+
+
+@pytest.mark.parametrize("what", VARIATIONS)
+def test_batch_dense_timings_are_not_read_under_another_key(
+    what: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny(exact_groups(64, 128, seed=8))
+    quantize_model(model, "int4")
+    vary(what, monkeypatch, (quant, "BATCH_DENSE_PROCEDURE"))
+    quant.choose_batch_dense(model)
+    assert len(list(home.glob("batch-dense-*.json"))) == 2
+
+
 # ---- engine/compiled.py: the compiled layer steps ------------------------------------
 
 

@@ -371,8 +371,32 @@ def test_many_rows_use_the_measured_dense_product() -> None:
         layer.many_rows = "int4"
         kernel[rows.shape[0]] = layer(rows)
     for dense in ("bf16", "fp32"):
-        layer.many_rows, layer._dense_weight = dense, None
+        layer.many_rows, layer._dense_weights = dense, {}
         assert torch.equal(layer(few), kernel[SMALL_ROWS])
         out = layer(many)
         scale = many.abs() @ layer.dequantized().abs().T
         assert ((out - kernel[3 * SMALL_ROWS]).abs() <= 2.0**-7 * scale).all()
+
+
+def test_a_running_batch_takes_the_chosen_dense_copy() -> None:
+    """From the chosen batch size on, a pass over a running batch (`row_batch`) multiplies
+    by the dense copy; below it, and for one sequence's few rows (a verify pass) at any size,
+    the int4 kernel, whose rows do not depend on each other (bit-identical per row)."""
+    from earlyexit.engine.quant import row_batch
+
+    gen = torch.Generator().manual_seed(11)
+    model = _tiny(q4_1_weight(64, 128, gen)[0])
+    model.config = type("Config", (), {})()
+    quantize_model(model, "int4")
+    layer = model[0]
+    layer.batch_dense = (4, "fp32")
+    x = torch.randn(4, 128, generator=gen)
+    kernel = layer(x)  # one sequence, 4 rows: the kernel
+    assert torch.equal(layer(x[:1]), kernel[:1])  # each row as alone, bit for bit
+    with row_batch(2):
+        assert torch.equal(layer(x[:2]), kernel[:2])  # below the chosen size
+    with row_batch(4):
+        dense = layer(x)
+    exact = x @ layer.dequantized().T
+    assert (dense - exact).abs().max() < 1e-4 < (kernel - exact).abs().max()  # fp32, not bf16
+    assert torch.equal(layer(x), kernel)  # outside the pass: the kernel again

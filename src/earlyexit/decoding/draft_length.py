@@ -196,6 +196,7 @@ def measure_row_pass_costs(
     if max_rows not in batches and max_rows > 1:
         batches = (*batches, max_rows)
     path_kind = (engine.weights, engine.kernels.skinny_rows, engine.compiled is not None)
+    path_kind += (engine.batch_dense,)  # dense products from a batch size (engine/quant.py)
     key = machine_key("row-passes-1", engine.fingerprint, str(engine.dtype), *path_kind, batches)
     path = home() / "kernels" / f"row-passes-{key}.json"
     if use_cache and path.exists():

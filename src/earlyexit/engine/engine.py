@@ -39,7 +39,7 @@ from earlyexit.engine.kernels import (
 )
 from earlyexit.engine.layer_step import LayerFn, layer_steps
 from earlyexit.engine.masks import attention_mask
-from earlyexit.engine.quant import QuantLinear
+from earlyexit.engine.quant import QuantLinear, batch_dense_of, row_batch
 from earlyexit.engine.row_cache import RowKVCache, row_mask
 from earlyexit.engine.skinny import engine_scope, skinny_linear, use_skinny_linear
 from earlyexit.errors import EarlyExitError
@@ -240,6 +240,12 @@ class LayerEngine:
         return name or str(self.dtype).removeprefix("torch.")
 
     @property
+    def batch_dense(self) -> tuple[int, str] | None:
+        """Int4 weights: from which running-batch size on, and on which dense copy, a pass
+        over a running batch multiplies (engine/quant.py, timed per machine); else None."""
+        return batch_dense_of(self.model)
+
+    @property
     def device(self) -> torch.device:
         return self.arch.embed.weight.device
 
@@ -354,6 +360,13 @@ class LayerEngine:
         compiled = self.compiled
         if compiled is not None and compiled.accepts_row(hidden, int(fill[0])):
             return compiled.run_row(hidden, cache, start, end)
+        with row_batch(rows):  # int4 products may take a dense copy from a batch size on
+            return self._run_rows(hidden, cache, start, end, fill)
+
+    def _run_rows(
+        self, hidden: torch.Tensor, cache: RowKVCache, start: int, end: int, fill: torch.Tensor
+    ) -> torch.Tensor:
+        num_new = hidden.shape[1]
         positions = (fill.unsqueeze(1) + torch.arange(num_new)).to(hidden.device)
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         masks: dict[str, torch.Tensor] = {}

@@ -19,7 +19,12 @@ The only rounding beyond the source model's: scale and zero are bfloat16 (the ke
 dtype; its fp32 and fp16 modes ran 30-45x slower), and each product's input and output are
 rounded to bfloat16. Everything else (norms, attention, residual stream, KV) stays fp32.
 The kernel is built for few rows: products over more than SMALL_ROWS rows (prefill) run on
-a dense dequantized copy when that was timed faster (`choose_many_rows`; bf16 here).
+a dense dequantized copy when that was timed faster (`choose_many_rows`; bf16 here). A pass
+over a running batch of B sequences (`row_batch`, engine.run_rows) multiplies B rows: from
+the batch size at which a dense copy was timed faster on this machine (`choose_batch_dense`)
+its products take that copy too. One sequence's products of up to SMALL_ROWS rows (verify
+passes) always take the kernel, whose rows do not depend on each other: a verify pass is
+bit-identical to one-token steps.
 tests/test_quant.py checks the weights against the dequantized model and the logits
 against the fp32 model's.
 """
@@ -29,8 +34,11 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,6 +60,20 @@ _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 # up to this many rows the int4 kernel always serves, so verify passes stay row-invariant
 SMALL_ROWS = 8
 DENSE = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BATCH_ROWS = (2, 4, 8)  # running-batch sizes at which dense products are timed
+_PASS = threading.local()  # `rows`: independent sequences in the pass running in this thread
+
+
+@contextmanager
+def row_batch(rows: int) -> Iterator[None]:
+    """Products within the block belong to one pass over `rows` independent sequences (a
+    running batch; engine.run_rows), which may take a dense copy (`choose_batch_dense`)."""
+    before = getattr(_PASS, "rows", 1)
+    _PASS.rows = rows
+    try:
+        yield
+    finally:
+        _PASS.rows = before
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
@@ -106,7 +128,9 @@ class QuantLinear(nn.Module):
         self._pack_all()
         self._weight: torch.Tensor | None = None
         self.many_rows = "int4"  # the product for > SMALL_ROWS rows (choose_many_rows)
-        self._dense_weight: torch.Tensor | None = None
+        # (from batch size, dense dtype) for passes over a running batch (choose_batch_dense)
+        self.batch_dense: tuple[int, str] | None = None
+        self._dense_weights: dict[str, torch.Tensor] = {}
         # the source weights' first rows, exactly: model fingerprints stay those of the
         # fp32 model, so readouts and draft blocks trained on it serve this one
         self.source_rows = weight.detach()[:8].float().clone()
@@ -124,8 +148,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step is ~200 of these products of a few microseconds each: few ops here
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > SMALL_ROWS and self.many_rows != "int4":
-            return self._dense(flat).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        dense = self._dense_dtype(flat.shape[0])
+        if dense is not None:
+            return self._dense(flat, dense).to(x.dtype).view(*x.shape[:-1], self.out_features)
         flat = flat.to(ACT)
         out = _MM(flat, self.packed[0], GROUP, self.scales[0])
         if self.bits == 8:
@@ -134,14 +159,23 @@ class QuantLinear(nn.Module):
             out = out[:, : self.out_features]
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
-        """A many-row product (prefill) on the dequantized weight, in `many_rows`'s dtype:
-        the int4 kernel is built for few rows (2400 rows: 33 ms against 2 ms for bf16 on
-        the Xeon we measured). The weight is made on first use and kept."""
-        dtype = DENSE[self.many_rows]
-        if self._dense_weight is None:
-            self._dense_weight = self.dequantized().to(dtype)
-        return nn.functional.linear(flat.to(dtype), self._dense_weight)
+    def _dense_dtype(self, rows: int) -> str | None:
+        """The dense copy a product over `rows` rows takes, or None (the int4 kernel)."""
+        if rows > SMALL_ROWS:
+            return None if self.many_rows == "int4" else self.many_rows
+        batch = self.batch_dense
+        if batch is not None and getattr(_PASS, "rows", 1) >= batch[0]:
+            return batch[1]
+        return None
+
+    def _dense(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """A product on the dequantized weight in dtype `name`: the int4 kernel is built for
+        few rows (2400 rows: 33 ms against 2 ms for bf16 on the Xeon we measured). The
+        weight is made on first use and kept."""
+        weight = self._dense_weights.get(name)
+        if weight is None:
+            weight = self._dense_weights[name] = self.dequantized().to(DENSE[name])
+        return nn.functional.linear(flat.to(weight.dtype), weight)
 
     def planes(self) -> list[torch.Tensor]:
         """Per 4-bit plane, the fp32 weight the kernel multiplies by: (q - 8) * scale + zero
@@ -172,7 +206,7 @@ class QuantLinear(nn.Module):
         part._parts = [(s.index_select(0, ids), z.index_select(0, ids)) for s, z in self._parts]
         part.out_features = len(ids)
         part.padded = -(-part.out_features // TILE) * TILE
-        part._weight, part._dense_weight = None, None
+        part._weight, part._dense_weights = None, {}
         part._pack_all()
         return part
 
@@ -220,7 +254,8 @@ def _stacked_state(members: list[QuantLinear], weight: torch.Tensor) -> dict:
         "_weight": None,
         "source_rows": weight[:8].clone(),
         "many_rows": "int4",
-        "_dense_weight": None,
+        "batch_dense": None,
+        "_dense_weights": {},
     }
 
 
@@ -298,6 +333,9 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     many = choose_many_rows(model)
     for layer in _products(model):
         layer.many_rows = many
+    batch = choose_batch_dense(model).chosen
+    for layer in _products(model, head=False):
+        layer.batch_dense = batch
     # verify passes bit-identical to one-token steps (rowwise.py: bf16 rounding would
     # turn SDPA's query-count-dependent noise into flipped tokens)
     from earlyexit.engine.rowwise import ROWWISE
@@ -328,6 +366,7 @@ AUTO_MARGIN = 0.9  # int4 must take at most this fraction of fp32's time to be c
 # 3: the least disturbed of 5 interleaved sweeps, not cached when others used the CPU
 WEIGHTS_PROCEDURE = 3
 MANY_ROWS_PROCEDURE = 1
+BATCH_DENSE_PROCEDURE = 1
 EXACT = 1e-6  # 4-bit groups rebuild the fp32 weights to this fraction of their largest |w|
 
 
@@ -454,10 +493,15 @@ def choose_weights(
     return "float32", f"int4 not faster here: {measured}"
 
 
-def _products(model: nn.Module) -> list[QuantLinear]:
-    """The QuantLinear layers that multiply: unstacked ones and the stacked groups'."""
+def _products(model: nn.Module, head: bool = True) -> list[QuantLinear]:
+    """The QuantLinear layers that multiply: unstacked ones and the stacked groups' (in
+    module order; without the output head if not `head`)."""
     found: dict[int, QuantLinear] = {}
+    get_head = getattr(model, "get_output_embeddings", None)
+    out_head = get_head() if get_head is not None and not head else None
     for module in model.modules():
+        if out_head is not None and module is out_head:
+            continue
         if isinstance(module, StackedMember):
             linear = module.group_ref[0].linear
             found[id(linear)] = linear
@@ -503,3 +547,81 @@ def choose_many_rows(model: nn.Module, rows: int = 64, use_cache: bool = True) -
     record = {"cpu": here["cpu"], "machine": here, "rows": rows, "ms": ms, "choice": choice}
     keep_timing(path, record, others, use_cache)
     return choice
+
+
+@dataclass
+class BatchDense:
+    """Which product a pass over a running batch of B rows takes (`chosen`: from which B on,
+    and which dense copy; None: the int4 kernel at every timed B), and the timings (ms per
+    pass over the decoder's products, by product and B) that chose it."""
+
+    chosen: tuple[int, str] | None
+    ms: dict[str, dict[int, float]]
+    cached: bool = False
+
+
+def decide_batch_dense(ms: dict[str, dict[int, float]]) -> tuple[int, str] | None:
+    """The smallest batch size from which a dense copy beats the kernel by AUTO_MARGIN at it
+    and at every larger timed size (of the two copies, the one that starts first, then the
+    faster there); None where neither does."""
+    best: tuple[int, float, str] | None = None
+    for name in DENSE:
+        sizes = sorted(ms.get(name, {}))
+        wins = [b for b in sizes if ms[name][b] <= AUTO_MARGIN * ms["int4"][b]]
+        start = next((b for b in sizes if all(s in wins for s in sizes if s >= b)), None)
+        if start is not None and (best is None or (start, ms[name][start]) < best[:2]):
+            best = (start, ms[name][start], name)
+    return None if best is None else (best[0], best[2])
+
+
+def choose_batch_dense(model: nn.Module, use_cache: bool = True) -> BatchDense:
+    """Time one pass over the decoder's quantized products at each of BATCH_ROWS rows on
+    the int4 kernel and on dense bf16 / fp32 copies (in module order, so the weights stream
+    from memory as in decoding; interleaved; the least disturbed of 3 rounds), cached per
+    machine (`machine_key`), procedure and shapes; decided anew from the timings."""
+    from earlyexit.engine.kernels import OthersCPU, keep_timing, machine, machine_key
+    from earlyexit.paths import home
+
+    layers = _products(model, head=False)
+    if not layers:
+        return BatchDense(None, {})
+    shapes = [(m.out_features, m.in_features, m.bits) for m in layers]
+    key = machine_key(f"batch-dense-{BATCH_DENSE_PROCEDURE}", shapes, BATCH_ROWS)
+    path = home() / "kernels" / f"batch-dense-{key}.json"
+    if use_cache and path.exists():
+        saved = json.loads(path.read_text())["ms"]
+        ms = {name: {int(b): t for b, t in v.items()} for name, v in saved.items()}
+        return BatchDense(decide_batch_dense(ms), ms, cached=True)
+    dense = {name: [m.dequantized().to(dtype) for m in layers] for name, dtype in DENSE.items()}
+    passes: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
+        "int4": lambda xs: [m(xs[m.in_features]) for m in layers],
+        **{
+            name: (
+                lambda xs, ws=ws: [nn.functional.linear(xs[w.shape[1]].to(w.dtype), w) for w in ws]
+            )
+            for name, ws in dense.items()
+        },
+    }
+    times: dict[str, dict[int, list[float]]] = {
+        name: {b: [] for b in BATCH_ROWS} for name in passes
+    }
+    with torch.inference_mode(), OthersCPU() as others:
+        for round_ in range(4):  # round 0 warms up; the least disturbed of 3
+            for rows in BATCH_ROWS:
+                xs = {k: torch.randn(rows, k) for k in {m.in_features for m in layers}}
+                for name, run in passes.items():
+                    start = time.perf_counter()
+                    run(xs)
+                    if round_:
+                        times[name][rows].append(time.perf_counter() - start)
+    ms = {name: {b: 1e3 * min(t) for b, t in by.items()} for name, by in times.items()}
+    here = machine()
+    record = {"cpu": here["cpu"], "machine": here, "ms": ms, "chosen": decide_batch_dense(ms)}
+    keep_timing(path, record, others, use_cache)
+    return BatchDense(decide_batch_dense(ms), ms)
+
+
+def batch_dense_of(model: nn.Module) -> tuple[int, str] | None:
+    """The running-batch product choice the model's decoder layers carry (None: kernel)."""
+    layers = _products(model, head=False)
+    return layers[0].batch_dense if layers else None
