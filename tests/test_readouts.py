@@ -150,3 +150,24 @@ def test_self_generated_text_is_cached(
     monkeypatch.undo()
     monkeypatch.setenv("EARLYEXIT_HOME", str(tmp_path))
     assert torch.equal(self_distill.cached_self_generated_chunks(smol, prompts, 6, 8), first)
+
+
+def test_head_products_follow_the_timed_choice(
+    smol: LayerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distillation multiplies the head in bf16 only where that was timed faster on this CPU
+    (emulated bf16 is several times slower on CPUs without it): fp32 gives the exact fp32
+    log-probabilities, bf16 the same within bf16 rounding."""
+    from earlyexit.readouts import train
+
+    hidden = torch.randn(4, smol.hidden_size, generator=torch.Generator().manual_seed(0))
+    vocab = torch.arange(0, 2048)
+    key = (smol.hidden_size, torch.get_num_threads())
+    assert isinstance(train.bf16_head_is_faster(smol.hidden_size), bool)
+    assert key in train._BF16_FASTER  # timed once per process
+    exact = torch.log_softmax(smol.head_logits(smol.final_norm(hidden), vocab), dim=-1)
+    monkeypatch.setitem(train._BF16_FASTER, key, False)
+    assert torch.equal(train._log_probs(smol, hidden, vocab), exact)
+    monkeypatch.setitem(train._BF16_FASTER, key, True)
+    rounded = train._log_probs(smol, hidden, vocab)
+    assert 0 < (rounded - exact).abs().max() < 0.5

@@ -8,6 +8,7 @@ divergence to the final layer's next-token distribution, which is what a readout
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,11 +55,13 @@ class TrainResult:
     metrics: list[LayerMetrics] = field(default_factory=list)
     seconds: float = 0.0
     vocabulary: list[int] = field(default_factory=list)  # the teacher's ids, by id
+    head_products: str = "fp32"  # or "bf16 autocast" where that was timed faster
 
     def metadata(self) -> dict:
         return {
             "config": asdict(self.config),
             "seconds": round(self.seconds, 1),
+            "head_products": self.head_products,
             "heldout": [asdict(m) for m in self.metrics],
             "vocabulary": self.vocabulary,
         }
@@ -109,10 +112,45 @@ def fit_ridge(
         adapter.bias.copy_(solution[-1].float())
 
 
+_BF16_FASTER: dict[tuple[int, int], bool] = {}  # (hidden size, threads) -> timed here
+
+
+def bf16_head_is_faster(hidden_size: int, rows: int = 256, vocab: int = 6144) -> bool:
+    """Whether the head's products (forward and backward, as a distillation step runs them)
+    are faster under bf16 autocast than in fp32 on this CPU, timed once per process: bf16
+    is several times faster where the CPU multiplies bf16 natively (AVX512-BF16, AMX) and
+    several times slower where it does not (the products are emulated, e.g. on an AMD EPYC
+    Zen 3), so neither is hard-coded."""
+    key = (hidden_size, torch.get_num_threads())
+    if key not in _BF16_FASTER:
+        with torch.inference_mode(False), torch.enable_grad():  # callers may be in no_grad
+            _BF16_FASTER[key] = _time_bf16_head(hidden_size, rows, vocab)
+    return _BF16_FASTER[key]
+
+
+def _time_bf16_head(hidden_size: int, rows: int, vocab: int) -> bool:
+    """Seconds of the head's forward and backward, bf16 autocast against fp32: True when bf16
+    is faster (median of 3 interleaved rounds after a warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden_size, generator=gen, requires_grad=True)
+    w = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for round_ in range(4):  # round 0 warms up
+        for bf16 in (False, True):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = torch.nn.functional.linear(x, w)
+            torch.log_softmax(logits.float(), dim=-1).sum().backward()
+            if round_:
+                times[bf16].append(time.perf_counter() - start)
+    return statistics.median(times[True]) < statistics.median(times[False])
+
+
 def _log_probs(
     engine: LayerEngine, hidden: torch.Tensor, vocab: torch.Tensor | None = None
 ) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hidden.device.type == "cpu"):
+    bf16 = hidden.device.type == "cpu" and bf16_head_is_faster(hidden.shape[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = engine.head_logits(engine.final_norm(hidden), vocab)
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -247,4 +285,6 @@ def train_readout(
     heldout = collect_hidden(engine, heldout_chunks, layers, desc="held-out hidden states")
     metrics = evaluate(engine, readout, heldout)
     readout.vocabulary = vocabulary
-    return TrainResult(readout, config, metrics, time.perf_counter() - began, vocabulary.tolist())
+    products = "bf16 autocast" if bf16_head_is_faster(engine.hidden_size) else "fp32"
+    seconds = time.perf_counter() - began
+    return TrainResult(readout, config, metrics, seconds, vocabulary.tolist(), products)
