@@ -233,15 +233,24 @@ def test_many_rows_decides_from_cached_timings(home: Path, monkeypatch: pytest.M
         assert choose_many_rows(model) == fastest
 
 
+# the int4 model's product timings: (cache file prefix, its procedure constant, the choice)
+INT4_TIMINGS = {
+    "many-rows": ("MANY_ROWS_PROCEDURE", choose_many_rows),
+    "batch-dense": ("BATCH_DENSE_PROCEDURE", quant.choose_batch_dense),
+}
+
+
+@pytest.mark.parametrize("cache", INT4_TIMINGS)
 @pytest.mark.parametrize("what", VARIATIONS)
-def test_many_rows_timings_are_not_read_under_another_key(
-    what: str, home: Path, monkeypatch: pytest.MonkeyPatch
+def test_int4_product_timings_are_not_read_under_another_key(
+    what: str, cache: str, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    procedure, choose = INT4_TIMINGS[cache]
     model = tiny(exact_groups(64, 128, seed=6))
     quantize_model(model, "int4")
-    vary(what, monkeypatch, (quant, "MANY_ROWS_PROCEDURE"))
-    choose_many_rows(model)
-    assert len(list(home.glob("many-rows-*.json"))) == 2
+    vary(what, monkeypatch, (quant, procedure))
+    choose(model)
+    assert len(list(home.glob(f"{cache}-*.json"))) == 2
 
 
 def test_batch_dense_rule() -> None:
@@ -278,17 +287,6 @@ def test_batch_dense_decides_from_cached_timings(
         path.write_text(json.dumps({**record, "ms": {"int4": int4, "fp32": fp32, "bf16": {}}}))
         choice = quant.choose_batch_dense(model)
         assert choice.cached and choice.chosen == chosen
-
-
-@pytest.mark.parametrize("what", VARIATIONS)
-def test_batch_dense_timings_are_not_read_under_another_key(
-    what: str, home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = tiny(exact_groups(64, 128, seed=8))
-    quantize_model(model, "int4")
-    vary(what, monkeypatch, (quant, "BATCH_DENSE_PROCEDURE"))
-    quant.choose_batch_dense(model)
-    assert len(list(home.glob("batch-dense-*.json"))) == 2
 
 
 # ---- engine/compiled.py: the compiled layer steps ------------------------------------

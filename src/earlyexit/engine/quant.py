@@ -442,8 +442,8 @@ def choose_weights(
     cached per machine (`machine_key`), procedure, shapes and fp32 kernels; the decision
     (AUTO_MARGIN) is made anew from them. An engine's own model (its linears switched to
     the skinny kernel) is judged by the same weights."""
-    from earlyexit.engine.kernels import OthersCPU, machine, machine_key
-    from earlyexit.paths import atomic_file, home
+    from earlyexit.engine.kernels import OthersCPU, keep_timing, machine, machine_key
+    from earlyexit.paths import home
 
     linears = _decoder_linears(model)
     if not linears or linears[0].weight.dtype != torch.float32:
@@ -474,14 +474,12 @@ def choose_weights(
         timing |= {"fp32_kernel": kernel, "fp32_ms": 1e3 * min(fp32)}
         timing["int4_ms"] = 1e3 * min(int4)
         timing["others_cpu_share"] = others.share
+        keep_timing(path, timing, others, use_cache)
         if others.busy:
             busy = (
                 f"; timed while other processes used {others.share:.0%} of the CPU: "
                 "not cached, timed again next time"
             )
-        elif use_cache:
-            with atomic_file(path) as tmp:
-                tmp.write_text(json.dumps(timing, indent=1))
     ratio = timing["int4_ms"] / timing["fp32_ms"]
     measured = (
         f"decoder products {timing['int4_ms']:.1f} ms int4 vs {timing['fp32_ms']:.1f} ms fp32 "
@@ -615,10 +613,11 @@ def choose_batch_dense(model: nn.Module, use_cache: bool = True) -> BatchDense:
                     if round_:
                         times[name][rows].append(time.perf_counter() - start)
     ms = {name: {b: 1e3 * min(t) for b, t in by.items()} for name, by in times.items()}
+    chosen = decide_batch_dense(ms)
     here = machine()
-    record = {"cpu": here["cpu"], "machine": here, "ms": ms, "chosen": decide_batch_dense(ms)}
+    record = {"cpu": here["cpu"], "machine": here, "ms": ms, "chosen": chosen}
     keep_timing(path, record, others, use_cache)
-    return BatchDense(decide_batch_dense(ms), ms)
+    return BatchDense(chosen, ms)
 
 
 def batch_dense_of(model: nn.Module) -> tuple[int, str] | None:
