@@ -38,16 +38,17 @@ def rowwise_attention(
     """SDPA, one query at a time for 2..MAX_ROWS queries ([B, H, n, D]; keys [B, KV, T, D]
     end with the n new ones)."""
     rows, total = query.shape[2], key.shape[2]
-    if rows == 1 or rows > MAX_ROWS:
+    if rows > MAX_ROWS:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if rows == 1:
+        mask = _unless_all_visible(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     outputs = []
     for i in range(rows):
         seen = total - (rows - 1 - i)  # keys up to and including query i
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[..., i : i + 1, :seen]
-            if bool(mask.all()):  # a decode step sees every slot: it passes no mask
-                mask = None
+            mask = _unless_all_visible(attention_mask[..., i : i + 1, :seen])
         out, _ = sdpa_attention_forward(
             module,
             query[:, :, i : i + 1],
@@ -58,6 +59,17 @@ def rowwise_attention(
         )
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def _unless_all_visible(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None where the query sees every key: SDPA with an all-true mask takes another kernel
+    path than SDPA without one, and on some CPUs (an AMD EPYC Zen 4, AVX-512) the two differ
+    by about 6e-8, enough to flip a bf16 rounding. So a query is always computed the same
+    way, whether its pass (a running batch's row mask, a verify pass, a decode step) built
+    a mask or not."""
+    if mask is not None and bool(mask.all()):
+        return None
+    return mask
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)
