@@ -55,6 +55,7 @@ def _same_until_eos(mine: list[list[int]], hf: list[list[int]], eos: int) -> boo
     return all(a[:c] == b[:c] for a, b, c in zip(mine, hf, cuts, strict=True))
 
 
+@pytest.mark.slow
 def test_engine_bench_schema_and_json_round_trip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_forced: Callable
 ) -> None:
@@ -146,6 +147,7 @@ def test_engine_bench_schema_and_json_round_trip(
     assert [p.name for p in path.parent.iterdir()] == ["engine.json"]  # no temp file left
 
 
+@pytest.mark.slow
 def test_each_engine_path_is_checked_against_hf_on_its_own_tokens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from earlyexit.decoding.draft_length import MAX_DRAFT, draft_lengths, measure_pass_costs
+from earlyexit.decoding.draft_length import (
+    MAX_DRAFT,
+    draft_lengths,
+    measure_pass_costs,
+    measure_row_pass_costs,
+)
 from earlyexit.decoding.drafters import NgramDrafter
 from earlyexit.decoding.sampling import Sampler
 from earlyexit.engine import LayerEngine
@@ -76,3 +81,24 @@ def test_pass_costs_are_kept_per_weights_and_compiled_steps(
     finally:
         smol_int4.set_compiled("off")
     assert len(list((tmp_path / "kernels").glob("passes-*.json"))) == 3
+
+
+def test_row_pass_costs_are_timed_per_batch_size_when_first_needed(
+    smol_int4: LayerEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single user's first lossless request times batch 1's passes only; a look-up
+    between measured sizes times the two around it; each size is cached for itself and
+    read back; a server times every size before it serves (`measure_all`)."""
+    monkeypatch.setenv("EARLYEXIT_HOME", str(tmp_path))
+    costs = measure_row_pass_costs(smol_int4, 8, rounds=1)
+    assert costs.sizes == (1, 2, 4, 8) and costs.seconds == {}
+    assert costs.at(1, 3) > 0 and sorted(costs.seconds) == [1]
+    assert len(list((tmp_path / "kernels").glob("row-passes-*.json"))) == 1
+    between = costs.at(3, 2)
+    assert sorted(costs.seconds) == [1, 2, 4]
+    assert min(costs.at(2, 2), costs.at(4, 2)) <= between <= max(costs.at(2, 2), costs.at(4, 2))
+    again = measure_row_pass_costs(smol_int4, 8, rounds=1)
+    assert again.seconds == costs.seconds  # the cached timings, not new ones
+    again.measure_all()
+    assert sorted(again.seconds) == [1, 2, 4, 8]
+    assert len(list((tmp_path / "kernels").glob("row-passes-*.json"))) == 4

@@ -108,6 +108,7 @@ def test_exit_then_catch_up_in_one_pass_matches_full_depth(engine: LayerEngine) 
     assert diff <= TOL
 
 
+@pytest.mark.slow
 def test_sliding_window_layers_past_the_window(gemma: LayerEngine) -> None:
     """Gemma3 mixes sliding-window and global layers; check a prompt longer than the window."""
     window = gemma.arch.sliding_window

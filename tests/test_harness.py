@@ -77,6 +77,7 @@ def test_generate_until_is_earlyexit_generate(smol: LayerEngine) -> None:
         assert text == alone.text and "\n" not in text
 
 
+@pytest.mark.slow
 def test_local_sst2_config_scores_what_earlyexit_scores(lm: EarlyExitLM, tmp_path: Path) -> None:
     """ee_sst2 zero-shot through the harness = the full model's label-word argmax on the
     same dev reviews with the same prompt (the two label words are single tokens)."""
@@ -99,6 +100,7 @@ def test_local_sst2_config_scores_what_earlyexit_scores(lm: EarlyExitLM, tmp_pat
     assert acc == pytest.approx(correct / 16)
 
 
+@pytest.mark.slow
 def test_every_local_task_runs(lm: EarlyExitLM) -> None:
     main = {"ee_sst2": "acc", "ee_boolq": "acc", "ee_arc_easy": "acc", "ee_piqa": "acc"}
     main |= {"ee_mmlu": "acc", "ee_samsum": "rougeL", "ee_squad": "f1"}

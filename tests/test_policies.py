@@ -91,6 +91,7 @@ def test_adainfer_calibrated_margin_and_round_trip(sst2: Setup, tmp_path: Path) 
     )
 
 
+@pytest.mark.slow
 def test_adainfer_saved_applies_another_tasks_stopper(sst2: Setup, tmp_path: Path) -> None:
     """`adainfer-saved` runs the stopper in --stopper unchanged (fitted on SST-2 here, as
     `eval --save` writes it) and needs no calibration of its own; without the file, or
@@ -220,6 +221,7 @@ def test_evaluate_task_records(sst2: Setup) -> None:
         evaluate_task(sst2.engine, sst2.readout, get_task("sst2"), ["magic"], config)
 
 
+@pytest.mark.slow
 def test_eval_cli_risk_control(tmp_path: Path) -> None:
     """`eval --risk`: confidence, static-cal and RAEE's slack without arguments are chosen
     by Learn-then-Test and say so; with explicit arguments they are left alone."""
@@ -278,6 +280,7 @@ def test_eval_raee_paper_protocol(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "unknown protocol 'calm': use raee-paper" in bad.output
 
 
+@pytest.mark.slow
 def test_calibrated_methods_sweeps_and_plot(sst2: Setup, tmp_path: Path) -> None:
     from earlyexit.evaluation.plots import plot_sweep
     from earlyexit.evaluation.runner import evaluate_task

@@ -166,6 +166,7 @@ def _held_out_risk(traces: torch.Tensor, exits: torch.Tensor) -> float:
     return float((early != answers[:, -1]).float().mean())
 
 
+@pytest.mark.slow
 def test_ltt_on_real_traces_over_repeated_splits(sst2_traces: torch.Tensor) -> None:
     """The issue's check: static-cal, confidence and AdaInfer's margin chosen by LTT on a
     random half of 240 real SST-2 prompts keep the other half's disagreement with the full
@@ -218,6 +219,7 @@ class _TableEmbedder:
         return np.stack([self.rows[t] for t in texts])
 
 
+@pytest.mark.slow
 def test_raee_slack_ltt_over_repeated_splits(
     smol: LayerEngine, sst2_calibration: Calibration
 ) -> None:
@@ -282,6 +284,7 @@ def test_free_sequence_risk_is_exact(smol: LayerEngine) -> None:
             assert (free != full) == bool(losses[i, j]), (prompt, threshold)
 
 
+@pytest.mark.slow
 def test_calm_ltt_decodes_for_real(smol: LayerEngine) -> None:
     """CALM's threshold by LTT: the walk's choice is learn_then_test's on the real answers
     of every calibration prompt at each threshold it reached (the failing one included),

@@ -410,6 +410,7 @@ def test_metrics_count_requests_tokens_and_layers(server: str, client: openai.Op
     assert "earlyexit_request_seconds_bucket" in text
 
 
+@pytest.mark.slow
 def test_bench_serve_reports_every_cell_without_cross_talk(ee: EarlyExit) -> None:
     from earlyexit.bench.server_bench import render_server_table, run_server_bench
 

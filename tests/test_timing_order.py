@@ -11,7 +11,12 @@ from itertools import pairwise
 import pytest
 import torch
 
-from earlyexit.evaluation.runner import collector_paused, round_orders, run_interleaved
+from earlyexit.evaluation.runner import (
+    collector_frozen,
+    collector_paused,
+    round_orders,
+    run_interleaved,
+)
 from earlyexit.policies import FullPolicy
 from earlyexit.policies.simple import ConfidencePolicy
 from earlyexit.runtime.classification import PolicyRun, PolicyRunner
@@ -129,6 +134,16 @@ def test_collector_paused_restores_state() -> None:
         assert not gc.isenabled()  # left as found
     finally:
         (gc.enable if gc_was else gc.disable)()
+
+
+def test_collector_frozen_hides_old_objects_for_the_run_only() -> None:
+    """Objects from before the rounds are frozen (each round's collection skips them) and
+    back in the collector's sight afterwards, also after an error."""
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), collector_frozen():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0
 
 
 class FakeCache:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -125,18 +127,46 @@ class RowRecord:
 @dataclass
 class RowPassCosts:
     """Seconds of a full-depth pass (layers + head over the real tokens) over B rows of n
-    new tokens, measured at ROW_BATCHES x 1..MAX_DRAFT+1; other B interpolated."""
+    new tokens, at the batch sizes `sizes` x 1..MAX_DRAFT+1; other B interpolated.
+
+    With `measure`, a batch size is timed when a look-up first needs it (and cached per
+    machine): a single user waits for batch 1's passes only, not for those of a batch of 8
+    it never runs (16 s of fp32 passes on 2 cores). `measure_all` times every size up
+    front (a server, before it takes requests)."""
 
     seconds: dict[int, dict[int, float]]
+    measure: Callable[[int], dict[int, float]] | None = None
+    sizes: tuple[int, ...] = ()
 
-    def at(self, rows: int, width: int) -> float:
-        sizes = sorted(self.seconds)
-        if rows in self.seconds:
-            return self.seconds[rows][width]
+    def _bracket(self, rows: int) -> list[int]:
+        """The measured sizes a look-up at `rows` rows reads."""
+        sizes = sorted(self.sizes or self.seconds)
+        if rows in sizes:
+            return [rows]
         lower = max((b for b in sizes if b < rows), default=sizes[0])
         upper = min((b for b in sizes if b > rows), default=None)
-        if upper is None:  # beyond the largest measured batch: proportional
+        return [lower] if upper is None else [lower, upper]
+
+    def measure_all(self) -> None:
+        for rows in self.sizes:
+            self._ensure([rows])
+
+    def _ensure(self, sizes: list[int]) -> None:
+        for rows in sizes:
+            if rows not in self.seconds:
+                if self.measure is None:
+                    raise KeyError(f"no pass costs for batch size {rows}")
+                self.seconds[rows] = self.measure(rows)
+
+    def at(self, rows: int, width: int) -> float:
+        needed = self._bracket(rows)
+        self._ensure(needed)
+        if len(needed) == 1 and needed[0] == rows:
+            return self.seconds[rows][width]
+        lower = needed[0]
+        if len(needed) == 1:  # beyond the largest measured batch: proportional
             return self.seconds[lower][width] * rows / lower
+        upper = needed[1]
         t = (rows - lower) / (upper - lower)
         return (1 - t) * self.seconds[lower][width] + t * self.seconds[upper][width]
 
@@ -190,19 +220,27 @@ def time_row_passes(engine: LayerEngine, batches: tuple[int, ...], rounds: int) 
 def measure_row_pass_costs(
     engine: LayerEngine, max_rows: int, rounds: int = 3, use_cache: bool = True
 ) -> RowPassCosts:
-    """Pass costs of a running batch on this machine (cached as `measure_pass_costs` is),
-    for the measured batch sizes up to `max_rows` (at least batch 1)."""
-    batches = tuple(b for b in ROW_BATCHES if b <= max(1, max_rows))
-    if max_rows not in batches and max_rows > 1:
-        batches = (*batches, max_rows)
+    """Pass costs of a running batch on this machine for the measured batch sizes up to
+    `max_rows` (at least batch 1), each timed when first needed and cached as
+    `measure_pass_costs` is."""
+    sizes = tuple(b for b in ROW_BATCHES if b <= max(1, max_rows))
+    if max_rows not in sizes and max_rows > 1:
+        sizes = (*sizes, max_rows)
     path_kind = (engine.weights, engine.kernels.skinny_rows, engine.compiled is not None)
     path_kind += (engine.batch_dense,)  # dense products from a batch size (engine/quant.py)
-    key = machine_key("row-passes-1", engine.fingerprint, str(engine.dtype), *path_kind, batches)
-    path = home() / "kernels" / f"row-passes-{key}.json"
-    if use_cache and path.exists():
-        saved = json.loads(path.read_text())
-        return RowPassCosts({int(b): {int(n): s for n, s in v.items()} for b, v in saved.items()})
-    with OthersCPU() as others:
-        costs = time_row_passes(engine, batches, rounds)
-    keep_timing(path, costs.seconds, others, use_cache)
-    return costs
+
+    def path(rows: int) -> Path:
+        key = machine_key("row-passes-2", engine.fingerprint, str(engine.dtype), *path_kind, rows)
+        return home() / "kernels" / f"row-passes-{key}.json"
+
+    def measure(rows: int) -> dict[int, float]:
+        with OthersCPU() as others:
+            seconds = time_row_passes(engine, (rows,), rounds).seconds[rows]
+        keep_timing(path(rows), seconds, others, use_cache)
+        return seconds
+
+    seconds = {}
+    for rows in sizes:
+        if use_cache and path(rows).exists():
+            seconds[rows] = {int(n): s for n, s in json.loads(path(rows).read_text()).items()}
+    return RowPassCosts(seconds, measure, sizes)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit
 from earlyexit.engine.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
-from earlyexit.evaluation.runner import collector_paused, round_orders
+from earlyexit.evaluation.runner import collector_frozen, collector_paused, round_orders
 from earlyexit.risk import bootstrap_ci
 from earlyexit.runtime.generation import GenConfig, build_decoder
 from earlyexit.tasks.gen_metrics import rouge, task_scores, token_agreement
@@ -53,13 +53,14 @@ def bench_generation(
     # the garbage collector paused within a prompt (evaluation.runner)
     names = list(decoders)
     orders = round_orders(len(names), len(prompts))
-    for prompt, order in zip(
-        tqdm(prompts, desc=f"{task.name}: decoding", leave=False), orders, strict=True
-    ):
-        with collector_paused():
-            for position in order:
-                spec = names[position]
-                runs[spec].append(decoders[spec](prompt, decode_config))
+    with collector_frozen():
+        for prompt, order in zip(
+            tqdm(prompts, desc=f"{task.name}: decoding", leave=False), orders, strict=True
+        ):
+            with collector_paused():
+                for position in order:
+                    spec = names[position]
+                    runs[spec].append(decoders[spec](prompt, decode_config))
 
     def texts(results: list[DecodeResult]) -> list[str]:
         return [

@@ -87,6 +87,20 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextmanager
+def collector_frozen() -> Iterator[None]:
+    """What exists before a run's rounds (models, tokenizers, the test harness: millions
+    of objects) moved out of the collector's sight for the run (`gc.freeze`), so that each
+    round's full collection scans only what the run made since: 0.6 s less per round in a
+    process that holds a model and the test suite, and no change to what is timed."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_interleaved(runners: dict[str, PolicyRunner], warm_up: bool = True) -> dict[str, PolicyRun]:
     """Round i runs batch i of every runner, in an order that changes every round
     (`round_orders`); returns each runner's totals.
@@ -101,12 +115,13 @@ def run_interleaved(runners: dict[str, PolicyRunner], warm_up: bool = True) -> d
         for runner in runners.values():
             runner.warm_up()
     orders = round_orders(len(names), rounds)
-    for index, order in enumerate(tqdm(orders, desc="timed runs", leave=False)):
-        with collector_paused():
-            for position in order:
-                runner = runners[names[position]]
-                if index < len(runner.groups):
-                    runner.run_group(index)
+    with collector_frozen():
+        for index, order in enumerate(tqdm(orders, desc="timed runs", leave=False)):
+            with collector_paused():
+                for position in order:
+                    runner = runners[names[position]]
+                    if index < len(runner.groups):
+                        runner.run_group(index)
     return {name: runner.result() for name, runner in runners.items()}
 
 

@@ -269,10 +269,12 @@ class Scheduler:
         return job.result
 
     def prepare(self) -> None:
-        """Measure the pass costs lossless drafts are chosen by now (once per machine,
-        cached), not in the first lossless step of a loaded server."""
+        """Measure the pass costs lossless drafts are chosen by at every batch size now
+        (once per machine, cached), not in the first step of a loaded server that reaches
+        that size."""
         with self.lock:
             self._costs = measure_row_pass_costs(self.engine, self.max_batch)
+            self._costs.measure_all()
 
     def stats(self) -> SchedulerStats:
         mean = self._rows_stepped / self.steps if self.steps else 0.0
