@@ -272,6 +272,26 @@ def test_a_timing_taken_while_others_use_the_cpu_is_not_cached(
 
 
 @pytest.mark.weights
+def test_auto_times_fp32_on_the_kernels_the_engine_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`load_model(dtype="auto", kernels=K)` (the API's `EarlyExit.load(kernels=K)`) times
+    fp32 on the kernels an engine with K would use, not on the default choice."""
+    from earlyexit.engine import quant
+    from earlyexit.models import load_model
+
+    asked: list[str] = []
+
+    def recorded(model: torch.nn.Module, use_cache: bool = True, kernels: str = "auto"):  # noqa: ANN202
+        asked.append(kernels)
+        return "float32", "recorded"
+
+    monkeypatch.setattr(quant, "choose_weights", recorded)
+    loaded = load_model("smollm2-135m", dtype="auto", kernels="plain")
+    assert asked == ["plain"] and loaded.model.config.earlyexit_weights_reason == "recorded"
+
+
+@pytest.mark.weights
 def test_auto_on_real_weights(smol: LayerEngine, gemma: LayerEngine) -> None:
     """smollm2's layers are the GGUF's Q4_1 (exact groups: auto may pick int4); gemma3's
     Q4_K_M / Q6_K tensors are not min/max groups, so auto keeps fp32 without timing."""

@@ -464,7 +464,7 @@ class EarlyExit:
             torch.set_num_threads(threads)
         check_limits(max_batch, max_queue)
         check_timeout(request_timeout)
-        engine = LayerEngine(load_model(model, dtype=dtype), kernels=kernels)
+        engine = LayerEngine(load_model(model, dtype=dtype, kernels=kernels), kernels=kernels)
         engine.set_compiled(compiled)
         return cls(engine, max_batch, max_queue, request_timeout)
 

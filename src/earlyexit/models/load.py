@@ -81,9 +81,12 @@ def resolve_source(name_or_path: str) -> tuple[str, str, str | None]:
     raise AssertionError("unreachable")
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> LoadedModel:
+def load_model(
+    name_or_path: str, dtype: str | torch.dtype = "float32", kernels: str = "auto"
+) -> LoadedModel:
     """`dtype`: float32, bfloat16, int4 / int8 (fp32 model, 4-bit-group weights), or auto
-    (int4 where the weights are exact 4-bit groups and int4 was measured faster here)."""
+    (int4 where the weights are exact 4-bit groups and int4 was measured faster here than
+    fp32 on the kernels `kernels` -- the engine's fp32 kernel choice -- would use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
@@ -103,7 +106,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32") -> Loade
     if dtype == AUTO:
         from earlyexit.engine.quant import choose_weights
 
-        weights, why = choose_weights(model)
+        weights, why = choose_weights(model, kernels=kernels)
     else:
         weights, why = str(dtype).removeprefix("torch."), "asked for"
     if weights in QUANTIZED:
