@@ -220,6 +220,21 @@ def _one(client: Any, model: str, prompt: str, method: str, tokens: int, tempera
 TIE_BOUND = {"float32": 1e-3, "int4": 1.5, "int8": 1.5, "bfloat16": 1.5}
 
 
+@dataclass
+class _Load:
+    """What every request of one bench run shares: the model's name, the methods, the
+    prompts (one per request of a round's cell) and the decoding settings."""
+
+    name: str
+    methods: Sequence[str]
+    prompts: list[str]
+    max_tokens: int
+    temperature: float
+
+    def ask(self, client: Any, prompt: str, method: str):  # noqa: ANN201 - _one's tuple
+        return _one(client, self.name, prompt, method, self.max_tokens, self.temperature)
+
+
 def run_server_bench(
     model: str = "smollm2-135m",
     methods: Sequence[str] = ("full", "lossless", "free"),
@@ -237,8 +252,6 @@ def run_server_bench(
     cells interleaved round by round (`clients` requests at a time), each cell's answers
     compared with the same prompt answered alone; with `llama_server_binary`, llama.cpp's
     server on the model's GGUF (as many slots as the most clients) is one more cell."""
-    import openai
-
     from earlyexit.tasks.generation import get_generation_task
 
     clients = sorted(set(clients))
@@ -253,109 +266,26 @@ def run_server_bench(
     }
     prompts = [item.instruction for item in get_generation_task(task).items(requests)]
     prompts = [prompts[i % len(prompts)] for i in range(requests)]
+    load = _Load(base.name, methods, prompts, max_tokens, temperature)
     bound = TIE_BOUND.get(base.engine.weights, 1.5)
     load_before = os.getloadavg()[0]
 
-    def load() -> list[MethodLoad]:
-        cells: list[MethodLoad] = []
+    def bench() -> list[MethodLoad]:
         with contextlib.ExitStack() as stack:
-            urls = {
-                b: stack.enter_context(running_server(ee_b, methods[0]))
-                for b, ee_b in servers.items()
-            }
-            first = max_batches[0]
-            client_of = {
-                b: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-                for b, url in urls.items()
-            }
-            keys = [(b, m) for b in max_batches for m in methods]
-            if llama_server_binary is not None:
-                from earlyexit.bench.llamacpp import model_gguf
-
-                gguf = model_gguf(base.name)
-                if gguf is None:
-                    raise EarlyExitError(f"{base.name} has no GGUF for llama-server")
-                context = 2048  # per slot: a SAMSum prompt and its answer fit
-                url = stack.enter_context(
-                    llama_server(
-                        llama_server_binary, gguf, clients[-1], context, torch.get_num_threads()
-                    )
-                )
-                client_of[0] = openai.OpenAI(
-                    base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900
-                )
-                _one(client_of[0], base.name, prompts[0], LLAMA_SERVER, max_tokens, temperature)
+            client_of = _open_servers(stack, servers, load, llama_server_binary, clients[-1])
+            alone = _answers_alone(client_of, servers, base, load, bound)
+            keys = [(b, m) for b in servers for m in methods]
+            if 0 in client_of:
                 keys.append((0, LLAMA_SERVER))  # batch limit 0: llama-server's own slots
-            alone: dict[tuple[str, str], tuple[str, str]] = {}  # (text, its tie-free prefix)
-            for method in methods:  # reference answers, one request at a time (also warms up)
-                for b in max_batches:  # every server warms up (builds its decoders)
-                    _one(client_of[b], base.name, prompts[0], method, max_tokens, temperature)
-                if not _deterministic(method, temperature):
-                    continue
-                for prompt in dict.fromkeys(prompts):
-                    text = _one(
-                        client_of[first], base.name, prompt, method, max_tokens, temperature
-                    )
-                    generation = servers[first].generate(
-                        prompt, method=method, max_new_tokens=max_tokens, temperature=0.0, seed=0
-                    )
-                    alone[method, prompt] = (
-                        text[2],
-                        _tie_prefix(base, prompt, generation.tokens, bound),
-                    )
-            for count in clients:
-                results: dict[tuple[int, str], list] = {k: [] for k in keys}
-                errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
-                wall = dict.fromkeys(keys, 0.0)
-                counted = {k: collections.Counter() for k in keys}  # scheduler counters
-                with ThreadPoolExecutor(count) as pool:
-                    for round_, start in enumerate(range(0, requests, count)):
-                        batch = prompts[start : start + count]
-                        order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
-                        for b, method in order:  # rotated: no cell always goes first
-                            before = _counters(servers, b)
-                            began = time.perf_counter()
-                            futures = [
-                                (
-                                    p,
-                                    pool.submit(
-                                        _one,
-                                        client_of[b],
-                                        base.name,
-                                        p,
-                                        method,
-                                        max_tokens,
-                                        temperature,
-                                    ),
-                                )
-                                for p in batch
-                            ]
-                            for prompt, future in futures:
-                                try:
-                                    results[b, method].append((prompt, *future.result()))
-                                except Exception as err:  # noqa: BLE001 - counted and reported
-                                    errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
-                            wall[b, method] += time.perf_counter() - began
-                            counted[b, method].update(_counters(servers, b))
-                            counted[b, method].subtract(before)
-                for b, method in keys:
-                    cells.append(
-                        _cell(
-                            method,
-                            b,
-                            count,
-                            results[b, method],
-                            errors[b, method],
-                            wall[b, method],
-                            counted[b, method],
-                            alone,
-                        )
-                    )
-        return cells
+            return [
+                cell
+                for count in clients
+                for cell in _rounds(count, keys, client_of, servers, load, alone)
+            ]
 
     # The clients run in a worker thread; this thread, which loaded the model, runs every
     # server's loop (a decode in another thread is slower: Scheduler.run).
-    cells = _beside_the_loops([ee_b.scheduler for ee_b in servers.values()], load)
+    cells = _beside_the_loops([ee_b.scheduler for ee_b in servers.values()], bench)
     for ee_b in servers.values():
         ee_b.close()
     return {
@@ -380,6 +310,100 @@ def run_server_bench(
         "cells": [asdict(cell) for cell in cells],
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
+
+
+def _open_servers(
+    stack: contextlib.ExitStack,
+    servers: dict[int, EarlyExit],
+    load: _Load,
+    llama_server_binary: Path | None,
+    slots: int,
+) -> dict[int, Any]:
+    """An `openai` client per batch limit, each for its own server on a free port (kept
+    open by `stack`); with a llama-server binary, that server (`slots` slots) as limit 0."""
+    import openai
+
+    def client(url: str) -> Any:
+        return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+
+    first = load.methods[0]
+    client_of = {
+        b: client(stack.enter_context(running_server(s, first))) for b, s in servers.items()
+    }
+    if llama_server_binary is not None:
+        from earlyexit.bench.llamacpp import model_gguf
+
+        gguf = model_gguf(load.name)
+        if gguf is None:
+            raise EarlyExitError(f"{load.name} has no GGUF for llama-server")
+        context = 2048  # per slot: a SAMSum prompt and its answer fit
+        threads = torch.get_num_threads()
+        server = llama_server(llama_server_binary, gguf, slots, context, threads)
+        client_of[0] = client(stack.enter_context(server))
+        load.ask(client_of[0], load.prompts[0], LLAMA_SERVER)  # warm-up
+    return client_of
+
+
+def _answers_alone(
+    client_of: dict[int, Any],
+    servers: dict[int, EarlyExit],
+    base: EarlyExit,
+    load: _Load,
+    bound: float,
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """Each deterministic method's answer to each prompt requested alone, before the load
+    (also every server's warm-up), with its prefix up to the solo run's first near-tie:
+    (method, prompt) -> (text, tie-free prefix)."""
+    first = next(iter(servers))
+    alone: dict[tuple[str, str], tuple[str, str]] = {}
+    for method in load.methods:
+        for b in servers:  # every server warms up (builds its decoders)
+            load.ask(client_of[b], load.prompts[0], method)
+        if not _deterministic(method, load.temperature):
+            continue
+        for prompt in dict.fromkeys(load.prompts):
+            text = load.ask(client_of[first], prompt, method)[2]
+            generation = servers[first].generate(
+                prompt, method=method, max_new_tokens=load.max_tokens, temperature=0.0, seed=0
+            )
+            alone[method, prompt] = (text, _tie_prefix(base, prompt, generation.tokens, bound))
+    return alone
+
+
+def _rounds(
+    count: int,
+    keys: list[tuple[int, str]],
+    client_of: dict[int, Any],
+    servers: dict[int, EarlyExit],
+    load: _Load,
+    alone: dict[tuple[str, str], tuple[str, str]],
+) -> list[MethodLoad]:
+    """Every cell (batch limit, method) at `count` clients: rounds of `count` concurrent
+    requests, the cells' order rotated from round to round so drift hits all alike."""
+    results: dict[tuple[int, str], list] = {k: [] for k in keys}
+    errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
+    wall = dict.fromkeys(keys, 0.0)
+    counted = {k: collections.Counter() for k in keys}  # scheduler counters
+    with ThreadPoolExecutor(count) as pool:
+        for round_, start in enumerate(range(0, len(load.prompts), count)):
+            batch = load.prompts[start : start + count]
+            order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+            for b, method in order:
+                before = _counters(servers, b)
+                began = time.perf_counter()
+                futures = [(p, pool.submit(load.ask, client_of[b], p, method)) for p in batch]
+                for prompt, future in futures:
+                    try:
+                        results[b, method].append((prompt, *future.result()))
+                    except Exception as err:  # noqa: BLE001 - counted and reported
+                        errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
+                wall[b, method] += time.perf_counter() - began
+                counted[b, method].update(_counters(servers, b))
+                counted[b, method].subtract(before)
+    return [
+        _cell(m, b, count, results[b, m], errors[b, m], wall[b, m], counted[b, m], alone)
+        for b, m in keys
+    ]
 
 
 def _beside_the_loops(schedulers: list[Scheduler], work: Callable[[], Any]) -> Any:
