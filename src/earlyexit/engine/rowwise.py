@@ -12,8 +12,10 @@ decode step does (keys up to the query, the mask a decode step would build), mak
 whole pass bit-identical to one-token steps.
 
 Registered with transformers' `AttentionInterface` under ROWWISE; the quantized models
-use it (`quant.quantize_model`). Calls with one query or more than MAX_ROWS (prefill) go
-straight to SDPA: prefill is shared by every method, so its arithmetic need not match.
+use it (`quant.quantize_model`). Calls with more than MAX_ROWS (prefill) go straight to
+SDPA: prefill is shared by every method, so its arithmetic need not match. One-query calls
+go to SDPA too, without their mask where they see every key, as each row of a verify pass
+does.
 """
 
 from __future__ import annotations
