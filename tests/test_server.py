@@ -411,9 +411,20 @@ def test_metrics_count_requests_tokens_and_layers(server: str, client: openai.Op
 
 
 @pytest.mark.slow
-def test_bench_serve_reports_every_cell_without_cross_talk(ee: EarlyExit) -> None:
+def test_bench_serve_reports_every_cell_without_cross_talk(
+    ee: EarlyExit, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from earlyexit.bench.server_bench import render_server_table, run_server_bench
+    from earlyexit.runtime.scheduler import Scheduler
 
+    prepared: list[int] = []  # pass costs timed before the load, as `earlyexit serve` does
+    real_prepare = Scheduler.prepare
+
+    def prepare(self: Scheduler) -> None:
+        prepared.append(self.max_batch)
+        real_prepare(self)
+
+    monkeypatch.setattr(Scheduler, "prepare", prepare)
     result = run_server_bench(
         methods=("full", "lossless", "free"),
         clients=(2,),
@@ -436,3 +447,4 @@ def test_bench_serve_reports_every_cell_without_cross_talk(ee: EarlyExit) -> Non
             assert cell["drafted_rows"] == cell["exit_tries"] == 0
     assert cells[1, "full"]["mean_batch"] == 1 and cells[2, "full"]["avg_layers"] == 30
     assert render_server_table(result).row_count == 6
+    assert sorted(prepared) == [1, 2]  # every server, before its first request
