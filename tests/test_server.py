@@ -420,9 +420,9 @@ def test_bench_serve_reports_every_cell_without_cross_talk(
     prepared: list[int] = []  # pass costs timed before the load, as `earlyexit serve` does
     real_prepare = Scheduler.prepare
 
-    def prepare(self: Scheduler) -> None:
+    def prepare(self: Scheduler, families: set[str]) -> None:
         prepared.append(self.max_batch)
-        real_prepare(self)
+        real_prepare(self, families)
 
     monkeypatch.setattr(Scheduler, "prepare", prepare)
     result = run_server_bench(

@@ -264,9 +264,8 @@ def run_server_bench(
         b: EarlyExit.from_engine(base.engine, max_batch=b, max_queue=4 * requests)
         for b in max_batches
     }
-    if {"lossless", "free"} & {parse_method(m).name for m in methods}:
-        for server in servers.values():  # as `earlyexit serve` does: no timing under load
-            server.scheduler.prepare()
+    for server in servers.values():  # as `earlyexit serve` does: no timing under load
+        server.scheduler.prepare({parse_method(m).name for m in methods})
     prompts = [item.instruction for item in get_generation_task(task).items(requests)]
     prompts = [prompts[i % len(prompts)] for i in range(requests)]
     load = _Load(base.name, methods, prompts, max_tokens, temperature)

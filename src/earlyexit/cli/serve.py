@@ -78,8 +78,7 @@ def serve_command(
     console.print(f"decode steps: {ee.engine.compiled_choice.summary()}", highlight=False)
     if ee.engine.compiled is not None:  # the first request would otherwise load (or build) it
         ee.engine.greedy(ee.engine.encode(["Hello"])[0], 2)  # here: the scheduler's thread
-    if {"lossless", "free"} & set(families):  # drafts follow batch pass costs: timed once
-        ee.scheduler.prepare()
+    ee.scheduler.prepare(families)  # drafts follow batch pass costs: timed once, here
     console.print(
         f"serving {ee.name} ({dtype}, default method {method}, up to {max_batch} rows "
         f"batched) on http://{host}:{port}/v1",

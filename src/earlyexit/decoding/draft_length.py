@@ -161,12 +161,12 @@ class RowPassCosts:
     def at(self, rows: int, width: int) -> float:
         needed = self._bracket(rows)
         self._ensure(needed)
-        if len(needed) == 1 and needed[0] == rows:
+        if needed == [rows]:
             return self.seconds[rows][width]
-        lower = needed[0]
-        if len(needed) == 1:  # beyond the largest measured batch: proportional
+        lower, *above = needed
+        if not above:  # beyond the largest measured batch: proportional
             return self.seconds[lower][width] * rows / lower
-        upper = needed[1]
+        upper = above[0]
         t = (rows - lower) / (upper - lower)
         return (1 - t) * self.seconds[lower][width] + t * self.seconds[upper][width]
 

@@ -38,7 +38,7 @@ import collections
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +71,7 @@ PREFILL_CHUNK = 128  # prompt tokens per iteration while other rows decode
 EXIT_PRIOR = (2.0, 4.0)  # a row's exit rate before it has tried: 2 exits in 4 tries
 RETRY_EXITS = 32  # steps after which exits that did not pay are tried (and timed) again
 TIME_WEIGHT = 0.2  # weight of the newest time in the loop's running averages
+DRAFTING_FAMILIES = frozenset({"lossless", "free"})  # choose drafts by measured pass costs
 
 
 def exit_pays(rates: list[float], deep_seconds: float | None, exit_seconds: float | None) -> bool:
@@ -268,10 +269,12 @@ class Scheduler:
             raise job.error
         return job.result
 
-    def prepare(self) -> None:
-        """Measure the pass costs lossless drafts are chosen by at every batch size now
-        (once per machine, cached), not in the first step of a loaded server that reaches
-        that size."""
+    def prepare(self, families: Iterable[str]) -> None:
+        """For a server of these method families: where one drafts (DRAFTING_FAMILIES),
+        measure the pass costs its drafts are chosen by at every batch size now (once per
+        machine, cached), not in the first step of a loaded server that reaches that size."""
+        if not DRAFTING_FAMILIES.intersection(families):
+            return
         with self.lock:
             self._costs = measure_row_pass_costs(self.engine, self.max_batch)
             self._costs.measure_all()
