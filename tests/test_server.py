@@ -448,3 +448,31 @@ def test_bench_serve_reports_every_cell_without_cross_talk(
     assert cells[1, "full"]["mean_batch"] == 1 and cells[2, "full"]["avg_layers"] == 30
     assert render_server_table(result).row_count == 6
     assert sorted(prepared) == [1, 2]  # every server, before its first request
+
+
+def test_bench_clients_run_in_a_process_of_their_own(server: str, ee: EarlyExit) -> None:
+    """`bench serve`'s clients (bench/load_clients.py) stream from another process, one
+    that imports no torch, so they take no CPU or GIL from the decode loop: a round's
+    answers are the server's greedy answers, and a refused request comes back as its
+    error line while the round's other requests are answered."""
+    import subprocess
+    import sys
+
+    from earlyexit.bench.load_clients import ClientProcess
+
+    probe = "import sys, earlyexit.bench.load_clients; print('torch' in sys.modules)"
+    assert subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split() == ["False"]
+    prompt = MESSAGES[0]["content"]
+    with ClientProcess() as clients:
+        wall, replies = clients.round(
+            server, MODEL, [(prompt, "full"), (prompt, "no-such-method")], TOKENS, 0.0
+        )
+        pid = clients._process.pid
+    assert pid != os.getpid() and wall > 0
+    latency, ttft, text, tokens, layers = replies[0]["answer"]
+    assert latency >= ttft > 0 and tokens == TOKENS and layers == ee.num_layers
+    expected = ee.generate(MESSAGES, method="full", max_new_tokens=TOKENS, temperature=0)
+    assert text == expected.text
+    assert "BadRequestError" in replies[1]["error"] and "no-such-method" in replies[1]["error"]

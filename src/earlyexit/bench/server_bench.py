@@ -3,21 +3,24 @@ limits side by side at several client counts.
 
 One server per batch limit (`--max-batch 8,1`: continuous batching, and one request at a
 time) runs in this process (uvicorn in a thread) on a free port, all on the same loaded
-model; clients are the official `openai` client in threads, streaming chat completions of
-a generation task's prompts. Per client count and cell (batch limit x method): `requests`
-requests, `clients` at a time, in rounds that rotate the cells (so machine drift hits them
-alike). Reported per cell: errors, completion tokens per second of wall time, p50/p95
-latency (request sent -> last chunk) and time to first token, the scheduler's mean running
-batch, layers per token, and cross-talk: every greedy answer is compared with the answer to
-the same prompt requested alone, before the load; one that parts from it where the solo
-run's top-2 logit gap is within the measured batch rounding bound is counted as a tie, any
-other difference as a mismatch (`free` exits by the load and learns: not compared).
+model; clients are the official `openai` client in threads of a process of their own
+(bench/load_clients.py: in the servers' process they took the decode loop's CPU), streaming
+chat completions of a generation task's prompts. Per client count and cell (batch limit x
+method): `requests` requests, `clients` at a time, in rounds that rotate the cells (so
+machine drift hits them alike). Reported per cell: errors, completion tokens per second of
+wall time, p50/p95 latency (request sent -> last chunk) and time to first token, the
+scheduler's mean running batch, layers per token, and cross-talk: every greedy answer is
+compared with the answer to the same prompt requested alone, before the load; one that
+parts from it where the solo run's top-2 logit gap is within the measured batch rounding
+bound is counted as a tie, any other difference as a mismatch (`free` exits by the load and
+learns: not compared).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import socket
 import statistics
@@ -25,7 +28,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ import torch
 from rich.table import Table
 
 from earlyexit.api import EarlyExit
+from earlyexit.bench.load_clients import LLAMA_SERVER, ClientProcess
 from earlyexit.engine.kernels import cpu_model
 from earlyexit.errors import EarlyExitError
 from earlyexit.runtime.generation import parse_method
@@ -98,9 +101,6 @@ def running_server(
         thread.join(timeout=60)
     if thread.is_alive():
         raise RuntimeError("the server did not stop")
-
-
-LLAMA_SERVER = "llama-server"  # the cell name of llama.cpp's own server
 
 
 @contextmanager
@@ -180,41 +180,6 @@ def _tie_prefix(ee: EarlyExit, prompt: str, tokens: list[int], bound: float) -> 
     return engine.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
 
 
-def _one(client: Any, model: str, prompt: str, method: str, tokens: int, temperature: float):  # noqa: ANN202
-    """(latency s, time to first token s, text, completion tokens, avg layers) of one
-    streamed chat completion."""
-    began = time.perf_counter()
-    first = None
-    pieces, usage, telemetry = [], None, None
-    extra = {} if method == LLAMA_SERVER else {"extra_body": {"early_exit": {"method": method}}}
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=tokens,
-        temperature=temperature,
-        seed=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        **extra,
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            pieces.append(chunk.choices[0].delta.content)
-        if chunk.choices and chunk.choices[0].finish_reason:
-            telemetry = chunk.model_extra.get("early_exit")
-        if chunk.usage is not None:
-            usage = chunk.usage
-    end = time.perf_counter()
-    return (
-        end - began,
-        (first or end) - began,
-        "".join(pieces),
-        usage.completion_tokens if usage else 0,
-        telemetry["avg_layers"] if telemetry else float("nan"),
-    )
-
-
 # logits of a row in a batch against alone (scripts/experiments/batch_rounding.py):
 # fp32 9.2e-5, int4 0.67 on the AMD EPYC; answers parting at a solo gap within this are ties
 TIE_BOUND = {"float32": 1e-3, "int4": 1.5, "int8": 1.5, "bfloat16": 1.5}
@@ -231,8 +196,18 @@ class _Load:
     max_tokens: int
     temperature: float
 
-    def ask(self, client: Any, prompt: str, method: str):  # noqa: ANN201 - _one's tuple
-        return _one(client, self.name, prompt, method, self.max_tokens, self.temperature)
+    def round(
+        self, clients: ClientProcess, url: str, requests: list[tuple[str, str]]
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """(wall s, per request {"answer": load_clients.ask's tuple} or {"error": line})."""
+        return clients.round(url, self.name, requests, self.max_tokens, self.temperature)
+
+    def ask(self, clients: ClientProcess, url: str, prompt: str, method: str):  # noqa: ANN201 - ask's tuple
+        """One request alone; its error raised here."""
+        (reply,) = self.round(clients, url, [(prompt, method)])[1]
+        if "error" in reply:
+            raise EarlyExitError(f"{method} at {url}: {reply['error']}")
+        return reply["answer"]
 
 
 def run_server_bench(
@@ -272,17 +247,25 @@ def run_server_bench(
     bound = TIE_BOUND.get(base.engine.weights, 1.5)
     load_before = os.getloadavg()[0]
 
+    # Every torch computation runs in this thread, the loops' (see `_beside_the_loops`):
+    # the solo answers the HTTP ones are compared with, and their tie-free prefixes.
+    solo = _solo_prefixes(servers, base, load, bound)
+
     def bench() -> list[MethodLoad]:
         with contextlib.ExitStack() as stack:
-            client_of = _open_servers(stack, servers, load, llama_server_binary, clients[-1])
-            alone = _answers_alone(client_of, servers, base, load, bound)
+            client_process = stack.enter_context(ClientProcess())
+            url_of = _open_servers(stack, servers, load, llama_server_binary, clients[-1])
+            warm = functools.partial(load.ask, client_process)
+            if 0 in url_of:
+                warm(url_of[0], load.prompts[0], LLAMA_SERVER)
+            alone = _answers_alone(warm, url_of, servers, load, solo)
             keys = [(b, m) for b in servers for m in methods]
-            if 0 in client_of:
+            if 0 in url_of:
                 keys.append((0, LLAMA_SERVER))  # batch limit 0: llama-server's own slots
             return [
                 cell
                 for count in clients
-                for cell in _rounds(count, keys, client_of, servers, load, alone)
+                for cell in _rounds(count, keys, client_process, url_of, servers, load, alone)
             ]
 
     # The clients run in a worker thread; this thread, which loaded the model, runs every
@@ -320,18 +303,11 @@ def _open_servers(
     load: _Load,
     llama_server_binary: Path | None,
     slots: int,
-) -> dict[int, Any]:
-    """An `openai` client per batch limit, each for its own server on a free port (kept
-    open by `stack`); with a llama-server binary, that server (`slots` slots) as limit 0."""
-    import openai
-
-    def client(url: str) -> Any:
-        return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-
+) -> dict[int, str]:
+    """Each batch limit's server on a free port (kept open by `stack`): its base URL; with
+    a llama-server binary, that server (`slots` slots) as limit 0."""
     first = load.methods[0]
-    client_of = {
-        b: client(stack.enter_context(running_server(s, first))) for b, s in servers.items()
-    }
+    url_of = {b: stack.enter_context(running_server(s, first)) for b, s in servers.items()}
     if llama_server_binary is not None:
         from earlyexit.bench.llamacpp import model_gguf
 
@@ -341,41 +317,59 @@ def _open_servers(
         context = 2048  # per slot: a SAMSum prompt and its answer fit
         threads = torch.get_num_threads()
         server = llama_server(llama_server_binary, gguf, slots, context, threads)
-        client_of[0] = client(stack.enter_context(server))
-        load.ask(client_of[0], load.prompts[0], LLAMA_SERVER)  # warm-up
-    return client_of
+        url_of[0] = stack.enter_context(server)
+    return url_of
+
+
+def _solo_prefixes(
+    servers: dict[int, EarlyExit], base: EarlyExit, load: _Load, bound: float
+) -> dict[tuple[str, str], str]:
+    """Every server's decoder for every method built (a first request builds it: its
+    calibration is torch work, kept out of the HTTP handlers' threads), and each
+    deterministic method's answer to each prompt from the API, cut at the solo run's first
+    near-tie: (method, prompt) -> tie-free prefix."""
+    prefixes = {}
+    server = servers[next(iter(servers))]
+    for method in load.methods:
+        for each in servers.values():
+            each.generate(load.prompts[0], method=method, max_new_tokens=2)
+        if not _deterministic(method, load.temperature):
+            continue
+        for prompt in dict.fromkeys(load.prompts):
+            generation = server.generate(
+                prompt, method=method, max_new_tokens=load.max_tokens, temperature=0.0, seed=0
+            )
+            prefixes[method, prompt] = _tie_prefix(base, prompt, generation.tokens, bound)
+    return prefixes
 
 
 def _answers_alone(
-    client_of: dict[int, Any],
+    ask: Callable[[str, str, str], tuple],
+    url_of: dict[int, str],
     servers: dict[int, EarlyExit],
-    base: EarlyExit,
     load: _Load,
-    bound: float,
+    solo: dict[tuple[str, str], str],
 ) -> dict[tuple[str, str], tuple[str, str]]:
-    """Each deterministic method's answer to each prompt requested alone, before the load
-    (also every server's warm-up), with its prefix up to the solo run's first near-tie:
-    (method, prompt) -> (text, tie-free prefix)."""
+    """Each deterministic method's answer to each prompt requested alone over HTTP
+    (`ask(url, prompt, method)`), before the load (also every server's warm-up), with its
+    tie-free prefix from `solo`: (method, prompt) -> (text, tie-free prefix)."""
     first = next(iter(servers))
     alone: dict[tuple[str, str], tuple[str, str]] = {}
     for method in load.methods:
         for b in servers:  # every server warms up (builds its decoders)
-            load.ask(client_of[b], load.prompts[0], method)
-        if not _deterministic(method, load.temperature):
-            continue
+            ask(url_of[b], load.prompts[0], method)
         for prompt in dict.fromkeys(load.prompts):
-            text = load.ask(client_of[first], prompt, method)[2]
-            generation = servers[first].generate(
-                prompt, method=method, max_new_tokens=load.max_tokens, temperature=0.0, seed=0
-            )
-            alone[method, prompt] = (text, _tie_prefix(base, prompt, generation.tokens, bound))
+            if (method, prompt) in solo:
+                text = ask(url_of[first], prompt, method)[2]
+                alone[method, prompt] = (text, solo[method, prompt])
     return alone
 
 
 def _rounds(
     count: int,
     keys: list[tuple[int, str]],
-    client_of: dict[int, Any],
+    client_process: ClientProcess,
+    url_of: dict[int, str],
     servers: dict[int, EarlyExit],
     load: _Load,
     alone: dict[tuple[str, str], tuple[str, str]],
@@ -386,22 +380,20 @@ def _rounds(
     errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
     wall = dict.fromkeys(keys, 0.0)
     counted = {k: collections.Counter() for k in keys}  # scheduler counters
-    with ThreadPoolExecutor(count) as pool:
-        for round_, start in enumerate(range(0, len(load.prompts), count)):
-            batch = load.prompts[start : start + count]
-            order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
-            for b, method in order:
-                before = _counters(servers, b)
-                began = time.perf_counter()
-                futures = [(p, pool.submit(load.ask, client_of[b], p, method)) for p in batch]
-                for prompt, future in futures:
-                    try:
-                        results[b, method].append((prompt, *future.result()))
-                    except Exception as err:  # noqa: BLE001 - counted and reported
-                        errors[b, method].append(f"{type(err).__name__}: {err}"[:200])
-                wall[b, method] += time.perf_counter() - began
-                counted[b, method].update(_counters(servers, b))
-                counted[b, method].subtract(before)
+    for round_, start in enumerate(range(0, len(load.prompts), count)):
+        batch = load.prompts[start : start + count]
+        order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+        for b, method in order:
+            before = _counters(servers, b)
+            seconds, replies = load.round(client_process, url_of[b], [(p, method) for p in batch])
+            for prompt, reply in zip(batch, replies, strict=True):
+                if "error" in reply:
+                    errors[b, method].append(reply["error"])
+                else:
+                    results[b, method].append((prompt, *reply["answer"]))
+            wall[b, method] += seconds
+            counted[b, method].update(_counters(servers, b))
+            counted[b, method].subtract(before)
     return [
         _cell(m, b, count, results[b, m], errors[b, m], wall[b, m], counted[b, m], alone)
         for b, m in keys
