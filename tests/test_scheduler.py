@@ -360,3 +360,47 @@ def test_the_caller_runs_the_loop_and_hands_it_on(smol: LayerEngine) -> None:
         time.sleep(0.01)
     assert scheduler._driver is None  # its thread ended with the work
     scheduler.close()
+
+
+def test_calls_run_whole_in_the_loops_thread(smol: LayerEngine) -> None:
+    """`Scheduler.call`: the work runs in the thread running the loop (the caller's own when
+    no one else runs it), its error is raised in the caller, a call from inside the loop's
+    work runs at once, and one withdrawn (`give_up`) while it waits never runs."""
+    scheduler = Scheduler(smol, threading.Lock(), max_batch=2)
+    me = threading.get_ident()
+    assert scheduler.call(threading.get_ident) == me
+    assert scheduler.call(lambda: scheduler.call(lambda: 7)) == 7  # no deadlock
+    with pytest.raises(ZeroDivisionError):
+        scheduler.call(lambda: 1 / 0)
+    hold, holding = threading.Event(), threading.Event()
+
+    def busy() -> int:
+        holding.set()
+        hold.wait(30)
+        return threading.get_ident()
+
+    driver: list[int] = []
+    worker = threading.Thread(target=lambda: driver.append(scheduler.call(busy)))
+    worker.start()
+    assert holding.wait(30)
+    ran, stop = [], threading.Event()
+    waiter_error: list[BaseException] = []
+
+    def withdrawn() -> None:
+        try:
+            scheduler.call(
+                lambda: ran.append(1), lambda: QueueFull("gave up") if stop.is_set() else None
+            )
+        except QueueFull as err:
+            waiter_error.append(err)
+
+    waiter = threading.Thread(target=withdrawn)
+    waiter.start()
+    time.sleep(0.2)
+    stop.set()
+    waiter.join(30)
+    hold.set()
+    worker.join(30)
+    assert waiter_error and not ran and not scheduler.calls
+    assert driver and driver[0] != me  # it ran in the worker, which ran the loop
+    scheduler.close()

@@ -476,3 +476,60 @@ def test_bench_clients_run_in_a_process_of_their_own(server: str, ee: EarlyExit)
     expected = ee.generate(MESSAGES, method="full", max_new_tokens=TOKENS, temperature=0)
     assert text == expected.text
     assert "BadRequestError" in replies[1]["error"] and "no-such-method" in replies[1]["error"]
+
+
+def test_one_thread_computes_while_a_server_runs(smol: LayerEngine) -> None:
+    """Under `earlyexit serve` (the loop in the thread that loaded the model) every model
+    computation runs in that thread: batched rows, a method that decodes alone (`static`),
+    its decoder's first build, and classification, each asked by HTTP request threads. A
+    second live thread running torch's parallel regions slows every decode ~3.5x (libgomp:
+    scripts/experiments/thread_penalty.py)."""
+    import threading
+
+    from earlyexit.bench.server_bench import _beside_the_loops
+
+    served = EarlyExit.from_engine(smol, max_batch=4)
+    seen: set[int] = set()
+    for name in ("run_layers", "run_rows", "prefill"):
+        real = getattr(smol, name)
+
+        def recording(*args: object, _real: Callable = real, **kwargs: object) -> object:
+            seen.add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        setattr(smol, name, recording)
+    try:
+
+        def requests() -> tuple[list, int]:
+            with running_server(served, "full", methods=("full", "static")) as url:
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+                def ask(method: str) -> str:
+                    chunks = client.chat.completions.create(
+                        model=MODEL,
+                        messages=MESSAGES,
+                        max_tokens=6,
+                        temperature=0,
+                        stream=True,
+                        extra_body={"early_exit": {"method": method}},
+                    )
+                    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+                with ThreadPoolExecutor(3) as pool:
+                    texts = list(pool.map(ask, ["full", "static", "full"]))
+                body = {
+                    "texts": ["a fine film"],
+                    "task": None,
+                    "method": "full",
+                    "labels": {"0": "negative", "1": "positive"},
+                }
+                code, _ = _post(url, "/v1/classify", json.dumps(body))
+            return texts, code
+
+        texts, code = _beside_the_loops([served.scheduler], requests)
+    finally:
+        for name in ("run_layers", "run_rows", "prefill"):
+            delattr(smol, name)
+        served.close()
+    assert all(texts) and code == 200
+    assert seen == {threading.get_ident()}

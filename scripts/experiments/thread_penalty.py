@@ -1,4 +1,4 @@
-"""Is a decode slower in a thread other than the one that loaded the model?
+"""Is a decode slower in a thread other than the one that loaded the model, or beside one?
 
 The scheduler (runtime/scheduler.py) decodes in its own thread; the model is loaded, timed
 and warmed up in the main thread. This decodes the same 64 greedy tokens with `decode_full`
@@ -14,6 +14,15 @@ shrinking the main thread to one thread first did not help. The likely cause (no
 libgomp here): the main thread's OpenMP workers stay alive, so a second thread's team makes
 more OpenMP threads than cores and libgomp falls back to short (throttled) spinning, every
 parallel region then waiting on a sleeping worker.
+
+The same holds the other way round, which is what the serving path must avoid: the first
+column decodes in the main thread while another thread, which ran one parallel torch op
+(an add over 17M elements) at 2 threads, stays alive and idle. On an Intel Xeon (family 6
+model 167, 2 cores, at 26c4f92), int4 compiled: beside the idle thread 2.11-2.18 s, main
+0.60-0.62 s (3.5x); eager 1.77-1.79 s against 1.05 s. (Torch's thread count is global:
+"new thread x1" leaves it at 1, so the first column sets it back first.) So one thread runs
+all model work (runtime/scheduler.py: rows and calls); the `bench serve` of BENCHMARKS
+before 26c4f92 ran a forward in its clients' thread and measured every decode so.
 """
 
 from __future__ import annotations
@@ -45,6 +54,26 @@ def decode_seconds(ee: EarlyExit, threads: int | None = None) -> float:
     return out["s"]
 
 
+def decode_seconds_beside_idle(ee: EarlyExit) -> float:
+    """Decode seconds here while another thread, which ran one parallel op, lives idle."""
+    ran, leave = threading.Event(), threading.Event()
+
+    def park() -> None:
+        with torch.inference_mode():
+            torch.randn(3000, 5760) + 1  # large enough for a parallel region
+        ran.set()
+        leave.wait()
+
+    parked = threading.Thread(target=park)
+    parked.start()
+    ran.wait()
+    try:
+        return decode_seconds(ee)
+    finally:
+        leave.set()
+        parked.join()
+
+
 def main() -> None:
     ee = EarlyExit.load("smollm2-135m")
     threads = torch.get_num_threads()
@@ -52,7 +81,9 @@ def main() -> None:
         ee.engine.set_compiled(compiled)
         decode_seconds(ee)  # warm-up
         for _ in range(2):
+            torch.set_num_threads(threads)  # "new thread x1" below sets it for every thread
             cells = {
+                "main beside an idle thread": decode_seconds_beside_idle(ee),
                 "main": decode_seconds(ee),
                 f"new thread x{threads}": decode_seconds(ee, threads),
                 "new thread x1": decode_seconds(ee, 1),

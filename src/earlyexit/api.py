@@ -8,11 +8,12 @@
 
 One `EarlyExit` holds one model (a `LayerEngine`), the artifacts built for it on first use
 (decoders with their calibrated thresholds, shallow exits, task probes, AdaInfer stoppers,
-RAEE databases), one lock and one scheduler. `full` and `lossless` (n-gram drafts) requests
-go through the scheduler (runtime/scheduler.py): concurrent callers (a server's request
-threads) are decoded together, continuously batched, up to `max_batch` rows. Every other
-request holds the lock while it runs; the scheduler takes the same lock per iteration, so
-each model computation runs alone.
+RAEE databases), one lock and one scheduler. `full`, `lossless` (n-gram drafts) and `free`
+requests go through the scheduler (runtime/scheduler.py): concurrent callers (a server's
+request threads) are decoded together, continuously batched, up to `max_batch` rows. Every
+other piece of model work (other methods' decodes, a decoder's first build,
+classification) is a scheduler call: run whole in the loop's thread between two
+iterations, holding the lock, so each model computation runs alone and in one thread.
 
 Every request reports what it used (`report.artifacts`): a trained readout with its path,
 or "logit lens (untrained)"; a probe fitted on N train prompts or loaded from a path; and
@@ -116,7 +117,7 @@ class GenerationReport:
     completion_tokens: int
     prompt_seconds: float  # arrival to the first token: queue wait, prefill (TTFT)
     queue_seconds: float  # waiting for a row in the scheduler's batch (0: not batched)
-    batched: bool  # decoded by the scheduler in a running batch (else alone, under the lock)
+    batched: bool  # decoded by the scheduler in a running batch (else alone, a scheduler call)
     decode_seconds: float  # tokens 2..n
     setup_seconds: float  # building the decoder on this call (0 once built: kept in memory)
     tokens_per_s: float
@@ -768,7 +769,7 @@ class EarlyExit:
     def _batched(method: GenMethod) -> bool:
         """Methods the scheduler decodes in a running batch (one token, or a row's n-gram
         drafts, per pass; FREE rows exit per row: runtime/scheduler.py); the rest decode
-        alone under the lock."""
+        alone, as a scheduler call."""
         return (
             method.name == "full"
             or (method.name, method.drafter) == ("lossless", "ngram")
@@ -781,25 +782,30 @@ class EarlyExit:
         listener: Callable[[int, int], None] | None,
         cancel: threading.Event,
     ) -> Generation:
-        """One decode: through the scheduler, or alone under the lock (waiting for it gives
-        up as soon as `cancel` is set). `listener` (a stream's) sees each token. Past
-        `request_timeout` it ends with RequestTimeout (checked at every token)."""
+        """One decode: a row of the scheduler's batch, or alone as a scheduler call (in the
+        loop's thread; waiting for its turn gives up as soon as `cancel` is set). `listener`
+        (a stream's) sees each token. Past `request_timeout` it ends with RequestTimeout
+        (checked at every token)."""
         began, limit = time.perf_counter(), self.request_timeout
         if limit is not None:
             listener = _with_deadline(listener, began, limit)
         if self._batched(request.method):
             return self._run(request, listener, cancel, began)
-        while not self._lock.acquire(timeout=0.05):
+
+        def give_up() -> BaseException | None:  # while the call waits for its turn
             if cancel.is_set():
-                raise _Cancelled
+                return _Cancelled()
             if limit is not None and time.perf_counter() - began > limit:
-                raise RequestTimeout(limit)
-        try:
-            if cancel.is_set():
-                raise _Cancelled
+                return RequestTimeout(limit)
+            return None
+
+        def alone() -> Generation:  # in the loop's thread, between two iterations
+            reason = give_up()
+            if reason is not None:
+                raise reason
             return self._run(request, listener, cancel, began)
-        finally:
-            self._lock.release()
+
+        return self.scheduler.call(alone, give_up)
 
     def _run(
         self,
@@ -813,9 +819,8 @@ class EarlyExit:
         self._use_threads()
         began = time.perf_counter()
         batched = self._batched(request.method)
-        if batched and not self._has_built(request):
-            with self._lock:  # building touches the engine (cost timing, first use)
-                built = self._built(request)
+        if batched and not self._has_built(request):  # the engine's work: the loop's thread
+            built = self.scheduler.call(lambda: self._built(request))
         else:
             built = self._built(request)
         setup = time.perf_counter() - began
@@ -939,7 +944,8 @@ class EarlyExit:
         )
         # `full` reads the last layer only: the model's own head, whatever the readout
         needs = name != "full" and needs_calibration([method], config)
-        with self._lock:
+
+        def work() -> tuple:  # the engine's work: in the loop's thread (runtime/scheduler.py)
             self._use_threads()
             began = time.perf_counter()
             state = self._task_state(key, task_obj, config)
@@ -958,6 +964,9 @@ class EarlyExit:
                 items,
                 self._base_readout(config),
             )
+            return state, policy, artifacts, setup, run
+
+        state, policy, artifacts, setup, run = self.scheduler.call(work)
         avg = sum(run.exit_layers) / len(run.exit_layers)
         report = ClassificationReport(
             method=method,

@@ -27,9 +27,14 @@ exit) x (seconds of the deep layers at this batch size) > (seconds of the exit h
 with each row's own exit rate and both times measured here as the loop runs (`exit_pays`).
 At batch 1 this is FREE as alone; under load FREE rows decode as `lossless` rows do.
 
-`max_batch=1` is one request at a time, first come first served. The loop holds the
-engine's lock for one iteration at a time, so methods that decode alone (calm, static,
-free with a draft block) take turns with whole iterations.
+`max_batch=1` is one request at a time, first come first served. Work that is not a row
+of the batch (methods that decode alone: calm, static, free with a draft block; a
+decoder's first build; classification) is a `call`: the loop runs it whole, between two
+iterations, in its own thread. One thread computes because two cost far more than the
+switch: while a second live thread has run torch's parallel regions, libgomp keeps a second
+thread pool and every parallel region of both throttles its spinning; a decode step went
+from 9 to 33 ms on an Intel Xeon (2 cores), and back when that thread ended
+(scripts/experiments/thread_penalty.py).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -97,6 +103,17 @@ class FreeRow:
     @property
     def rate(self) -> float:
         return self.exits / self.tries
+
+
+@dataclass(eq=False)
+class Call:
+    """Work run whole in the loop's thread (`Scheduler.call`): its value or its error."""
+
+    fn: Callable[[], Any]
+    value: Any = None
+    error: BaseException | None = None
+    started: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class QueueFull(EarlyExitError):
@@ -203,6 +220,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.threads = threads
         self.waiting: collections.deque[Job] = collections.deque()
+        self.calls: collections.deque[Call] = collections.deque()
         self.admitting: list[Job] = []  # prefills in progress (chunked)
         self.running: list[Job] = []  # running[r] holds row r of the cache
         self.cache: RowKVCache | None = None
@@ -253,14 +271,7 @@ class Scheduler:
             self._callers += 1
         try:
             self.submit(job)
-            while True:
-                with self._wake:
-                    while not job.finished.is_set() and self._driver is not None:
-                        self._wake.wait(timeout=0.1)
-                    if job.finished.is_set():
-                        break
-                    self._driver = threading.get_ident()
-                self._loop(until=job.finished.is_set)
+            self._wait(job.finished)
         finally:
             with self._wake:
                 self._callers -= 1
@@ -268,6 +279,53 @@ class Scheduler:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def call(
+        self, fn: Callable[[], Any], give_up: Callable[[], BaseException | None] | None = None
+    ) -> Any:
+        """`fn()` run whole in the loop's thread, between two iterations, holding the
+        engine's lock (see the module docstring); its value, or its error raised here. The
+        caller runs the loop itself while no one else does, as in `run`. While it waits,
+        `give_up()` is polled: an error it returns withdraws a call not yet started and is
+        raised. From inside the loop's own work, `fn` runs at once."""
+        if self._driver == threading.get_ident():
+            return fn()
+        work = Call(fn)
+        with self._wake:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            self._callers += 1
+            self.calls.append(work)
+            self._wake.notify_all()
+        try:
+            self._wait(work.finished, give_up, work)
+        finally:
+            with self._wake:
+                self._callers -= 1
+                self._ensure_driver()
+        if work.error is not None:
+            raise work.error
+        return work.value
+
+    def _wait(
+        self,
+        finished: threading.Event,
+        give_up: Callable[[], BaseException | None] | None = None,
+        work: Call | None = None,
+    ) -> None:
+        """Until `finished`: wait while another thread runs the loop, else run it here."""
+        while True:
+            with self._wake:
+                while not finished.is_set() and self._driver is not None:
+                    self._wake.wait(timeout=0.05)
+                    reason = give_up() if give_up is not None else None
+                    if reason is not None and work is not None and not work.started:
+                        self.calls.remove(work)
+                        raise reason
+                if finished.is_set():
+                    return
+                self._driver = threading.get_ident()
+            self._loop(until=finished.is_set)
 
     def prepare(self, families: Iterable[str]) -> None:
         """For a server of these method families: where one drafts (DRAFTING_FAMILIES),
@@ -302,6 +360,10 @@ class Scheduler:
                 job.error = ShuttingDown("the server shut down before this request ran")
                 self._finish(job)
             self.waiting.clear()
+            for work in self.calls:
+                work.error = ShuttingDown("the server shut down before this request ran")
+                work.finished.set()
+            self.calls.clear()
             self._wake.notify_all()
         deadline = time.monotonic() + timeout
         while (self.running or self.admitting) and time.monotonic() < deadline:
@@ -319,7 +381,7 @@ class Scheduler:
 
     # ---- the loop ------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self.waiting or self.admitting or self.running)
+        return bool(self.calls or self.waiting or self.admitting or self.running)
 
     def _ensure_driver(self) -> None:
         """(`_wake` held) Work that no one runs and no caller will: a thread of our own
@@ -359,10 +421,28 @@ class Scheduler:
         with self.lock:
             if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
+            self._one_call()
+            if not (self.waiting or self.admitting or self.running):
+                return
             try:
                 self._iteration()
             except BaseException as err:  # noqa: BLE001 - every job hears of it
                 self._fail_all(err)
+
+    def _one_call(self) -> None:
+        """The oldest waiting call, whole (one per iteration: running rows go on between)."""
+        with self._wake:
+            if not self.calls:
+                return
+            work = self.calls.popleft()
+            work.started = True
+        try:
+            work.value = work.fn()
+        except BaseException as err:  # noqa: BLE001 - raised in its caller
+            work.error = err
+        with self._wake:
+            work.finished.set()
+            self._wake.notify_all()
 
     def _fail_all(self, err: BaseException) -> None:
         for job in [*self.running, *self.admitting]:
