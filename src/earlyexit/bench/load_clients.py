@@ -28,7 +28,9 @@ def ask(client: Any, model: str, prompt: str, method: str, tokens: int, temperat
     began = time.perf_counter()
     first = None
     pieces, usage, telemetry = [], None, None
-    extra = {} if method == LLAMA_SERVER else {"extra_body": {"early_exit": {"method": method}}}
+    # llama-server would reuse a slot's KV for a prompt it has seen (the bench repeats its
+    # prompts across cells), which earlyexit does not do: every prompt is prefilled
+    body = {"cache_prompt": False} if method == LLAMA_SERVER else {"early_exit": {"method": method}}
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -37,7 +39,7 @@ def ask(client: Any, model: str, prompt: str, method: str, tokens: int, temperat
         seed=0,
         stream=True,
         stream_options={"include_usage": True},
-        **extra,
+        extra_body=body,
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:

@@ -129,6 +129,8 @@ def llama_server(
         "-t",
         str(threads),
         "--no-webui",
+        "--cache-ram",  # no prompt cache across slots (requests send cache_prompt: false)
+        "0",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
