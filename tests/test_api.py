@@ -109,6 +109,28 @@ def test_stream_yields_what_generate_returns(ee: EarlyExit) -> None:
     assert not _stream_threads()
 
 
+def test_a_stream_computes_in_its_consumers_thread(
+    ee: EarlyExit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's stream decodes in the thread that reads it (here the one that loaded the
+    model), not in its worker: a second computing thread makes every decode ~3.5x slower
+    (runtime/scheduler.py). Batch rows and a method that decodes alone (`static`) alike."""
+    seen: set[int] = set()
+    for name in ("run_layers", "run_rows", "prefill"):
+        real = getattr(ee.engine, name)
+
+        def recording(*args: object, _real: Callable = real, **kwargs: object) -> object:
+            seen.add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ee.engine, name, recording)
+    for method in ("full", "lossless", "static"):
+        chunks = list(ee.stream(PROMPT, method=method, max_new_tokens=6))
+        assert sum(len(c.tokens) for c in chunks) == 6
+    assert seen == {threading.get_ident()}
+    assert not _stream_threads()
+
+
 def test_stop_strings_end_the_text_before_them(ee: EarlyExit, full: Generation) -> None:
     stop = " " + next(word for word in full.text.split()[2:] if len(word) >= 5)
     cut = full.text.index(stop)

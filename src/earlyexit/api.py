@@ -781,16 +781,17 @@ class EarlyExit:
         request: _Request,
         listener: Callable[[int, int], None] | None,
         cancel: threading.Event,
+        may_drive: Callable[[], bool] | None = None,
     ) -> Generation:
         """One decode: a row of the scheduler's batch, or alone as a scheduler call (in the
         loop's thread; waiting for its turn gives up as soon as `cancel` is set). `listener`
         (a stream's) sees each token. Past `request_timeout` it ends with RequestTimeout
-        (checked at every token)."""
+        (checked at every token). `may_drive`: Scheduler.run's."""
         began, limit = time.perf_counter(), self.request_timeout
         if limit is not None:
             listener = _with_deadline(listener, began, limit)
         if self._batched(request.method):
-            return self._run(request, listener, cancel, began)
+            return self._run(request, listener, cancel, began, may_drive)
 
         def give_up() -> BaseException | None:  # while the call waits for its turn
             if cancel.is_set():
@@ -805,7 +806,7 @@ class EarlyExit:
                 raise reason
             return self._run(request, listener, cancel, began)
 
-        return self.scheduler.call(alone, give_up)
+        return self.scheduler.call(alone, give_up, may_drive)
 
     def _run(
         self,
@@ -813,6 +814,7 @@ class EarlyExit:
         listener: Callable[[int, int], None] | None,
         cancel: threading.Event,
         called: float,
+        may_drive: Callable[[], bool] | None = None,
     ) -> Generation:
         """One decode (batched, or with the lock held; the caller called at `called`). The
         text is assembled here."""
@@ -820,7 +822,7 @@ class EarlyExit:
         began = time.perf_counter()
         batched = self._batched(request.method)
         if batched and not self._has_built(request):  # the engine's work: the loop's thread
-            built = self.scheduler.call(lambda: self._built(request))
+            built = self.scheduler.call(lambda: self._built(request), may_drive=may_drive)
         else:
             built = self._built(request)
         setup = time.perf_counter() - began
@@ -846,7 +848,7 @@ class EarlyExit:
             job = Job(ids, config, drafts, fixed, free=free, cancelled=cancel)
             if self.request_timeout is not None:  # what is left of it, counted from here
                 job.timeout = self.request_timeout - (job.submitted - called)
-            result = self.scheduler.run(job)
+            result = self.scheduler.run(job, may_drive)
         else:
             result = built.decoder(request.prompt, config)
         assembler.release(final=True)
@@ -1167,19 +1169,23 @@ class EarlyExit:
 class Stream(Iterator[StreamChunk]):
     """The chunks of one streamed generation (from `EarlyExit.stream`).
 
-    The decode runs in a worker thread, started at the first `next()`, which submits it to
-    the scheduler (or takes the model's lock) and puts each emitted token on a queue;
-    iterating takes the queued tokens, assembles their text and yields them as
-    `StreamChunk`s; the last chunk carries the `Generation`. An exception in the decode is
-    raised here, in the consumer.
+    A worker thread, started at the first `next()`, submits the decode to the scheduler (a
+    batch row, or a call for methods that decode alone) and puts each emitted token on a
+    queue. The worker never runs the scheduler's loop itself: the consumer does, inside
+    `next()` while the queue is empty (or a server's loop does), so the model computes in
+    the consumer's thread, the one that loaded it in a script (a second computing thread
+    makes every decode ~3.5x slower: runtime/scheduler.py). So a stream decodes while it
+    is read, and a method that decodes alone (a scheduler call) yields its tokens when
+    that call ends unless a server's loop runs it. Iterating takes the queued tokens,
+    assembles their text and yields them as `StreamChunk`s; the last chunk carries the
+    `Generation`. An exception in the decode is raised here, in the consumer.
 
     Stopping early: `close()` (or leaving a `with` block, or the stream being garbage
     collected) sets a cancel flag: the scheduler frees the row at its next iteration (a
     decode under the lock ends at the next token, its listener raising), and the thread
-    ends. `close()` waits for that (one decoding step; a worker still waiting for the lock
-    gives up at once); a stream
-    merely dropped does not wait. A stream never closed and never read runs to its end
-    (max_new_tokens): the queue is unbounded, so the worker never blocks on its consumer.
+    ends. `close()` waits for that (one decoding step; a worker still waiting for its turn
+    gives up at once; once cancelled, the worker may run the loop to free its row); a
+    stream merely dropped does not wait.
     """
 
     def __init__(self, owner: EarlyExit, request: _Request) -> None:
@@ -1211,7 +1217,8 @@ class Stream(Iterator[StreamChunk]):
 
         def work() -> None:  # holds no reference to the Stream: dropping it cancels
             try:
-                out.put(("done", owner._execute(request, listener, cancel)))
+                # the consumer runs the loop (`__next__`); this thread only once cancelled
+                out.put(("done", owner._execute(request, listener, cancel, cancel.is_set)))
             except _Cancelled:
                 out.put(("cancelled",))
             except BaseException as err:  # re-raised in the consumer
@@ -1225,6 +1232,8 @@ class Stream(Iterator[StreamChunk]):
             raise StopIteration
         if self._thread is None:
             self._start()
+        if self._pending is None:  # the decode runs here while the queue is empty
+            self._owner.scheduler.drive_until(lambda: not self._queue.empty())
         item = self._pending or self._queue.get()
         self._pending = None
         tokens: list[int] = []

@@ -74,6 +74,7 @@ from earlyexit.engine.row_cache import RowKVCache
 from earlyexit.errors import EarlyExitError
 
 PREFILL_CHUNK = 128  # prompt tokens per iteration while other rows decode
+ROW_ROOM = 64  # decode slots a new running batch's KV holds at first (then it doubles)
 EXIT_PRIOR = (2.0, 4.0)  # a row's exit rate before it has tried: 2 exits in 4 tries
 RETRY_EXITS = 32  # steps after which exits that did not pay are tried (and timed) again
 TIME_WEIGHT = 0.2  # weight of the newest time in the loop's running averages
@@ -260,18 +261,19 @@ class Scheduler:
             self._wake.notify_all()
         return job
 
-    def run(self, job: Job) -> DecodeResult:
+    def run(self, job: Job, may_drive: Callable[[], bool] | None = None) -> DecodeResult:
         """Submit and wait for the result; an error in the job is raised here.
 
         The caller runs the loop itself while no one else does (for every running job,
         until its own is done, then hands it on): a decode in the thread that loaded the
         model (a script's main thread) is 2-2.6x faster than in another thread
-        (scripts/experiments/thread_penalty.py)."""
+        (scripts/experiments/thread_penalty.py). `may_drive`: whether this caller may run
+        the loop now (a stream's worker may not: its consumer does, `drive_until`)."""
         with self._wake:
             self._callers += 1
         try:
             self.submit(job)
-            self._wait(job.finished)
+            self._wait(job.finished, may_drive=may_drive)
         finally:
             with self._wake:
                 self._callers -= 1
@@ -281,13 +283,17 @@ class Scheduler:
         return job.result
 
     def call(
-        self, fn: Callable[[], Any], give_up: Callable[[], BaseException | None] | None = None
+        self,
+        fn: Callable[[], Any],
+        give_up: Callable[[], BaseException | None] | None = None,
+        may_drive: Callable[[], bool] | None = None,
     ) -> Any:
         """`fn()` run whole in the loop's thread, between two iterations, holding the
         engine's lock (see the module docstring); its value, or its error raised here. The
         caller runs the loop itself while no one else does, as in `run`. While it waits,
         `give_up()` is polled: an error it returns withdraws a call not yet started and is
-        raised. From inside the loop's own work, `fn` runs at once."""
+        raised. From inside the loop's own work, `fn` runs at once. `may_drive` as in
+        `run`."""
         if self._driver == threading.get_ident():
             return fn()
         work = Call(fn)
@@ -298,7 +304,7 @@ class Scheduler:
             self.calls.append(work)
             self._wake.notify_all()
         try:
-            self._wait(work.finished, give_up, work)
+            self._wait(work.finished, give_up, work, may_drive)
         finally:
             with self._wake:
                 self._callers -= 1
@@ -307,16 +313,41 @@ class Scheduler:
             raise work.error
         return work.value
 
+    def drive_until(self, done: Callable[[], bool]) -> None:
+        """Run the loop in this thread until `done()`, or wait while another thread runs it
+        (a stream's consumer: its worker only waits, so the decode runs in the consumer's
+        thread, the one that loaded the model in a script, not in a second one)."""
+        with self._wake:
+            self._callers += 1
+        try:
+            while not done():
+                with self._wake:
+                    if self._driver is not None or not self._has_work():
+                        self._wake.wait(timeout=0.01)
+                        continue
+                    self._driver = threading.get_ident()
+                self._loop(until=done)
+        finally:
+            with self._wake:
+                self._callers -= 1
+                self._ensure_driver()
+
     def _wait(
         self,
         finished: threading.Event,
         give_up: Callable[[], BaseException | None] | None = None,
         work: Call | None = None,
+        may_drive: Callable[[], bool] | None = None,
     ) -> None:
-        """Until `finished`: wait while another thread runs the loop, else run it here."""
+        """Until `finished`: wait while another thread runs the loop (or while `may_drive`
+        says no), else run it here."""
+
+        def others() -> bool:
+            return self._driver is not None or (may_drive is not None and not may_drive())
+
         while True:
             with self._wake:
-                while not finished.is_set() and self._driver is not None:
+                while not finished.is_set() and others():
                     self._wake.wait(timeout=0.05)
                     reason = give_up() if give_up is not None else None
                     if reason is not None and work is not None and not work.started:
@@ -507,9 +538,8 @@ class Scheduler:
         engine, ids = self.engine, job.ids
         total = ids.shape[1]
         end = total if budget is None else min(total, job.prefilled + budget)
-        capacity = total + job.config.max_new_tokens + MAX_DRAFT + 2
-        if job.prefill is None:
-            state = engine.prefill(ids[:, :end], capacity=capacity)
+        if job.prefill is None:  # it holds the prompt only: its row continues in the batch
+            state = engine.prefill(ids[:, :end], capacity=total)
             job.prefill, hidden = state.cache, state.hidden
         else:
             chunk = engine.embed(ids[:, job.prefilled : end])
@@ -534,6 +564,9 @@ class Scheduler:
             job.index = NgramIndex()
             job.index.extend(ids[0].tolist() + job.result.tokens)
         if self.cache is None or self.cache.max_rows < self.max_batch:
+            # sized for what the rows hold now, grown by doubling: a client's max_tokens
+            # (2000: 0.75 GB of fp32 KV for 8 rows of smollm2) reserves nothing up front
+            capacity = total + MAX_DRAFT + 2 + min(job.config.max_new_tokens, ROW_ROOM)
             self.cache = engine.new_row_cache(self.max_batch, capacity)
         job.row = self.cache.add(job.prefill)
         job.prefill = None
