@@ -816,8 +816,8 @@ class EarlyExit:
         called: float,
         may_drive: Callable[[], bool] | None = None,
     ) -> Generation:
-        """One decode (batched, or with the lock held; the caller called at `called`). The
-        text is assembled here."""
+        """One decode (a batch row, or inside a scheduler call; the caller called at
+        `called`). The text is assembled here."""
         self._use_threads()
         began = time.perf_counter()
         batched = self._batched(request.method)

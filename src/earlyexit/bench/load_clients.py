@@ -1,13 +1,13 @@
 """The clients of `bench serve`, in a process of their own, as a load test's clients are.
 
-In the servers' process the clients' Python (the `openai` client parsing every streamed
-chunk, in a thread per client) took the GIL and CPU from the decode loop: on an Intel Xeon
-(2 cores) one client measured 23 tok/s of `full` from inside, 52 tok/s from a process of
-its own, against the same server. llama-server never paid that, so the comparison was not
-even. This module imports no torch: `python -m earlyexit.bench.load_clients` reads one
-JSON line per round on stdin (the server's URL, the model, [prompt, method] per request,
-max_tokens, temperature), sends the round's requests at once, streaming, and writes one
-JSON line back: the round's wall time and per request its answer or its error.
+Their Python (the `openai` client parsing every streamed chunk, a thread per client) then
+shares the machine's cores with the server as remote clients' would not, but never its
+GIL, and the server's process holds only what `earlyexit serve` holds (llama-server, the
+peer, runs in a process of its own too). This module imports no torch:
+`python -m earlyexit.bench.load_clients` reads one JSON line per round on stdin (the
+server's URL, the model, [prompt, method] per request, max_tokens, temperature), sends the
+round's requests at once, streaming, and writes one JSON line back: the round's wall time
+and per request its answer or its error.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ limits side by side at several client counts.
 
 One server per batch limit (`--max-batch 8,1`: continuous batching, and one request at a
 time) runs in this process (uvicorn in a thread) on a free port, all on the same loaded
-model; clients are the official `openai` client in threads of a process of their own
-(bench/load_clients.py: in the servers' process they took the decode loop's CPU), streaming
+model, and every model computation of the bench (decoders built, solo answers) runs in
+the loops' thread (runtime/scheduler.py: one computing thread); clients are the official
+`openai` client in threads of a process of their own (bench/load_clients.py), streaming
 chat completions of a generation task's prompts. Per client count and cell (batch limit x
 method): `requests` requests, `clients` at a time, in rounds that rotate the cells (so
 machine drift hits them alike). Reported per cell: errors, completion tokens per second of

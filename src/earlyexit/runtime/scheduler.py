@@ -32,8 +32,8 @@ of the batch (methods that decode alone: calm, static, free with a draft block; 
 decoder's first build; classification) is a `call`: the loop runs it whole, between two
 iterations, in its own thread. One thread computes because two cost far more than the
 switch: while a second live thread has run torch's parallel regions, libgomp keeps a second
-thread pool and every parallel region of both throttles its spinning; a decode step went
-from 9 to 33 ms on an Intel Xeon (2 cores), and back when that thread ended
+thread pool and every parallel region of both throttles its spinning: on an Intel Xeon
+(2 cores) 64 tokens took 2.1 s beside an idle thread that had once computed, against 0.6 s
 (scripts/experiments/thread_penalty.py).
 """
 
@@ -265,10 +265,10 @@ class Scheduler:
         """Submit and wait for the result; an error in the job is raised here.
 
         The caller runs the loop itself while no one else does (for every running job,
-        until its own is done, then hands it on): a decode in the thread that loaded the
-        model (a script's main thread) is 2-2.6x faster than in another thread
-        (scripts/experiments/thread_penalty.py). `may_drive`: whether this caller may run
-        the loop now (a stream's worker may not: its consumer does, `drive_until`)."""
+        until its own is done, then hands it on): a script's main thread, which loaded the
+        model, so that one thread computes (see the module docstring). `may_drive`:
+        whether this caller may run the loop now (a stream's worker may not: its consumer
+        does, `drive_until`)."""
         with self._wake:
             self._callers += 1
         try:
