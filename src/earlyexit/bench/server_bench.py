@@ -359,7 +359,7 @@ def _answers_alone(
     first = next(iter(servers))
     alone: dict[tuple[str, str], tuple[str, str]] = {}
     for method in load.methods:
-        for b in servers:  # every server warms up (builds its decoders)
+        for b in servers:  # every server's HTTP path warms up (decoders: _solo_prefixes)
             ask(url_of[b], load.prompts[0], method)
         for prompt in dict.fromkeys(load.prompts):
             if (method, prompt) in solo:

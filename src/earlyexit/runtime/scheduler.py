@@ -40,10 +40,11 @@ thread pool and every parallel region of both throttles its spinning: on an Inte
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,15 +270,9 @@ class Scheduler:
         model, so that one thread computes (see the module docstring). `may_drive`:
         whether this caller may run the loop now (a stream's worker may not: its consumer
         does, `drive_until`)."""
-        with self._wake:
-            self._callers += 1
-        try:
+        with self._calling():
             self.submit(job)
             self._wait(job.finished, may_drive=may_drive)
-        finally:
-            with self._wake:
-                self._callers -= 1
-                self._ensure_driver()
         if job.error is not None:
             raise job.error
         return job.result
@@ -297,18 +292,13 @@ class Scheduler:
         if self._driver == threading.get_ident():
             return fn()
         work = Call(fn)
-        with self._wake:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down; retry on another replica")
-            self._callers += 1
-            self.calls.append(work)
-            self._wake.notify_all()
-        try:
-            self._wait(work.finished, give_up, work, may_drive)
-        finally:
+        with self._calling():
             with self._wake:
-                self._callers -= 1
-                self._ensure_driver()
+                if self._closing:
+                    raise ShuttingDown("the server is shutting down; retry on another replica")
+                self.calls.append(work)
+                self._wake.notify_all()
+            self._wait(work.finished, give_up, work, may_drive)
         if work.error is not None:
             raise work.error
         return work.value
@@ -317,9 +307,7 @@ class Scheduler:
         """Run the loop in this thread until `done()`, or wait while another thread runs it
         (a stream's consumer: its worker only waits, so the decode runs in the consumer's
         thread, the one that loaded the model in a script, not in a second one)."""
-        with self._wake:
-            self._callers += 1
-        try:
+        with self._calling():
             while not done():
                 with self._wake:
                     if self._driver is not None or not self._has_work():
@@ -327,6 +315,15 @@ class Scheduler:
                         continue
                     self._driver = threading.get_ident()
                 self._loop(until=done)
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        """This thread counts as a caller that may run the loop (no thread of the
+        scheduler's own starts meanwhile); on the way out work left without one gets one."""
+        with self._wake:
+            self._callers += 1
+        try:
+            yield
         finally:
             with self._wake:
                 self._callers -= 1
