@@ -11,9 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from earlyexit.api import EarlyExit
 from earlyexit.cli import app
-from earlyexit.decoding.shallow_deep import DecodeResult, prompt_ids
-from earlyexit.runtime import generation
+from earlyexit.decoding.shallow_deep import prompt_ids
+from earlyexit.tasks.generation import render_prompt
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # each command loads smollm2-135m
 
@@ -27,46 +28,51 @@ TOLERANCE = 1e-3  # logits: fp32 rounding between the decode loop and one forwar
 
 @dataclass
 class Generated:
-    """One `earlyexit generate`: what it printed, and what its decoder returned."""
+    """One `earlyexit generate`: what it printed, and what EarlyExit.generate returned."""
 
     text: str
-    result: DecodeResult
+    tokens: list[int]
+    exit_layers: list[int]
     engine: Any  # the LayerEngine the command loaded
-    layer: int  # its shallow exit layer
-    prompt: str  # the rendered prompt the decoder was given
+    layer: int  # the shallow exit layer it printed
+    prompt: str  # the rendered prompt (the user's message through the chat template)
 
 
 def _generate(*args: str) -> Generated:
-    decoded: dict[str, Any] = {}
-    real = generation.build_decoder
+    seen: dict[str, Any] = {}
+    real = EarlyExit.generate
 
-    def spied(method, engine, shallow, config):  # noqa: ANN001, ANN202 - build_decoder's
-        decoder = real(method, engine, shallow, config)
+    def spied(self, prompt, **kwargs):  # noqa: ANN001, ANN003, ANN202 - generate's
+        out = real(self, prompt, **kwargs)
+        seen.update(out=out, engine=self.engine)
+        return out
 
-        def run(prompt: str, cfg) -> DecodeResult:  # noqa: ANN001
-            result = decoder(prompt, cfg)
-            decoded.update(result=result, engine=engine, layer=shallow.layer, prompt=prompt)
-            return result
-
-        return run
-
-    with pytest.MonkeyPatch.context() as patch:  # the command imports it when it runs
-        patch.setattr(generation, "build_decoder", spied)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EarlyExit, "generate", spied)
         result = runner.invoke(app, ["generate", PROMPT, "--max-new-tokens", "8", *args])
     assert result.exit_code == 0, result.output
     *text, stats = result.stdout.strip().splitlines()  # the text, then a stats line
     assert "tokens/s" in stats
     # which decode steps ran, and why, on stderr (unless --compiled off)
     assert ("decode steps: " in result.stderr) == ("off" not in args)
-    out = Generated("\n".join(text).strip(), **decoded)
-    tokens, layers = out.result.tokens, out.result.exit_layers
+    generation, engine = seen["out"], seen["engine"]
+    tokens, layers = generation.tokens, generation.report.exit_layers
+    layer = int(stats.split(" at layer ")[1].split(",")[0])
+    out = Generated(
+        "\n".join(text).strip(),
+        tokens,
+        layers,
+        engine,
+        layer,
+        render_prompt(engine.tokenizer, PROMPT),
+    )
     # what it printed is what it decoded: the tokens' text, their count, the share that
-    # exited at the shallow layer (every exit layer lies in 1..30)
-    tokenizer = out.engine.tokenizer
+    # exited at the shallow layer (every exit layer lies in 1..30; the default exit is 24)
+    tokenizer = engine.tokenizer
     assert out.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert 1 <= len(tokens) == len(layers) <= 8 and all(1 <= e <= 30 for e in layers)
     early = sum(e < 30 for e in layers) / len(layers)
-    assert stats.startswith(f"{len(tokens)} tokens, {early:.0%} at layer {out.layer},"), stats
+    assert stats.startswith(f"{len(tokens)} tokens, {early:.0%} at layer 24,"), stats
     return out
 
 
@@ -77,7 +83,7 @@ def _teacher_forced(out: Generated) -> tuple[torch.Tensor, torch.Tensor]:
     One forward of the model's own modules, not the engine's decode loops."""
     engine = out.engine
     ids = prompt_ids(engine, out.prompt)
-    tokens = torch.tensor(out.result.tokens[:-1], dtype=ids.dtype)
+    tokens = torch.tensor(out.tokens[:-1], dtype=ids.dtype)
     with torch.no_grad():
         forward = engine.model(
             input_ids=torch.cat([ids[0], tokens])[None], output_hidden_states=True
@@ -100,27 +106,27 @@ def _gaps(logits: torch.Tensor) -> list[float]:
 
 def test_generate_methods_from_the_cli() -> None:
     full = _generate("--method", "full")
-    assert full.text and full.result.exit_layers == [30] * len(full.result.tokens)
+    assert full.text and full.exit_layers == [30] * len(full.tokens)
     for exact in ("lossless:shallow:0.0", "lossless"):  # drafts all / n-gram drafts
         out = _generate("--method", exact)
-        assert out.result.tokens == full.result.tokens and out.text == full.text, exact
+        assert out.tokens == full.tokens and out.text == full.text, exact
     # transformers' own generate: the eager engine's arithmetic (the default `--compiled
     # auto` may run compiled steps, which round differently: tests/test_compiled.py)
     hf = _generate("--method", "hf")
-    assert hf.result.tokens == _generate("--method", "full", "--compiled", "off").result.tokens
+    assert hf.tokens == _generate("--method", "full", "--compiled", "off").tokens
 
     # full: each token is the model's own argmax after the prompt and the tokens before it
     reference = _generate("--method", "full", *EAGER_FP32)
     _, deep = _teacher_forced(reference)
-    assert all(_is_argmax(deep[i], t) for i, t in enumerate(reference.result.tokens))
+    assert all(_is_argmax(deep[i], t) for i, t in enumerate(reference.tokens))
 
     # static: every token read out at layer 24, the prompt run through 24 layers only (on
     # this prompt that is not the full model's text: the check tells the two apart)
     static = _generate("--method", "static", *EAGER_FP32)
     shallow, deep = _teacher_forced(static)
-    assert static.result.exit_layers == [24] * len(static.result.tokens)
-    assert all(_is_argmax(shallow[i], t) for i, t in enumerate(static.result.tokens))
-    assert not all(_is_argmax(deep[i], t) for i, t in enumerate(static.result.tokens))
+    assert static.exit_layers == [24] * len(static.tokens)
+    assert all(_is_argmax(shallow[i], t) for i, t in enumerate(static.tokens))
+    assert not all(_is_argmax(deep[i], t) for i, t in enumerate(static.tokens))
 
     # free: a token exits at 24 (the lens's argmax there, confident enough) or is the full
     # model's (a catch-up or a verified draft); catch-ups fill the stacked tokens' deep KV
@@ -131,14 +137,14 @@ def test_generate_methods_from_the_cli() -> None:
         free = _generate("--method", spec, *EAGER_FP32)
         shallow, deep = _teacher_forced(free)
         gaps = _gaps(shallow)
-        emitted = zip(free.result.tokens, free.result.exit_layers, strict=True)
+        emitted = zip(free.tokens, free.exit_layers, strict=True)
         for i, (token, layer) in enumerate(emitted):
             assert layer in (24, 30), (spec, i)
             if layer == 24:
                 assert _is_argmax(shallow[i], token) and gaps[i] >= threshold - TOLERANCE
             else:
                 assert _is_argmax(deep[i], token), (spec, i)
-    assert {24, 30} <= set(free.result.exit_layers)
+    assert {24, 30} <= set(free.exit_layers)
 
     # calm:0.5: exits at 24 exactly where the lens's top-1 minus top-2 probability reaches
     # 0.5 (layers 1..24 are always run, so that gap is the forward's); deep tokens are the
@@ -146,10 +152,10 @@ def test_generate_methods_from_the_cli() -> None:
     calm = _generate("--method", "calm:0.5", *EAGER_FP32)
     shallow, deep = _teacher_forced(calm)
     gaps = _gaps(shallow)
-    layers = calm.result.exit_layers
+    layers = calm.exit_layers
     assert layers[0] == 30  # the first token comes from the full-depth prefill
     assert {24, 30} <= set(layers[1:])  # on this prompt: some exit, some do not
-    for i, (token, layer) in enumerate(zip(calm.result.tokens, layers, strict=True)):
+    for i, (token, layer) in enumerate(zip(calm.tokens, layers, strict=True)):
         assert layer in (24, 30)
         if layer == 24:
             assert _is_argmax(shallow[i], token) and gaps[i] >= 0.5 - TOLERANCE, i
@@ -158,7 +164,7 @@ def test_generate_methods_from_the_cli() -> None:
             assert 24 in layers[:i] or _is_argmax(deep[i], token), i
 
     sampled = ["--method", "free:0.3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
-    assert _generate(*sampled).result.tokens == _generate(*sampled).result.tokens
+    assert _generate(*sampled).tokens == _generate(*sampled).tokens
     bad = runner.invoke(app, ["generate", PROMPT, "--method", "fastest"])
     assert bad.exit_code != 0 and "unknown generation method 'fastest'" in bad.output
     for method, message in [

@@ -290,7 +290,7 @@ def test_calm_ltt_decodes_for_real(smol: LayerEngine) -> None:
     of every calibration prompt at each threshold it reached (the failing one included),
     recomputed here by decoding; its recorded calibration risk is the real one."""
     shallow = ShallowExit(ExitReadout(smol), 20)
-    config = GenConfig(calibration_prompts=6, max_new_tokens=12, risk=0.4, delta=0.25)
+    config = GenConfig(calibration_prompts=6, calibration_tokens=12, risk=0.4, delta=0.25)
     choice = calm_risk_controlled(smol, shallow, config)
     prompts = calibration_prompts(smol, config)
     decode = DecodeConfig(max_new_tokens=12)

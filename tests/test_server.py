@@ -169,6 +169,16 @@ BAD = [
         "shallow_layer",
     ),
     ('{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"bogus": 1}}', 400, "bogus"),
+    (  # a decoder's calibration runs in the serving loop: bounded for clients
+        '{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"calibration_prompts": 900}}',
+        400,
+        "calibration_prompts may be at most 32",
+    ),
+    (
+        '{"model": "smollm2-135m", "prompt": "hi", "early_exit": {"risk": 2}}',
+        400,
+        "--risk must lie in (0, 1)",
+    ),
 ]
 
 

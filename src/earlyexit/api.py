@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from earlyexit.decoding.draft_length import MAX_DRAFT
 from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, ShallowExit
 from earlyexit.engine.engine import LayerEngine
@@ -60,6 +59,8 @@ from earlyexit.runtime.generation import (
     build_decoder,
     calm_threshold,
     parse_method,
+    shallow_exit,
+    uses_shallow,
 )
 from earlyexit.runtime.kept import Kept
 from earlyexit.runtime.scheduler import (
@@ -81,7 +82,6 @@ __all__ = [
     "GenerationReport",
     "Stream",
     "StreamChunk",
-    "shallow_exit",
 ]
 
 DATASET_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")  # earlyexit.tasks.custom.FORMATS
@@ -110,6 +110,7 @@ class GenerationReport:
     exit_layers: list[int]  # per emitted token: the layer that produced it (k or L)
     draft_proposed: int
     draft_accepted: int
+    draft_seconds: float  # looking drafts up (n-gram) or running the drafter
     passes: int  # full-depth verify passes (lossless, full, hf-pld)
     catchups: int  # deep passes over stacked shallow tokens (free)
     rollbacks: int
@@ -123,6 +124,9 @@ class GenerationReport:
     tokens_per_s: float
     decode_tokens_per_s: float
     threshold: float | None  # the confidence threshold in force (calm, free, shallow drafts)
+    # what Learn-then-Test certified for this decoder's threshold (the `risk` knob): risk,
+    # delta, n, the setting and whether it was certified (risk.LTTChoice); else None
+    ltt: dict | None
     artifacts: dict[str, str]  # what was trained, calibrated or measured, and where from
 
 
@@ -173,109 +177,25 @@ class Classification:
 
 # ------------------------------------------------------------------------- generation knobs
 
-
-@dataclass(frozen=True)
-class _Knobs:
-    """generate's optional keyword arguments (`**knobs`)."""
-
-    shallow_layer: int | None = None  # default: 4/5 of the depth (24 of 30)
-    measure: str = "gap"  # shallow confidence: gap (top1 - top2) or top1
-    restrict_vocab: bool = False  # shallow readout over its training vocabulary only
-    draft_tokens: int | None = None  # n-gram drafts per pass; None: from measured costs
-    block_layer: int | None = (
-        None  # `:adapter` methods: the draft block's layer (None: the one saved)
-    )
-    calibration_prompts: int = 3  # held-out prompts calibrating calm / warm-starting free
-    target: float = 0.9  # free: posterior agreement its adaptive threshold aims at
-    initial_threshold: float = 0.9
-    calm_tolerance: float = 0.1
-    max_stack: int = 16
-    stop_at_eos: bool = True
-
-    def gen_config(self, sampling: SamplingConfig) -> GenConfig:
-        return GenConfig(
-            target=self.target,
-            initial_threshold=self.initial_threshold,
-            calm_tolerance=self.calm_tolerance,
-            calibration_prompts=self.calibration_prompts,
-            draft_tokens=self.draft_tokens,
-            block_layer=self.block_layer,
-            sampling=sampling,
-        )
-
-    @property
-    def decoder_key(self) -> tuple:
-        """What a built decoder depends on (per-request settings excluded)."""
-        return (
-            self.shallow_layer,
-            self.measure,
-            self.restrict_vocab,
-            self.draft_tokens,
-            self.block_layer,
-            self.calibration_prompts,
-            self.target,
-            self.initial_threshold,
-            self.calm_tolerance,
-        )
+# `**knobs` of generate / stream: how the decoder is built (GenConfig, the one config of
+# every generation path) and two settings of the decode itself
+DECODE_KNOBS = {"max_stack": 16, "stop_at_eos": True}
+KNOBS = (*(f.name for f in fields(GenConfig)), *DECODE_KNOBS)
 
 
-KNOBS = tuple(f.name for f in fields(_Knobs))
-
-
-def _knobs(given: Mapping[str, Any], num_layers: int) -> _Knobs:
+def _knobs(given: Mapping[str, Any], num_layers: int) -> tuple[GenConfig, dict[str, Any]]:
+    """The request's GenConfig and decode settings, checked (one line naming the fix)."""
     unknown = sorted(set(given) - set(KNOBS))
     if unknown:
         raise EarlyExitError(f"unknown generate option '{unknown[0]}': use {', '.join(KNOBS)}")
-    knobs = _Knobs(**given)
-    layer = knobs.shallow_layer
-    if layer is not None and not (isinstance(layer, int) and 1 <= layer < num_layers):
-        raise EarlyExitError(f"shallow_layer must be an integer in 1..{num_layers - 1}")
-    block = knobs.block_layer
-    if block is not None and not (isinstance(block, int) and 1 <= block < num_layers):
-        raise EarlyExitError(f"block_layer must be an integer in 1..{num_layers - 1}")
-    if knobs.measure not in ("gap", "top1"):
-        raise EarlyExitError(f"measure must be gap or top1, not '{knobs.measure}'")
-    if knobs.draft_tokens is not None and not 1 <= knobs.draft_tokens <= MAX_DRAFT:
-        raise EarlyExitError(f"draft_tokens must lie in 1..{MAX_DRAFT}, or None (measured)")
-    if knobs.calibration_prompts < 1 or knobs.max_stack < 1:
-        raise EarlyExitError("calibration_prompts and max_stack must be at least 1")
-    return knobs
-
-
-def _uses_shallow(method: GenMethod) -> bool:
-    """Whether the method reads the shallow exit (`shallow_exit`)."""
-    return method.name in ("static", "calm", "free") or (
-        method.name == "lossless" and method.drafter in ("shallow", "composite")
-    )
-
-
-def shallow_exit(
-    engine: LayerEngine, layer: int | None = None, measure: str = "gap", restrict: bool = False
-) -> tuple[ShallowExit, str]:
-    """The shallow exit generation methods use, and a line saying which readout it is.
-
-    Layer k defaults to 4/5 of the depth (on smollm2-135m exits at 24 repay their readout
-    and catch-up, at 20 they do not: BENCHMARKS.md). The readout is the self-distilled
-    `shallow-K` one if trained (`earlyexit heads train --shallow K --self-distill N`), else
-    the `default` trained readout, else the logit lens; the line names which, with its path.
-    """
-    from earlyexit.readouts.store import META, default_readout, readout_dir
-
-    layer = layer or round(0.8 * engine.num_layers)
-    name = f"shallow-{layer}"
-    if not (readout_dir(engine, name) / META).exists():
-        name = "default"
-    readout = default_readout(engine, name)
-    if layer in readout.trained_layers:
-        where = f"layer {layer}: trained readout '{name}' ({readout_dir(engine, name)})"
-    else:
-        where = (
-            f"layer {layer}: logit lens (untrained; train one with "
-            f"`earlyexit heads train --shallow {layer} --self-distill 800`)"
-        )
-    if restrict:
-        return ShallowExit.restricted(readout, layer, measure), where + ", restricted vocabulary"
-    return ShallowExit(readout, layer, measure=measure), where
+    config = GenConfig(**{k: v for k, v in given.items() if k not in DECODE_KNOBS})
+    config.check_layers(num_layers)
+    decode = {k: given.get(k, default) for k, default in DECODE_KNOBS.items()}
+    stack = decode["max_stack"]
+    if not (isinstance(stack, int) and not isinstance(stack, bool) and stack >= 1):
+        raise EarlyExitError(f"max_stack must be an integer >= 1, not {stack!r}")
+    decode["stop_at_eos"] = bool(decode["stop_at_eos"])
+    return config, decode
 
 
 @dataclass
@@ -285,7 +205,12 @@ class _Request:
     method: GenMethod
     prompt: str  # rendered (chat template applied when asked)
     decode: DecodeConfig  # on_token set per run
-    knobs: _Knobs
+    config: GenConfig  # how its decoder is built
+
+    @property
+    def key(self) -> tuple:
+        """What its decoder depends on (per-request settings excluded)."""
+        return (self.method.spec, self.config)
 
 
 @dataclass
@@ -559,9 +484,11 @@ class EarlyExit:
         `temperature` 0 is greedy; `seed` fixes sampling (None: a fresh one). `stop`: strings
         that end the completion (not included in `text`). `chat`: render `prompt` as a user
         turn through the tokenizer's chat template; a list of {"role", "content"} messages
-        is always rendered through it. `knobs`: shallow_layer, measure,
-        restrict_vocab, draft_tokens, block_layer, calibration_prompts, target,
-        initial_threshold, calm_tolerance, max_stack, stop_at_eos.
+        is always rendered through it. `knobs`: how the decoder is built, the fields of
+        `earlyexit.runtime.generation.GenConfig` with its defaults (shallow_layer, measure,
+        restrict_vocab, draft_tokens, block_layer, calibration_prompts, calibration_tokens,
+        target, initial_threshold, calm_tolerance, risk, delta: the settings of `earlyexit
+        generate` and `bench generate`), and the decode's max_stack and stop_at_eos.
         """
         request = self._request(
             prompt, method, max_new_tokens, temperature, top_p, seed, stop, chat, knobs
@@ -613,7 +540,7 @@ class EarlyExit:
             seed = random.getrandbits(62)
         sampling = SamplingConfig(float(temperature), float(top_p), int(seed))
         parsed = parse_method(method, sampling)  # unknown methods fail before any work
-        options = _knobs(knobs, self.num_layers)
+        config, settings = _knobs(knobs, self.num_layers)
         text = prompt
         if chat:
             from earlyexit.tasks.generation import render_prompt
@@ -623,11 +550,10 @@ class EarlyExit:
         decode = DecodeConfig(
             max_new_tokens=max_new_tokens,
             stop_strings=stops,
-            stop_at_eos=options.stop_at_eos,
-            max_stack=options.max_stack,
             sampling=sampling,
+            **settings,
         )
-        return _Request(parsed, text, decode, options)
+        return _Request(parsed, text, decode, config)
 
     def _use_threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -670,40 +596,36 @@ class EarlyExit:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
 
-    def _shallow(self, knobs: _Knobs) -> tuple[ShallowExit, str]:
-        key = (knobs.shallow_layer, knobs.measure, knobs.restrict_vocab)
+    def _shallow(self, config: GenConfig) -> tuple[ShallowExit, str]:
+        key = (config.shallow_layer_of(self.num_layers), config.measure, config.restrict_vocab)
         kept = self._shallow_exits.get(key)
         if kept is None:
-            kept = self._shallow_exits.put(
-                key,
-                shallow_exit(self.engine, knobs.shallow_layer, knobs.measure, knobs.restrict_vocab),
-            )
+            kept = self._shallow_exits.put(key, shallow_exit(self.engine, config))
         return kept
 
     def _has_built(self, request: _Request) -> bool:
-        return (request.method.spec, *request.knobs.decoder_key) in self._decoders
+        return request.key in self._decoders
 
     def _built(self, request: _Request) -> _Built:
         """The decoder for the request's method and knobs (built once, then kept)."""
-        method, knobs = request.method, request.knobs
-        key = (method.spec, *knobs.decoder_key)
+        method, config = request.method, request.config
+        key = request.key
         kept = self._decoders.get(key)
         if kept is not None:
             return kept
         artifacts: dict[str, str] = {}
         shallow = None
         if method.drafter == "adapter":  # the exit reads the trained draft block
-            shallow = block_exit(self.engine, knobs.block_layer)
+            shallow = block_exit(self.engine, config.block_layer)
             assert shallow.block is not None
             artifacts["shallow_exit"] = shallow.block.describe()
             given = shallow
-        elif _uses_shallow(method):
-            shallow, line = self._shallow(knobs)
+        elif uses_shallow(method):
+            shallow, line = self._shallow(config)
             artifacts["shallow_exit"] = line
             given = shallow
         else:  # the method never reads it; build_decoder takes one all the same
-            given = ShallowExit(ExitReadout(self.engine), round(0.8 * self.num_layers))
-        config = knobs.gen_config(request.decode.sampling)
+            given = ShallowExit(ExitReadout(self.engine), config.shallow_layer_of(self.num_layers))
         decoder = build_decoder(method.spec, self.engine, given, config)
         threshold: Callable[[], float | None] = lambda: None  # noqa: E731
         if shallow is not None and method.name != "static":
@@ -836,7 +758,7 @@ class EarlyExit:
         config = DecodeConfig(**{**vars(request.decode), "on_token": on_token})
         if batched:
             method = request.method
-            fixed = request.knobs.draft_tokens  # lossless:ngram:N fixes N; free's value is T
+            fixed = request.config.draft_tokens  # lossless:ngram:N fixes N; free's value is T
             if method.name == "lossless" and method.value:
                 fixed = int(method.value)
             ids, _ = self.engine.encode([request.prompt])
@@ -880,6 +802,7 @@ class EarlyExit:
             exit_layers=list(result.exit_layers),
             draft_proposed=result.drafted,
             draft_accepted=result.accepted,
+            draft_seconds=result.draft_seconds,
             passes=result.passes,
             catchups=result.catchups,
             rollbacks=result.rollbacks,
@@ -893,6 +816,7 @@ class EarlyExit:
             tokens_per_s=n / max(1e-9, result.seconds),
             decode_tokens_per_s=max(0, n - 1) / max(1e-9, result.decode_seconds),
             threshold=built.threshold(),
+            ltt=ltt.to_dict() if (ltt := getattr(built.decoder, "ltt", None)) else None,
             artifacts=dict(built.artifacts),
         )
         return Generation(assembler.text, tokens, finish, report)

@@ -79,6 +79,16 @@ def load_engine(model: str, dtype: str = "auto", compiled: str = "off"):  # noqa
     return engine
 
 
+def gen_knobs(**given: Any) -> dict[str, Any]:
+    """The decoder settings a command was given (GenConfig's fields; None: not given, the
+    config's default holds), checked now: a bad value fails before the model loads."""
+    from earlyexit.runtime.generation import GenConfig
+
+    knobs = {k: v for k, v in given.items() if v is not None and v is not False}
+    GenConfig(**knobs)
+    return knobs
+
+
 def results_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     """A results table: the first two columns (task, method) left-aligned, numbers right."""
     table = Table(title=title)
@@ -129,6 +139,18 @@ BLOCK_LAYER_OPT = typer.Option(
     min=1,
     help="lossless:adapter: the draft block at this layer (default: the only one saved).",
 )
+# decoder settings left unset take GenConfig's defaults (runtime/generation.py), the same
+# as EarlyExit.generate's: one config, one set of defaults
+CALIBRATION_PROMPTS_OPT = typer.Option(
+    None,
+    min=1,
+    help="Held-out instructions decoded at full depth that calibrate calm, warm-start free "
+    "and certify --risk (default 8).",
+)
+TARGET_OPT = typer.Option(
+    None, help="FREE: posterior agreement its adaptive threshold aims at (default 0.9)."
+)
+MEASURE_OPT = typer.Option(None, help="Shallow confidence: gap (top1 - top2, default) or top1.")
 DRAFT_TOKENS_OPT = typer.Option(
     None,
     min=1,

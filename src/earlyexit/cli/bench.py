@@ -9,19 +9,23 @@ import typer
 
 from earlyexit.cli.app import (
     BLOCK_LAYER_OPT,
+    CALIBRATION_PROMPTS_OPT,
     COMPILED_OPT,
     DELTA_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
+    MEASURE_OPT,
     MODEL_OPT,
     RESTRICT_OPT,
     SEED_OPT,
     SHALLOW_OPT,
+    TARGET_OPT,
     TEMPERATURE_OPT,
     TOP_P_OPT,
     bench_app,
     console,
     friendly,
+    gen_knobs,
     load_engine,
     parse_list,
     results_table,
@@ -102,8 +106,8 @@ def bench_generate(
     shallow_layer: int | None = SHALLOW_OPT,
     limit: int = typer.Option(20, min=1, help="Items (first N; of --data: a seeded sample)."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Default: the task's."),
-    target: float = typer.Option(0.9, help="FREE: posterior agreement the threshold aims at."),
-    measure: str = typer.Option("gap", help="Shallow confidence: gap or top1."),
+    target: float | None = TARGET_OPT,
+    measure: str | None = MEASURE_OPT,
     restrict: bool = RESTRICT_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_p: float = TOP_P_OPT,
@@ -132,19 +136,17 @@ def bench_generate(
         "--calibration-prompts).",
     ),
     delta: float = DELTA_OPT,
-    calibration_prompts: int = typer.Option(
-        8, min=1, help="Held-out instructions that calibrate calm, free and --risk."
-    ),
+    calibration_prompts: int | None = CALIBRATION_PROMPTS_OPT,
     compiled: str = COMPILED_OPT,
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
     """Quality, agreement with full, shallow fraction and tokens/s per decoding method."""
-    from earlyexit.api import shallow_exit
+    from earlyexit.api import EarlyExit
     from earlyexit.decoding.sampling import SamplingConfig
     from earlyexit.engine.kernels import cpu_model
     from earlyexit.evaluation.generate import bench_generation
     from earlyexit.reporting import write_json
-    from earlyexit.runtime.generation import GenConfig, parse_method
+    from earlyexit.runtime.generation import GenConfig, parse_method, shallow_exit
     from earlyexit.tasks.generation import get_generation_task
 
     if data is not None:
@@ -169,28 +171,34 @@ def bench_generate(
     sampling = SamplingConfig(temperature, top_p, seed)
     for spec in methods:
         parse_method(spec, sampling)  # a bad method fails before the model loads
-    config = GenConfig(
-        limit=limit,
-        max_new_tokens=max_new_tokens,
+    knobs = gen_knobs(  # bad --risk / --delta fail here, before the model loads
+        shallow_layer=shallow_layer,
+        measure=measure,
+        restrict_vocab=restrict,
         target=target,
-        sampling=sampling,
         draft_tokens=draft_tokens,
         block_layer=block_layer,
         calibration_prompts=calibration_prompts,
+        # calibration answers as long as the benchmark's (48 when the task decides)
+        calibration_tokens=max_new_tokens,
         risk=risk,
         delta=delta,
-    )  # bad --risk / --delta fail here, before the model loads
+    )
+    config = GenConfig(**knobs)
     engine = load_engine(model, dtype, compiled)
-    shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
+    ee = EarlyExit.from_engine(engine, max_batch=1)  # one request at a time, as timed
+    config.check_layers(engine.num_layers)
+    _, where = shallow_exit(engine, config)
     console.print(f"shallow exit: {where}", highlight=False)
     records = []
+    layer = config.shallow_layer_of(engine.num_layers)
     for t in tasks:
-        task_records = bench_generation(engine, shallow, t, methods, config)
+        task_records = bench_generation(ee, t, methods, config, limit, max_new_tokens, sampling)
         records += task_records
         if plots and sweep:
             from earlyexit.evaluation.plots import plot_generation_sweep
 
-            title = f"{engine.loaded.name} {t.name}: shallow exit at layer {shallow.layer}"
+            title = f"{engine.loaded.name} {t.name}: shallow exit at layer {layer}"
             png = plot_generation_sweep(task_records, title, plots / f"gen-sweep-{t.name}.png")
             console.print(f"wrote {png}")
     how = "greedy" if sampling.greedy else f"sampled, T={temperature}, top-p={top_p}"

@@ -6,18 +6,22 @@ import typer
 
 from earlyexit.cli.app import (
     BLOCK_LAYER_OPT,
+    CALIBRATION_PROMPTS_OPT,
     COMPILED_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
+    MEASURE_OPT,
     MODEL_OPT,
     RESTRICT_OPT,
     SEED_OPT,
     SHALLOW_OPT,
+    TARGET_OPT,
     TEMPERATURE_OPT,
     TOP_P_OPT,
     app,
     console,
     friendly,
+    gen_knobs,
     load_engine,
 )
 from earlyexit.methods import GENERATION, method_list
@@ -31,7 +35,7 @@ def generate_command(
     method: str = typer.Option("free", help=f"{method_list(GENERATION)}."),
     shallow_layer: int | None = SHALLOW_OPT,
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most."),
-    measure: str = typer.Option("gap", help="Shallow confidence: gap (top1 - top2) or top1."),
+    measure: str | None = MEASURE_OPT,
     restrict: bool = RESTRICT_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_p: float = TOP_P_OPT,
@@ -39,43 +43,54 @@ def generate_command(
     dtype: str = DTYPE_OPT,
     draft_tokens: int | None = DRAFT_TOKENS_OPT,
     block_layer: int | None = BLOCK_LAYER_OPT,
+    calibration_prompts: int | None = CALIBRATION_PROMPTS_OPT,
+    target: float | None = TARGET_OPT,
     compiled: str = COMPILED_OPT,
 ) -> None:
-    """Generate with early exit (batch 1) and say how many tokens exited shallow."""
+    """Generate with early exit (one request, through EarlyExit.generate: the path of the
+    API and the server) and say how many tokens exited shallow."""
     from rich.console import Console
 
-    from earlyexit.api import shallow_exit
+    from earlyexit.api import EarlyExit
     from earlyexit.decoding.sampling import SamplingConfig
-    from earlyexit.decoding.shallow_deep import DecodeConfig
-    from earlyexit.runtime.generation import GenConfig, build_decoder, parse_method
-    from earlyexit.tasks.generation import render_prompt
+    from earlyexit.runtime.generation import GenConfig, parse_method
 
-    sampling = SamplingConfig(temperature, top_p, seed)
-    parse_method(method, sampling)  # a bad method fails before the model loads
-    engine = load_engine(model, dtype, compiled)
-    shallow, where = shallow_exit(engine, shallow_layer, measure, restrict)
-    # which readout the shallow exit is, on stderr: stdout stays the text and its stats line
-    Console(stderr=True, soft_wrap=True).print(f"[dim]shallow exit: {where}[/]", highlight=False)
-    # a few calibration prompts only: one answer does not repay the eight of `bench`
-    config = GenConfig(
-        sampling=sampling,
-        calibration_prompts=3,
+    parse_method(method, SamplingConfig(temperature, top_p, seed))  # before the model loads
+    knobs = gen_knobs(
+        shallow_layer=shallow_layer,
+        measure=measure,
+        restrict_vocab=restrict,
         draft_tokens=draft_tokens,
         block_layer=block_layer,
+        calibration_prompts=calibration_prompts,
+        target=target,
     )
-    decoder = build_decoder(method, engine, shallow, config)
-    result = decoder(
-        render_prompt(engine.tokenizer, prompt),
-        DecodeConfig(max_new_tokens=max_new_tokens, sampling=sampling),
+    engine = load_engine(model, dtype, compiled)
+    ee = EarlyExit.from_engine(engine, max_batch=1)
+    out = ee.generate(
+        prompt,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        **knobs,
     )
-    console.print(engine.tokenizer.decode(result.tokens, skip_special_tokens=True), highlight=False)
+    report = out.report
+    if "shallow_exit" in report.artifacts:
+        # which readout the shallow exit is, on stderr: stdout stays the text and its stats
+        Console(stderr=True, soft_wrap=True).print(
+            f"[dim]shallow exit: {report.artifacts['shallow_exit']}[/]", highlight=False
+        )
+    layer = report.shallow_layer or GenConfig(**knobs).shallow_layer_of(engine.num_layers)
+    console.print(out.text.strip(), highlight=False)
     console.print(
-        f"[dim]{len(result.tokens)} tokens, {result.shallow_fraction:.0%} at layer "
-        f"{shallow.layer}, {len(result.tokens) / result.seconds:.1f} tokens/s, "
-        f"{result.rollbacks} rollbacks"
+        f"[dim]{len(out.tokens)} tokens, {report.shallow_fraction:.0%} at layer "
+        f"{layer}, {report.tokens_per_s:.1f} tokens/s, {report.rollbacks} rollbacks"
         + (
-            f", {result.accepted}/{result.drafted} drafts accepted in {result.passes} passes"
-            if result.drafted
+            f", {report.draft_accepted}/{report.draft_proposed} drafts accepted in "
+            f"{report.passes} passes"
+            if report.draft_proposed
             else ""
         )
         + "[/]"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -42,28 +42,62 @@ ADAPTER_THRESHOLD = 0.5
 DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenConfig:
-    limit: int = 20
-    max_new_tokens: int | None = None  # None: the task's own
+    """How a generation method's decoder is built: the one config (and the one set of
+    defaults) of `EarlyExit.generate`'s knobs, `earlyexit generate` and `bench generate`.
+    What varies per request (tokens, sampling, stop strings) is the decode's (DecodeConfig).
+    Bad values raise a one-line EarlyExitError when the config is made."""
+
+    shallow_layer: int | None = None  # the shallow exit's layer k; None: 4/5 of the depth
+    measure: str = "gap"  # shallow confidence: gap (top1 - top2) or top1
+    restrict_vocab: bool = False  # shallow readout over its training vocabulary only
+    # n-gram drafts per verify pass; None: chosen per match length from measured pass costs
+    draft_tokens: int | None = None
+    # `:adapter` methods: the trained draft block at this layer (None: the only one saved)
+    block_layer: int | None = None
+    # held-out instructions (tasks/generation.py) decoded at full depth that calibrate
+    # `calm`, warm-start `free` and certify `--risk`; each costs one decode when a decoder
+    # is first built (about 1 s on 2 cores), kept for the object's lifetime
+    calibration_prompts: int = 8
+    calibration_tokens: int = 48  # tokens decoded per calibration prompt
     target: float = 0.9  # FREE's adaptive threshold: posterior agreement to reach
     initial_threshold: float = 0.9
     calm_tolerance: float = 0.1  # `calm`: token disagreement allowed on calibration prompts
-    # held-out instructions (tasks/generation.py) that calibrate `calm` and warm-start `free`
-    calibration_prompts: int = 8
-    # n-gram drafts per verify pass; None: chosen per match length from measured pass costs
-    draft_tokens: int | None = None
-    # `lossless:adapter`: the trained draft block at this layer (None: the only one saved)
-    block_layer: int | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # default: greedy
-    # Learn-then-Test: `free` without a threshold takes the lowest one at which at most
-    # `risk` of answers differ from the full model's, with probability 1 - `delta` over
-    # the calibration prompts (None: FREE's adaptive threshold)
+    # Learn-then-Test: `free` / `calm` without a threshold take the lowest one at which at
+    # most `risk` of answers differ from the full model's, with probability 1 - `delta` over
+    # the calibration prompts (None: FREE's adaptive threshold, CALM's calibrated one)
     risk: float | None = None
     delta: float = 0.1
 
     def __post_init__(self) -> None:
         check_risk(self.risk, self.delta)
+        if self.measure not in ("gap", "top1"):
+            raise EarlyExitError(f"measure must be gap or top1, not '{self.measure}'")
+        if self.draft_tokens is not None and not (
+            _is_int(self.draft_tokens) and 1 <= self.draft_tokens <= MAX_DRAFT
+        ):
+            raise EarlyExitError(f"draft_tokens must lie in 1..{MAX_DRAFT}, or None (measured)")
+        for name in ("calibration_prompts", "calibration_tokens"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 1):
+                raise EarlyExitError(f"{name} must be an integer >= 1, not {value!r}")
+
+    def check_layers(self, num_layers: int) -> None:
+        """The layer knobs against the model's depth (one line naming the range)."""
+        for name in ("shallow_layer", "block_layer"):
+            layer = getattr(self, name)
+            if layer is not None and not (_is_int(layer) and 1 <= layer < num_layers):
+                raise EarlyExitError(f"{name} must be an integer in 1..{num_layers - 1}")
+
+    def shallow_layer_of(self, num_layers: int) -> int:
+        """The exit layer k: `shallow_layer`, else 4/5 of the depth (on smollm2-135m exits
+        at 24 repay their readout and catch-up, at 20 they do not: BENCHMARKS.md)."""
+        return self.shallow_layer or round(0.8 * num_layers)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 Decoder = Callable[[str, DecodeConfig], DecodeResult]
@@ -148,11 +182,45 @@ def parse_method(spec: str, sampling: SamplingConfig | None = None) -> GenMethod
     return GenMethod(spec, name, drafter, value)
 
 
+def uses_shallow(method: GenMethod) -> bool:
+    """Whether the method reads the shallow exit at layer k (`shallow_exit`)."""
+    return method.name in ("static", "calm", "free") or (
+        method.name == "lossless" and method.drafter in ("shallow", "composite")
+    )
+
+
+def shallow_exit(engine: LayerEngine, config: GenConfig) -> tuple[ShallowExit, str]:
+    """The shallow exit the generation methods read, and a line saying which readout it is.
+
+    At `config.shallow_layer_of`, the readout is the self-distilled `shallow-K` one if
+    trained (`earlyexit heads train --shallow K --self-distill N`), else the `default`
+    trained readout, else the logit lens; the line names which, with its path.
+    """
+    from earlyexit.readouts.store import META, default_readout, readout_dir
+
+    layer = config.shallow_layer_of(engine.num_layers)
+    name = f"shallow-{layer}"
+    if not (readout_dir(engine, name) / META).exists():
+        name = "default"
+    readout = default_readout(engine, name)
+    if layer in readout.trained_layers:
+        where = f"layer {layer}: trained readout '{name}' ({readout_dir(engine, name)})"
+    else:
+        where = (
+            f"layer {layer}: logit lens (untrained; train one with "
+            f"`earlyexit heads train --shallow {layer} --self-distill 800`)"
+        )
+    if config.restrict_vocab:
+        exit_ = ShallowExit.restricted(readout, layer, config.measure)
+        return exit_, where + ", restricted vocabulary"
+    return ShallowExit(readout, layer, measure=config.measure), where
+
+
 def build_decoder(
     spec: str, engine: LayerEngine, shallow: ShallowExit, config: GenConfig
 ) -> Decoder:
     """The decoder for a method (`parse_method` lists them)."""
-    method = parse_method(spec, config.sampling)
+    method = parse_method(spec)  # sampling is the request's: checked when it is made
     name, fixed = method.name, method.value
     if name == "lossless":
         return _lossless(method, engine, shallow, config)
@@ -286,7 +354,7 @@ def calibration_prompts(engine: LayerEngine, config: GenConfig) -> list[str]:
 
 
 def _calibration_decode(config: GenConfig) -> DecodeConfig:
-    return DecodeConfig(max_new_tokens=config.max_new_tokens or 48)
+    return DecodeConfig(max_new_tokens=config.calibration_tokens)
 
 
 def calibration_pairs(
@@ -297,7 +365,7 @@ def calibration_pairs(
     from earlyexit.decoding.calibrate import confidence_pairs
 
     cached = _PAIRS.setdefault(shallow, {})
-    key = (config.calibration_prompts, config.max_new_tokens)
+    key = (config.calibration_prompts, config.calibration_tokens)
     if key not in cached:
         prompts = calibration_prompts(engine, config)
         decode = _calibration_decode(config)

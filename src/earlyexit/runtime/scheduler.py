@@ -591,7 +591,10 @@ class Scheduler:
             return 0, []
         budget = job.config.max_new_tokens - len(job.result.tokens)
         limit = min(MAX_DRAFT, budget, job.fixed_drafts or MAX_DRAFT)
-        return job.index.lookup(limit)
+        began = time.perf_counter()
+        looked = job.index.lookup(limit)
+        job.result.draft_seconds += time.perf_counter() - began
+        return looked
 
     def _width(self, looked: list[tuple[int, list[int]]]) -> int:
         rows = len(self.running)

@@ -17,6 +17,9 @@ from earlyexit.api import Generation, GenerationReport
 from earlyexit.errors import EarlyExitError
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions
+# a decoder's first build decodes calibration_prompts x calibration_tokens at full depth in
+# the serving loop (every other request waits): a client may ask for at most this much
+MAX_CALIBRATION = {"calibration_prompts": 32, "calibration_tokens": 128}
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +53,10 @@ class _Sampling(BaseModel):
         method = options.pop("method", default_method)
         if not isinstance(method, str):
             raise EarlyExitError("early_exit.method must be a string such as 'free' or 'full'")
+        for name, most in MAX_CALIBRATION.items():
+            value = options.get(name)
+            if isinstance(value, int | float) and value > most:
+                raise EarlyExitError(f"early_exit.{name} may be at most {most} on this server")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return {
             "method": method,
