@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlyexit.api import EarlyExit, Generation, _Built, _TextAssembler
+from earlyexit.api import EarlyExit, Generation
 from earlyexit.decoding.shallow_deep import DecodeResult
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.paths import home
 from earlyexit.runtime.classification import collect_states
+from earlyexit.runtime.decoders import BuiltDecoder
 from earlyexit.runtime.kept import Kept
+from earlyexit.runtime.stream import TextAssembler
 from earlyexit.tasks import Example, get_task
 
 PROMPT = "Name three colours."
@@ -63,7 +65,7 @@ def _stream_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "earlyexit-stream" and t.is_alive()]
 
 
-def _fake(ee: EarlyExit, delay: float = 0.0, fail: Exception | None = None) -> _Built:
+def _fake(ee: EarlyExit, delay: float = 0.0, fail: Exception | None = None) -> BuiltDecoder:
     """A built decoder that emits a fixed text's tokens (or fails), without the model."""
     ids = ee.tokenizer("one two three four", add_special_tokens=False)["input_ids"]
 
@@ -77,7 +79,7 @@ def _fake(ee: EarlyExit, delay: float = 0.0, fail: Exception | None = None) -> _
             result.push(token, ee.num_layers)
         return result
 
-    return _Built(decoder, None, {}, lambda: None)
+    return BuiltDecoder(decoder, None, {}, lambda: None)
 
 
 def test_lossless_generate_is_the_full_models_greedy_output(
@@ -147,7 +149,7 @@ def test_text_assembly_holds_back_split_characters_and_stop_prefixes(ee: EarlyEx
     text = "Crème brûlée costs 5€ — 你好, 🎉 done. STOP after"
     ids = ee.tokenizer(text, add_special_tokens=False)["input_ids"]
     for stop, expected in [((), text), (("STOP",), text[: text.index("STOP")])]:
-        assembler = _TextAssembler(ee.tokenizer, stop)
+        assembler = TextAssembler(ee.tokenizer, stop)
         pieces = []
         for token in ids:
             assembler.push(token, 30)
@@ -282,7 +284,9 @@ def test_requests_decoding_alone_are_serialized(
         finally:
             active[0] -= 1
 
-    monkeypatch.setattr(ee, "_built", lambda request: _Built(counting, None, {}, lambda: None))
+    monkeypatch.setattr(
+        ee, "_built", lambda request: BuiltDecoder(counting, None, {}, lambda: None)
+    )
     results: list[str] = []
 
     def generate() -> None:
@@ -334,7 +338,7 @@ def _task_state(ee: EarlyExit, task: str, calibrated: bool = True):  # noqa: ANN
     """The object's kept state for one task (demonstrations, candidates, readout, policies)."""
     (state,) = [
         s
-        for s in ee._tasks.values()
+        for s in ee._classifier.tasks.values()
         if s.task.name == task and (s.builder is not None) == calibrated
     ]
     return state

@@ -13,12 +13,12 @@ import torch
 from earlyexit.decoding.drafters import NgramDrafter, ShallowDrafter
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
-    ShallowExit,
     Threshold,
     decode_full,
     decode_shallow_deep,
     decode_static,
 )
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.decoding.threshold import (
     BetaMixtureThreshold,

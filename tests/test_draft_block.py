@@ -13,11 +13,11 @@ import torch
 from earlyexit.decoding.drafters import CompositeDrafter, NgramDrafter, ShallowDrafter
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
-    ShallowExit,
     Threshold,
     decode_full,
     decode_shallow_deep,
 )
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError

@@ -64,7 +64,7 @@ def test_save_load_round_trip(smol: LayerEngine, trained: TrainResult, tmp_path:
     assert loaded.vocabulary is not None and torch.equal(
         loaded.vocabulary, trained.readout.vocabulary
     )
-    from earlyexit.decoding.shallow_deep import ShallowExit
+    from earlyexit.decoding.shallow_exit import ShallowExit
 
     shallow = ShallowExit.restricted(loaded, LAYERS[0])
     assert smol.tokenizer.eos_token_id in shallow.vocab.tolist()

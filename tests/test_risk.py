@@ -13,13 +13,9 @@ import torch
 
 from earlyexit.decoding.calibrate import confidence_pairs, sequence_risk_losses
 from earlyexit.decoding.calm import decode_calm
-from earlyexit.decoding.shallow_deep import (
-    DecodeConfig,
-    ShallowExit,
-    Threshold,
-    decode_full,
-)
+from earlyexit.decoding.shallow_deep import DecodeConfig, Threshold, decode_full
 from earlyexit.decoding.shallow_deep import decode_shallow_deep as decode_free
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError
 from earlyexit.policies import FullPolicy

@@ -12,11 +12,11 @@ from earlyexit.decoding.drafters import ShallowDrafter
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
-    ShallowExit,
     Threshold,
     decode_full,
     decode_shallow_deep,
 )
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.engine import LayerEngine
 from earlyexit.errors import EarlyExitError

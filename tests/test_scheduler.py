@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from earlyexit.decoding.draft_length import MATCH_PREFIX, RowPassCosts, RowRecord, pass_width
-from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, Threshold
+from earlyexit.decoding.shallow_deep import DecodeConfig, Threshold
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.engine import LayerEngine, quant
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.runtime.scheduler import (

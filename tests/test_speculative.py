@@ -15,7 +15,8 @@ from earlyexit.decoding.drafters import (
     ShallowDrafter,
 )
 from earlyexit.decoding.sampling import Sampler, SamplingConfig
-from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, decode_full
+from earlyexit.decoding.shallow_deep import DecodeConfig, decode_full
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.decoding.speculative import decode_speculative, verify_pass
 from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine import LayerEngine

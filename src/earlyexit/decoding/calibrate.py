@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from earlyexit.decoding.sampling import SamplingConfig
-from earlyexit.decoding.shallow_deep import DecodeConfig, ShallowExit, begin, next_input
+from earlyexit.decoding.shallow_deep import DecodeConfig, begin
+from earlyexit.decoding.shallow_exit import ShallowExit, next_input
 from earlyexit.engine.engine import LayerEngine
 
 

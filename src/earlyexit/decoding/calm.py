@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit.decoding.shallow_deep import (
-    DecodeConfig,
-    DecodeResult,
-    ShallowExit,
-    Threshold,
-    begin,
-    next_input,
-)
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, Threshold, begin
+from earlyexit.decoding.shallow_exit import ShallowExit, next_input
 from earlyexit.engine.engine import LayerEngine
 
 

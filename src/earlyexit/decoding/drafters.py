@@ -26,7 +26,7 @@ import torch
 
 from earlyexit.decoding.draft_length import RowPassCosts, RowRecord, pass_width
 from earlyexit.decoding.sampling import Sampler
-from earlyexit.decoding.shallow_deep import ShallowExit, next_input
+from earlyexit.decoding.shallow_exit import ShallowExit, next_input
 from earlyexit.decoding.verify import Draft
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine

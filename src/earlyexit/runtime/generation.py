@@ -20,12 +20,12 @@ from earlyexit.decoding.sampling import SamplingConfig
 from earlyexit.decoding.shallow_deep import (
     DecodeConfig,
     DecodeResult,
-    ShallowExit,
     Threshold,
     decode_full,
     decode_shallow_deep,
     decode_static,
 )
+from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.decoding.speculative import decode_speculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold, OfficialFreeThreshold
 from earlyexit.engine.engine import LayerEngine

@@ -59,15 +59,8 @@ from earlyexit.decoding.draft_length import (
 )
 from earlyexit.decoding.drafters import NgramIndex
 from earlyexit.decoding.sampling import Sampler
-from earlyexit.decoding.shallow_deep import (
-    DecodeConfig,
-    DecodeResult,
-    Guess,
-    ShallowExit,
-    Stopping,
-    Threshold,
-    emit,
-)
+from earlyexit.decoding.shallow_deep import DecodeConfig, DecodeResult, Stopping, Threshold, emit
+from earlyexit.decoding.shallow_exit import Guess, ShallowExit
 from earlyexit.decoding.verify import Draft, verify
 from earlyexit.engine.cache import LayerKVCache
 from earlyexit.engine.engine import LayerEngine

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from earlyexit.api import GenerationReport
+from earlyexit.runtime.results import GenerationReport
 from earlyexit.runtime.scheduler import SchedulerStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)

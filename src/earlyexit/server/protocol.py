@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from earlyexit.api import Generation, GenerationReport
 from earlyexit.errors import EarlyExitError
+from earlyexit.runtime.results import Generation, GenerationReport
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions
 # a decoder's first build decodes calibration_prompts x calibration_tokens at full depth in
