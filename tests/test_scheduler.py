@@ -76,14 +76,22 @@ def _same_or_tie(
 
 
 def test_row_cache_rows_join_and_leave(smol: LayerEngine) -> None:
-    """Rows of different lengths join; removing one moves the last row into its place with
+    """Rows of different lengths join (the buffers hold 1, 2, then 4 rows as they do: each
+    row's keys survive the copies); removing one moves the last row into its place with
     its keys, values and fill."""
     cache = smol.new_row_cache(4, capacity=8)  # grows past its capacity on the way
     singles = [smol.prefill(_ids(smol, p)).cache for p in PROMPTS[:3]]
+    held = []
     for row, single in enumerate(singles):
         assert cache.add(single) == row
+        held.append(cache.keys[0].shape[0])
+    assert held == [1, 2, 4]
     lengths = [s.lengths[0] for s in singles]
     assert cache.fill[:, :3].tolist() == [lengths] * smol.num_layers
+    for row in range(3):
+        keys, values = singles[row].layer_kv(smol.num_layers - 1)
+        assert torch.equal(cache.keys[-1][row, :, : lengths[row]], keys[0])
+        assert torch.equal(cache.values[-1][row, :, : lengths[row]], values[0])
     assert cache.remove(0) == 2  # the last row moved into row 0
     assert cache.rows == 2 and cache.fill[0, :3].tolist() == [lengths[2], lengths[1], 0]
     for layer in (0, smol.num_layers - 1):

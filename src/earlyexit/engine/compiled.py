@@ -474,7 +474,9 @@ class CompiledSpans:
         offset_t = torch.tensor(offset, device=hidden.device)
         for layer in range(start, end):
             keys, values = cache.ensure(layer, offset + rows)
+            if keys.shape[0] > 1:  # buffers that held more rows: the first one's view
+                keys, values = keys[:1], values[:1]
             run = self._runners.get(layer) or self._load(layer)
-            (hidden,) = run([hidden, keys[:1], values[:1], offset_t])
-            cache.fill[layer, 0] = offset + rows
+            (hidden,) = run([hidden, keys, values, offset_t])
+        cache.fill[start:end, 0] = offset + rows  # one write for the span, not one per layer
         return hidden

@@ -21,7 +21,9 @@ from earlyexit.engine.cache import LayerKVCache
 
 
 class RowKVCache:
-    """Per-layer K/V buffers [max_rows, kv_heads, capacity, head_dim] with per-row fill."""
+    """Per-layer K/V buffers [rows held, kv_heads, capacity, head_dim] with per-row fill.
+    Buffers hold as many rows as have joined (doubling up to `max_rows`) and as many slots
+    as the rows need (doubling): one user's batch allocates, zeroes and slices one row."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class RowKVCache:
         self.fill = torch.zeros(num_layers, max_rows, dtype=torch.long)
         self.rows = 0  # running rows: rows 0..rows-1 of every buffer
         self._shape = (max_rows, num_kv_heads, capacity, head_dim)
+        self._held = 1  # rows every allocated buffer holds (grown by `add`)
         self._dtype, self._device = dtype, device
         self._counts: torch.Tensor | None = None  # real new tokens per row of this pass
 
@@ -52,7 +55,8 @@ class RowKVCache:
     def ensure(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers, allocated or grown (by doubling) to hold `needed` slots."""
         keys, values = self.keys[layer], self.values[layer]
-        rows, heads, capacity, dim = self._shape
+        _, heads, capacity, dim = self._shape
+        rows = self._held
         if keys is None or values is None:
             shape = (rows, heads, max(capacity, needed), dim)
             keys = torch.zeros(shape, dtype=self._dtype, device=self._device)
@@ -76,6 +80,8 @@ class RowKVCache:
         if single.batch != 1 or single.has_padding:
             raise ValueError("a row joins from an unpadded batch-1 cache")
         row = self.rows
+        if row >= self._held:
+            self._grow_rows(min(self.max_rows, 2 * self._held))
         for layer in range(self.num_layers):
             length = single.lengths[layer] if layer < single.num_layers else 0
             if length:
@@ -86,6 +92,16 @@ class RowKVCache:
             self.fill[layer, row] = length
         self.rows += 1
         return row
+
+    def _grow_rows(self, held: int) -> None:
+        """Every allocated buffer to `held` rows (the running rows copied)."""
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                if old is not None:
+                    new = old.new_zeros((held, *old.shape[1:]))
+                    new[: self.rows] = old[: self.rows]
+                    store[layer] = new
+        self._held = held
 
     def remove(self, row: int) -> int | None:
         """Drop a row: the last row moves into its place. Returns the moved row's old index
