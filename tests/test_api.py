@@ -169,6 +169,16 @@ def test_static_reports_its_shallow_exit_and_readout(ee: EarlyExit) -> None:
     assert report.artifacts["shallow_exit"].startswith("layer 24: logit lens (untrained")
 
 
+def test_calm_decodes_as_a_batch_row_and_reports_its_exits(ee: EarlyExit) -> None:
+    """`calm` is a row of the scheduler's batch (CALM per row: runtime/scheduler.py); with
+    its exit tried at every step it exits at layer 24 where the lens is confident."""
+    out = ee.generate(PROMPT, method="calm:0.3", max_new_tokens=12, exits="always")
+    report = out.report
+    assert report.batched and report.shallow_layer == 24 and report.threshold == 0.3
+    assert set(report.exit_layers) <= {24, 30} and 0 < report.shallow_fraction < 1
+    assert report.avg_layers < 30  # exited tokens ran 24 layers, no catch-up
+
+
 def test_sampling_is_reproducible_with_a_seed(ee: EarlyExit) -> None:
     kwargs = {"method": "full", "max_new_tokens": 8, "temperature": 0.9, "seed": 3}
     first = ee.generate(PROMPT, **kwargs)
@@ -192,6 +202,10 @@ def test_bad_input_fails_before_any_model_work(
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"shallow_layer": 30}, "shallow_layer must be an integer in 1..29"),
         ({"draft_token": 3}, "unknown generate option 'draft_token'"),
+        ({"exits": "often"}, "exits must be measured or always, not 'often'"),
+        ({"calibration_prompts": 0}, "calibration_prompts must be an integer >= 1"),
+        ({"risk": 1.5}, "must lie in"),
+        ({"max_stack": 0}, "max_stack must be an integer >= 1"),
     ]:
         for call in (ee.generate, ee.stream):  # a stream checks when it is made
             with pytest.raises(EarlyExitError, match=message):

@@ -146,10 +146,12 @@ def test_generate_methods_from_the_cli() -> None:
                 assert _is_argmax(deep[i], token), (spec, i)
     assert {24, 30} <= set(free.exit_layers)
 
-    # calm:0.5: exits at 24 exactly where the lens's top-1 minus top-2 probability reaches
-    # 0.5 (layers 1..24 are always run, so that gap is the forward's); deep tokens are the
-    # full model's until the first exit (after it, deep layers read copied states)
-    calm = _generate("--method", "calm:0.5", *EAGER_FP32)
+    # calm:0.5 with its exit tried at every step (--exits always, CALM's own loop; the
+    # default tries it only while that pays): exits at 24 exactly where the lens's top-1
+    # minus top-2 probability reaches 0.5 (layers 1..24 are always run, so that gap is the
+    # forward's); deep tokens are the full model's until the first exit (after it, deep
+    # layers read copied states)
+    calm = _generate("--method", "calm:0.5", "--exits", "always", *EAGER_FP32)
     shallow, deep = _teacher_forced(calm)
     gaps = _gaps(shallow)
     layers = calm.exit_layers

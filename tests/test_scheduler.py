@@ -25,7 +25,7 @@ from earlyexit.decoding.shallow_exit import ShallowExit
 from earlyexit.engine import LayerEngine, quant
 from earlyexit.readouts.readout import ExitReadout
 from earlyexit.runtime.scheduler import (
-    FreeRow,
+    ExitRow,
     Job,
     QueueFull,
     RequestTimeout,
@@ -246,8 +246,8 @@ def test_draft_width_follows_pass_costs_and_each_rows_record() -> None:
 def _free_job(engine: LayerEngine, prompt: str, tokens: int, threshold: float) -> Job:
     """A greedy FREE row (plain: no drafts) exiting at layer 24 through the logit lens."""
     config = DecodeConfig(max_new_tokens=tokens, stop_at_eos=False)
-    free = FreeRow(ShallowExit(ExitReadout(engine), FREE_LAYER), Threshold(threshold))
-    return Job(_ids(engine, prompt), config, drafts=False, free=free)
+    free = ExitRow(ShallowExit(ExitReadout(engine), FREE_LAYER), Threshold(threshold))
+    return Job(_ids(engine, prompt), config, drafts=False, exit_row=free)
 
 
 FREE_LAYER = 24
@@ -268,12 +268,14 @@ def test_free_rows_exit_per_row_and_catch_up_exactly(
     checked, worst = 0, 0.0
     while not all(job.finished.is_set() for job in [*jobs, late]):
         scheduler._iteration()
-        stacked = any(job.free.stack for job in jobs if job.free and not job.finished.is_set())
+        stacked = any(
+            job.exit_row.stack for job in jobs if job.exit_row and not job.finished.is_set()
+        )
         if stacked and late not in scheduler.waiting and not late.finished.is_set():
             scheduler.waiting.append(late)  # joins rows whose deep layers lag
         cache = scheduler.cache
         for job in scheduler.running:
-            if job.free is None or job.free.stack or not job.result.catchups:
+            if job.exit_row is None or job.exit_row.stack or not job.result.catchups:
                 continue
             fill = int(cache.fill[0, job.row])
             assert cache.fill[:, job.row].eq(fill).all()  # every layer caught up
@@ -308,12 +310,148 @@ def test_free_rows_exit_per_row_and_catch_up_exactly(
                 continue
             assert token == int(logits.argmax()), (prompt, i, layer)
             exited += layer == FREE_LAYER
-        assert job.free is not None and job.result.catchups > 0
+        assert job.exit_row is not None and job.result.catchups > 0
         # every exited token taught the threshold, but those still stacked when it ended
-        assert len(job.result.pairs) >= layers.count(FREE_LAYER) - len(job.free.stack)
+        assert len(job.result.pairs) >= layers.count(FREE_LAYER) - len(job.exit_row.stack)
     assert exited >= 6 and near <= 2  # rows did exit, and near-ties are rare
     stats = scheduler.stats()  # counted: exits read, and passes that skipped the deep layers
     assert 0 < stats.exit_skips < stats.exit_tries <= stats.steps and stats.drafted_rows == 0
+
+
+def _calm_job(engine: LayerEngine, prompt: str, tokens: int, threshold: float) -> Job:
+    """A greedy CALM row exiting at layer 24 through the logit lens (state copying)."""
+    config = DecodeConfig(max_new_tokens=tokens, stop_at_eos=False)
+    shallow = ShallowExit(ExitReadout(engine), FREE_LAYER)
+    row = ExitRow(shallow, Threshold(threshold), copy_state=True)
+    return Job(_ids(engine, prompt), config, drafts=False, exit_row=row)
+
+
+CALM_THRESHOLD = 0.3
+CONFIDENCE_BOUND = 1e-3  # a probability gap this near the threshold may exit either way
+
+
+def _calm_alone(
+    engine: LayerEngine, prompt: str, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], list[int], list[float], list[float]]:
+    """`decode_calm` alone: tokens, exit layers, and per token the exit's confidence
+    (token 0: none) and the top-2 logit gap of each deep token's logits."""
+    from earlyexit.decoding.calm import decode_calm
+
+    shallow = ShallowExit(ExitReadout(engine), FREE_LAYER)
+    confidences: list[float] = [float("nan")]
+    gaps: list[float] = []
+    guess, logits = shallow.guess, engine.logits
+    reading = []  # inside the exit's readout (it calls engine.logits too)
+
+    def seen_guess(hidden: torch.Tensor, sampler: object = None) -> object:
+        reading.append(True)
+        out = guess(hidden, sampler)
+        reading.pop()
+        confidences.append(out.confidence)
+        return out
+
+    def seen_logits(hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = logits(hidden, token_ids)
+        if not reading:  # the full model's head: the first token or a deep one
+            top = out[-1].topk(2).values
+            gaps.append(float(top[0] - top[1]))
+        return out
+
+    monkeypatch.setattr(shallow, "guess", seen_guess)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "logits", seen_logits)
+        config = DecodeConfig(max_new_tokens=tokens, stop_at_eos=False)
+        result = decode_calm(
+            engine, shallow, _ids(engine, prompt), config, Threshold(CALM_THRESHOLD)
+        )
+    deep = iter(gaps)
+    per_token = [
+        next(deep) if layer == engine.num_layers else float("inf") for layer in result.exit_layers
+    ]
+    return result.tokens, result.exit_layers, confidences, per_token
+
+
+def test_calm_rows_copy_their_exited_states(
+    smol: LayerEngine, teacher_forced: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CALM per row (exits tried at every step). Alone in the scheduler a CALM row decodes
+    as `decode_calm` does: the same tokens and exit layers, up to a near-tie (a confidence
+    within CONFIDENCE_BOUND of the threshold, or a deep top-2 gap within BOUND). Three CALM
+    rows and a full row joining mid-batch: every token a CALM row emits at layer 24 is the
+    exit's argmax over the row's own text (layers below 24 are never approximated) with a
+    gap at the threshold; an exited token's keys/values in layers 24..29 are what
+    `copy_state_kv` computes from its layer-24 state alone; the full row gets its solo
+    tokens (the copies stay in their rows)."""
+    top = smol.num_layers
+    scheduler = Scheduler(smol, threading.Lock(), max_batch=4, exits="always")
+    job = _calm_job(smol, PROMPTS[1], 24, CALM_THRESHOLD)
+    scheduler.waiting.append(job)
+    while not job.finished.is_set():
+        scheduler._iteration()
+    tokens, layers, confidences, gaps = _calm_alone(smol, PROMPTS[1], 24, monkeypatch)
+    assert FREE_LAYER in layers and top in layers[1:]  # this prompt both exits and goes deep
+    mine = list(zip(job.result.tokens, job.result.exit_layers, strict=True))
+    alone = list(zip(tokens, layers, strict=True))
+    if mine != alone:
+        i = next(i for i, (a, b) in enumerate(zip(alone, mine, strict=True)) if a != b)
+        near = abs(confidences[i] - CALM_THRESHOLD) <= CONFIDENCE_BOUND or gaps[i] <= BOUND
+        assert near, (i, alone[i], mine[i], confidences[i], gaps[i])
+
+    scheduler = Scheduler(smol, threading.Lock(), max_batch=4, exits="always")
+    jobs = [_calm_job(smol, prompt, 16, CALM_THRESHOLD) for prompt in PROMPTS[:3]]
+    scheduler.waiting.extend(jobs)
+    late = _job(smol, PROMPTS[3], 12)
+    copied, worst, readout = 0, 0.0, ExitReadout(smol)
+    while not all(j.finished.is_set() for j in [*jobs, late]):
+        emitted = {id(j): len(j.result.tokens) for j in jobs}
+        scheduler._iteration()
+        if scheduler.steps == 3:
+            scheduler.waiting.append(late)  # joins rows that hold copied states
+        for j in scheduler.running:
+            fresh = j.exit_row is not None and len(j.result.tokens) == emitted[id(j)] + 1
+            if not (fresh and j.result.exit_layers[-1] == FREE_LAYER):
+                continue
+            # the step's input: the row's text but its newest token, whose slot is the last
+            text = torch.cat([j.ids[0], torch.tensor(j.result.tokens[:-1])])[None]
+            slot = text.shape[1] - 1
+            cache = scheduler.cache
+            assert int(cache.fill[top - 1, j.row]) == slot + 1
+            with torch.inference_mode():
+                alone_cache = smol.new_cache(1, text.shape[1])
+                smol.run_layers(smol.embed(text[:, :slot]), alone_cache, 0, top)
+                state = smol.run_layers(smol.embed(text[:, slot:]), alone_cache, 0, FREE_LAYER)
+                smol.copy_state_kv(state, alone_cache, FREE_LAYER, top)
+            for layer in range(FREE_LAYER, top):
+                keys, values = alone_cache.layer_kv(layer)
+                worst = max(
+                    worst,
+                    float((cache.keys[layer][j.row, :, slot] - keys[0, :, slot]).abs().max()),
+                    float((cache.values[layer][j.row, :, slot] - values[0, :, slot]).abs().max()),
+                )
+            copied += 1
+    assert copied >= 3 and worst < KV_BOUND
+    exited = 0
+    for j in jobs:
+        assert len(j.result.tokens) == 16 and set(j.result.exit_layers) <= {FREE_LAYER, top}
+        sequence = torch.cat([j.ids[0], torch.tensor(j.result.tokens[:-1])])[None]
+        with torch.inference_mode():
+            cache = smol.new_cache(1, sequence.shape[1])
+            hidden = smol.run_layers(smol.embed(sequence), cache, 0, FREE_LAYER)[0]
+            shallow = readout.logits(hidden[j.ids.shape[1] - 1 :], FREE_LAYER).softmax(-1)
+        for i, (token, layer) in enumerate(zip(j.result.tokens, j.result.exit_layers, strict=True)):
+            if layer != FREE_LAYER:
+                continue
+            probs = shallow[i].topk(2).values
+            assert float(probs[0] - probs[1]) >= CALM_THRESHOLD - CONFIDENCE_BOUND, i
+            assert token == int(shallow[i].argmax()), i
+            exited += 1
+    assert exited >= 3
+    solo = _job(smol, PROMPTS[3], 12)
+    scheduler.waiting.append(solo)
+    while not solo.finished.is_set():
+        scheduler._iteration()
+    assert late.result.exit_layers == [top] * 12
+    assert _same_or_tie(smol, teacher_forced, PROMPTS[3], solo.result.tokens, late.result.tokens)
 
 
 def test_free_exits_are_tried_only_while_they_pay() -> None:

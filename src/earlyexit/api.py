@@ -60,7 +60,7 @@ from earlyexit.runtime.results import (
     StreamChunk,
 )
 from earlyexit.runtime.scheduler import (
-    FreeRow,
+    ExitRow,
     Job,
     RequestTimeout,
     Scheduler,
@@ -365,12 +365,18 @@ class EarlyExit:
             if method.name == "lossless" and method.value:
                 fixed = int(method.value)
             ids, _ = self.engine.encode([request.prompt])
-            free = None
-            if method.name == "free":
+            exits = None
+            if method.name in ("free", "calm"):  # CALM copies exited states, FREE stacks them
                 assert built.shallow is not None and isinstance(built.decoder, ThresholdDecoder)
-                free = FreeRow(built.shallow, built.decoder.threshold)
+                threshold = built.decoder.threshold
+                exits = ExitRow(
+                    built.shallow,
+                    threshold,
+                    copy_state=method.name == "calm",
+                    always=request.config.exits == "always",
+                )
             drafts = method.drafter == "ngram"
-            job = Job(ids, config, drafts, fixed, free=free, cancelled=cancel)
+            job = Job(ids, config, drafts, fixed, exit_row=exits, cancelled=cancel)
             if self.request_timeout is not None:  # what is left of it, counted from here
                 job.timeout = self.request_timeout - (job.submitted - called)
             result = self.scheduler.run(job, may_drive)

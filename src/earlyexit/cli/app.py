@@ -151,6 +151,11 @@ TARGET_OPT = typer.Option(
     None, help="FREE: posterior agreement its adaptive threshold aims at (default 0.9)."
 )
 MEASURE_OPT = typer.Option(None, help="Shallow confidence: gap (top1 - top2, default) or top1.")
+EXITS_OPT = typer.Option(
+    None,
+    help="free, calm: try the shallow exit at every step (always, as the papers' loops) or "
+    "only while it measurably pays (measured, default: else full depth, faster and exact).",
+)
 DRAFT_TOKENS_OPT = typer.Option(
     None,
     min=1,

@@ -14,6 +14,7 @@ from earlyexit.cli.app import (
     DELTA_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
+    EXITS_OPT,
     MEASURE_OPT,
     MODEL_OPT,
     RESTRICT_OPT,
@@ -137,6 +138,7 @@ def bench_generate(
     ),
     delta: float = DELTA_OPT,
     calibration_prompts: int | None = CALIBRATION_PROMPTS_OPT,
+    exits: str | None = EXITS_OPT,
     compiled: str = COMPILED_OPT,
     json_path: Path | None = typer.Option(None, "--json", help="Write the records JSON here."),
 ) -> None:
@@ -183,6 +185,7 @@ def bench_generate(
         calibration_tokens=max_new_tokens,
         risk=risk,
         delta=delta,
+        exits=exits,
     )
     config = GenConfig(**knobs)
     engine = load_engine(model, dtype, compiled)
@@ -205,7 +208,8 @@ def bench_generate(
     threads = torch_threads()
     title = (
         f"{engine.loaded.name}: early-exit generation (batch 1, {how}, {threads} threads, "
-        f"{'compiled' if engine.compiled else 'eager'} steps, {cpu_model()})"
+        f"{'compiled' if engine.compiled else 'eager'} steps, exits {config.exits}, "
+        f"{cpu_model()})"
     )
     console.print(generation_table(title, records))
     if json_path:

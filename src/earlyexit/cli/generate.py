@@ -10,6 +10,7 @@ from earlyexit.cli.app import (
     COMPILED_OPT,
     DRAFT_TOKENS_OPT,
     DTYPE_OPT,
+    EXITS_OPT,
     MEASURE_OPT,
     MODEL_OPT,
     RESTRICT_OPT,
@@ -45,6 +46,7 @@ def generate_command(
     block_layer: int | None = BLOCK_LAYER_OPT,
     calibration_prompts: int | None = CALIBRATION_PROMPTS_OPT,
     target: float | None = TARGET_OPT,
+    exits: str | None = EXITS_OPT,
     compiled: str = COMPILED_OPT,
 ) -> None:
     """Generate with early exit (one request, through EarlyExit.generate: the path of the
@@ -64,6 +66,7 @@ def generate_command(
         block_layer=block_layer,
         calibration_prompts=calibration_prompts,
         target=target,
+        exits=exits,
     )
     engine = load_engine(model, dtype, compiled)
     ee = EarlyExit.from_engine(engine, max_batch=1)

@@ -412,6 +412,35 @@ class LayerEngine:
         if any(cache.lengths[layer] != offset for layer in range(start, end)):
             raise ValueError("layers to fill must hold the same number of tokens")
         position_ids = self._positions(cache, offset, hidden.shape[1], hidden.device)
+        self._copy_kv(hidden, cache, start, end, position_ids)
+
+    def copy_state_kv_rows(
+        self,
+        hidden: torch.Tensor,
+        cache: RowKVCache,
+        start: int,
+        end: int,
+        counts: torch.Tensor,
+    ) -> None:
+        """`copy_state_kv` for a running batch (engine/row_cache.py): row r's first
+        `counts[r]` states of `hidden` [rows, n, H] get keys/values in layers [start, end)
+        at its own fill; the rest are padding, written past the row's fill and not kept."""
+        rows, num_new = hidden.shape[:2]
+        fill = cache.fill[start, :rows].clone()
+        if not bool((cache.fill[start:end, :rows] == fill).all()):
+            raise ValueError(f"layers {start}..{end - 1} hold different tokens for some row")
+        positions = (fill.unsqueeze(1) + torch.arange(num_new)).to(hidden.device)
+        cache.begin_pass(counts)
+        self._copy_kv(hidden, cache, start, end, positions)
+
+    def _copy_kv(
+        self,
+        hidden: torch.Tensor,
+        cache: LayerKVCache | RowKVCache,
+        start: int,
+        end: int,
+        position_ids: torch.Tensor,
+    ) -> None:
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in range(start, end):
             kind = self.arch.layer_types[layer]

@@ -98,6 +98,7 @@ def bench_generation(
                 "method": spec,
                 "n": len(items),
                 "shallow_layer": config.shallow_layer_of(ee.num_layers),
+                "exits": config.exits,  # free / calm: tried while they pay, or always
                 # FREE's / CALM's threshold as Learn-then-Test certified it (--risk)
                 "ltt": reports[-1].ltt,
                 "metric": task.metric,

@@ -36,10 +36,10 @@ class BuiltDecoder:
 
 def decodes_in_batch(method: GenMethod) -> bool:
     """Methods the scheduler decodes in a running batch (one token, or a row's n-gram
-    drafts, per pass; FREE rows exit per row: runtime/scheduler.py); the rest decode
-    alone, as a scheduler call."""
+    drafts, per pass; FREE and CALM rows exit per row: runtime/scheduler.py); the rest
+    decode alone, as a scheduler call."""
     return (
-        method.name == "full"
+        method.name in ("full", "calm")
         or (method.name, method.drafter) == ("lossless", "ngram")
         or (method.name == "free" and method.drafter in ("ngram", "plain"))
     )

@@ -39,6 +39,7 @@ from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
 # the draft block's confidence (top-1 minus top-2) above which it keeps drafting
 ADAPTER_THRESHOLD = 0.5
+EXIT_MODES = ("measured", "always")
 DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
 
 
@@ -69,9 +70,15 @@ class GenConfig:
     # the calibration prompts (None: FREE's adaptive threshold, CALM's calibrated one)
     risk: float | None = None
     delta: float = 0.1
+    # `free` / `calm` in the scheduler: "measured" tries the shallow exit only while that
+    # measurably pays (runtime/scheduler.py `exit_pays`: else the step runs full depth,
+    # faster and exact); "always" at every step it can, as the papers' loops do
+    exits: str = "measured"
 
     def __post_init__(self) -> None:
         check_risk(self.risk, self.delta)
+        if self.exits not in EXIT_MODES:
+            raise EarlyExitError(f"exits must be {' or '.join(EXIT_MODES)}, not {self.exits!r}")
         if self.measure not in ("gap", "top1"):
             raise EarlyExitError(f"measure must be gap or top1, not '{self.measure}'")
         if self.draft_tokens is not None and not (

@@ -24,11 +24,18 @@ every row takes the deep token (computed now, it costs nothing more than the sha
 Skipping deep layers only saves time when *all* rows exit at once, and reading the exits
 costs a head per row, so the step is tried only while it measurably pays: P(all rows
 exit) x (seconds of the deep layers at this batch size) > (seconds of the exit heads),
-with each row's own exit rate and both times measured here as the loop runs (`exit_pays`).
-At batch 1 this is FREE as alone; under load FREE rows decode as `lossless` rows do.
+with each row's own exit rate and both times measured here as the loop runs (`exit_pays`;
+rows whose request asked for exits "always", and every row of a Scheduler made with
+exits="always", try at every step, as the papers' loops do). At batch 1 this is FREE as
+alone where exits pay, and full depth where they do not; under load FREE rows decode as
+`lossless` rows do.
+
+`calm` rows (CALM per row) exit the same way, but an exited token is never revisited: its
+keys and values in layers [k, L) are computed from its layer-k state in the same step
+(`LayerEngine.copy_state_kv_rows`, CALM's state copying), so later tokens attend to them.
 
 `max_batch=1` is one request at a time, first come first served. Work that is not a row
-of the batch (methods that decode alone: calm, static, free with a draft block; a
+of the batch (methods that decode alone: static, free with a draft block; a
 decoder's first build; classification) is a `call`: the loop runs it whole, between two
 iterations, in its own thread. One thread computes because two cost far more than the
 switch: while a second live thread has run torch's parallel regions, libgomp keeps a second
@@ -85,11 +92,15 @@ def exit_pays(rates: list[float], deep_seconds: float | None, exit_seconds: floa
 
 
 @dataclass
-class FreeRow:
-    """A FREE row's exit and what it holds back from the deep layers."""
+class ExitRow:
+    """A row that may exit at layer k: FREE (an exited token's layer-k state is stacked and
+    its deep layers run later, with the next deep token) or CALM (`copy_state`: its deeper
+    keys/values are computed from its layer-k state at once and it is never revisited)."""
 
     shallow: ShallowExit  # its exit layer k and readout (no draft block)
-    threshold: Threshold  # shared across requests: FREE's threshold keeps learning
+    threshold: Threshold  # FREE's is shared across requests and keeps learning
+    copy_state: bool = False  # CALM's state copying instead of FREE's stack
+    always: bool = False  # try the exit at every step it can, paying or not
     stack: list[torch.Tensor] = field(default_factory=list)  # layer-k states [1, H]
     guesses: list[Guess] = field(default_factory=list)  # the tokens emitted for them
     tries: float = EXIT_PRIOR[1]
@@ -152,7 +163,7 @@ class Job:
     config: DecodeConfig  # its on_token listener sees each token as it is emitted
     drafts: bool  # lossless: n-gram drafts verified per pass; else one token per pass
     fixed_drafts: int | None = None  # drafts per pass when fixed (lossless:ngram:N)
-    free: FreeRow | None = None  # a FREE row: its shallow exit and stack
+    exit_row: ExitRow | None = None  # a FREE or CALM row: its shallow exit (and stack)
     result: DecodeResult = field(init=False)
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
@@ -539,10 +550,10 @@ class Scheduler:
             return False
         job.sampler = Sampler(job.config.sampling)
         job.stopping = Stopping(engine, job.config)
-        if job.free is not None:
-            if job.free.shallow.block is not None:
+        if job.exit_row is not None:
+            if job.exit_row.shallow.block is not None:
                 raise EarlyExitError("a FREE row's exit reads layer k itself (no draft block)")
-            job.free.threshold.begin_sequence()
+            job.exit_row.threshold.begin_sequence()
         job.result.num_layers = engine.num_layers
         first = job.sampler.pick(engine.logits(hidden[:, -1]))
         job.result.prefill_seconds = time.perf_counter() - job.submitted
@@ -628,27 +639,30 @@ class Scheduler:
         began = time.perf_counter()
         guesses = []
         for row, job in enumerate(jobs):
-            assert job.free is not None and job.sampler is not None
-            guesses.append(job.free.shallow.guess(shallow[row, 0], job.sampler))
+            assert job.exit_row is not None and job.sampler is not None
+            guesses.append(job.exit_row.shallow.guess(shallow[row, 0], job.sampler))
         exited = [
-            g.confidence >= j.free.threshold.value and len(j.free.stack) < j.config.max_stack
+            g.confidence >= j.exit_row.threshold.value
+            and len(j.exit_row.stack) < j.config.max_stack
             for j, g in zip(jobs, guesses, strict=True)
-            if j.free is not None
+            if j.exit_row is not None
         ]
         rows = len(jobs)
         self._average(self._exit_seconds, rows, time.perf_counter() - began)
         for job, out in zip(jobs, exited, strict=True):
-            assert job.free is not None
-            job.free.tries += 1
-            job.free.exits += out
+            assert job.exit_row is not None
+            job.exit_row.tries += 1
+            job.exit_row.exits += out
             job.result.layer_tokens += layer
         if all(exited):  # the whole batch skips the deep layers this step
             self._exit_skips += 1
+            self._copy_states(jobs, shallow, layer)
             done = []
             for row, (job, guess) in enumerate(zip(jobs, guesses, strict=True)):
-                assert job.free is not None and job.stopping is not None
-                job.free.stack.append(shallow[row, :1])
-                job.free.guesses.append(guess)
+                assert job.exit_row is not None and job.stopping is not None
+                if not job.exit_row.copy_state:
+                    job.exit_row.stack.append(shallow[row, :1])
+                    job.exit_row.guesses.append(guess)
                 if not self._push(job, [guess.token], layer) or job.stopping.done(
                     job.result.tokens
                 ):
@@ -661,11 +675,22 @@ class Scheduler:
         self._finish_step(jobs, looked, drafts, states, base, guesses)
         self._average(self._deep_seconds, rows, time.perf_counter() - began)
 
+    def _copy_states(self, jobs: list[Job], shallow: torch.Tensor, layer: int) -> None:
+        """CALM rows' exited tokens get keys/values in layers [layer, L) from their layer-k
+        state (one pass over the batch; FREE rows' inputs there are padding, not kept)."""
+        copying = [bool(j.exit_row and j.exit_row.copy_state) for j in jobs]
+        if any(copying):
+            counts = torch.tensor(copying, dtype=torch.long)
+            assert self.cache is not None
+            self.engine.copy_state_kv_rows(
+                shallow, self.cache, layer, self.engine.num_layers, counts
+            )
+
     def _exit_layer(self, width: int) -> int | None:
         """The shallow exit layer this step tries, or None (a pass through every layer):
-        only when every row is a FREE row with one exit layer, none drafts, and trying
-        measurably pays (or `exits` is "always")."""
-        frees = [job.free for job in self.running]
+        only when every row is a FREE or CALM row with one exit layer, none drafts, and
+        trying measurably pays (or `exits` is "always", for the loop or every row)."""
+        frees = [job.exit_row for job in self.running]
         if width > 1 or any(f is None for f in frees):
             return None
         layers = {f.shallow.layer for f in frees if f is not None}
@@ -678,7 +703,8 @@ class Scheduler:
             self._deep_seconds.get(rows),
             self._exit_seconds.get(rows),
         )
-        if self.exits == "always" or pays or self._since_try >= RETRY_EXITS:
+        always = self.exits == "always" or all(f.always for f in frees if f is not None)
+        if always or pays or self._since_try >= RETRY_EXITS:
             self._since_try = 0
             return layers.pop()
         return None
@@ -696,12 +722,16 @@ class Scheduler:
         engine, cache, jobs = self.engine, self.cache, self.running
         assert cache is not None
         cuts = {start, engine.num_layers}
-        cuts |= {j.free.shallow.layer for j in jobs if j.free and j.free.stack}
+        cuts |= {j.exit_row.shallow.layer for j in jobs if j.exit_row and j.exit_row.stack}
         bounds = sorted(c for c in cuts if c >= start)
         for low, high in zip(bounds, bounds[1:], strict=False):
             for row, job in enumerate(jobs):
-                if job.free is not None and job.free.stack and job.free.shallow.layer == low:
-                    states[row] = torch.cat([*job.free.stack, states[row]])
+                if (
+                    job.exit_row is not None
+                    and job.exit_row.stack
+                    and job.exit_row.shallow.layer == low
+                ):
+                    states[row] = torch.cat([*job.exit_row.stack, states[row]])
             width = max(len(s) for s in states)
             padded = states[0].new_zeros(len(states), width, states[0].shape[-1])
             for row, rows_states in enumerate(states):
@@ -734,8 +764,8 @@ class Scheduler:
             offset += len(states[row])
             result = job.result
             stacked, exit_layer = 0, total
-            if job.free is not None:
-                exit_layer = job.free.shallow.layer
+            if job.exit_row is not None:
+                exit_layer = job.exit_row.shallow.layer
                 stacked = self._catch_up(job, mine)
             mine = mine[stacked:]
             deep = (total - exit_layer) * stacked  # the stacked tokens' deep layers
@@ -747,7 +777,7 @@ class Scheduler:
             if tried is not None:  # this row's exit was read: the threshold learns from it
                 guess = tried[row]
                 pair = (guess.confidence, guess.top == int(mine[0].argmax()))
-                job.free.threshold.observe([pair])  # type: ignore[union-attr]
+                job.exit_row.threshold.observe([pair])  # type: ignore[union-attr]
                 result.pairs.append(pair)
             probs = None
             if not job.sampler.greedy and draft:  # a point guess: q one-hot on the draft
@@ -774,7 +804,7 @@ class Scheduler:
         """A FREE row's stacked tokens have been through the deep layers: the threshold
         learns whether each shallow token was the deep one (FREE's pairs). Returns how
         many there were."""
-        free = job.free
+        free = job.exit_row
         assert free is not None
         stacked = len(free.stack)
         if stacked:
