@@ -552,7 +552,7 @@ class Scheduler:
         job.stopping = Stopping(engine, job.config)
         if job.exit_row is not None:
             if job.exit_row.shallow.block is not None:
-                raise EarlyExitError("a FREE row's exit reads layer k itself (no draft block)")
+                raise EarlyExitError("a FREE or CALM row reads layer k itself (no draft block)")
             job.exit_row.threshold.begin_sequence()
         job.result.num_layers = engine.num_layers
         first = job.sampler.pick(engine.logits(hidden[:, -1]))
