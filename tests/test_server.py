@@ -463,8 +463,9 @@ def test_bench_serve_reports_every_cell_without_cross_talk(
 def test_bench_clients_run_in_a_process_of_their_own(server: str, ee: EarlyExit) -> None:
     """`bench serve`'s clients (bench/load_clients.py) stream from another process, one
     that imports no torch, so they take no CPU or GIL from the decode loop: a round's
-    answers are the server's greedy answers, and a refused request comes back as its
-    error line while the round's other requests are answered."""
+    answers are the server's greedy answers, a refused request comes back as its error
+    line while the round's other requests are answered, and one closed-loop client sends
+    its requests one after another."""
     import subprocess
     import sys
 
@@ -480,6 +481,9 @@ def test_bench_clients_run_in_a_process_of_their_own(server: str, ee: EarlyExit)
             server, MODEL, [(prompt, "full"), (prompt, "no-such-method")], TOKENS, 0.0
         )
         pid = clients._process.pid
+        # one closed-loop client: each request is sent when the one before it has ended
+        looped, answers = clients.round(server, MODEL, [(prompt, "full")] * 3, TOKENS, 0.0, 1)
+    assert looped >= sum(a["answer"][0] for a in answers)
     assert pid != os.getpid() and wall > 0
     latency, ttft, text, tokens, layers = replies[0]["answer"]
     assert latency >= ttft > 0 and tokens == TOKENS and layers == ee.num_layers

@@ -5,9 +5,11 @@ shares the machine's cores with the server as remote clients' would not, but nev
 GIL, and the server's process holds only what `earlyexit serve` holds (llama-server, the
 peer, runs in a process of its own too). This module imports no torch:
 `python -m earlyexit.bench.load_clients` reads one JSON line per round on stdin (the
-server's URL, the model, [prompt, method] per request, max_tokens, temperature), sends the
-round's requests at once, streaming, and writes one JSON line back: the round's wall time
-and per request its answer or its error.
+server's URL, the model, [prompt, method] per request, max_tokens, temperature, clients),
+sends the round's requests by `clients` clients in a closed loop (each client sends its
+next request as soon as its previous answer has ended, as users at a steady load do),
+streaming, and writes one JSON line back: the round's wall time and per request its answer
+or its error.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def ask(client: Any, model: str, prompt: str, method: str, tokens: int, temperat
 
 
 def _round(clients: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """Every request of the round at once; the wall time from the first sent to the last
-    answered."""
+    """The round's requests by `spec["clients"]` closed-loop clients (default: all at
+    once); the wall time from the first sent to the last answered."""
     import openai
 
     url = spec["url"]
@@ -83,7 +85,8 @@ def _round(clients: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             return {"error": f"{type(err).__name__}: {err}"[:200]}
 
     began = time.perf_counter()
-    with ThreadPoolExecutor(len(requests)) as pool:
+    # a pool of `clients` threads: each takes the next request when its answer has ended
+    with ThreadPoolExecutor(spec.get("clients") or len(requests)) as pool:
         answers = list(pool.map(one, requests))
     return {"wall_s": time.perf_counter() - began, "answers": answers}
 
@@ -114,8 +117,10 @@ class ClientProcess:
         requests: list[tuple[str, str]],
         max_tokens: int,
         temperature: float,
+        clients: int | None = None,
     ) -> tuple[float, list[dict[str, Any]]]:
-        """(wall s, per request {"answer": ask's tuple} or {"error": line})."""
+        """(wall s, per request {"answer": ask's tuple} or {"error": line}); the requests
+        sent by `clients` closed-loop clients (None: all at once)."""
         process = self._process
         assert process.stdin is not None and process.stdout is not None
         spec = {
@@ -124,6 +129,7 @@ class ClientProcess:
             "requests": [list(r) for r in requests],
             "max_tokens": max_tokens,
             "temperature": temperature,
+            "clients": clients or len(requests),
         }
         process.stdin.write(json.dumps(spec) + "\n")
         process.stdin.flush()

@@ -7,9 +7,14 @@ model, and every model computation of the bench (decoders built, solo answers) r
 the loops' thread (runtime/scheduler.py: one computing thread); clients are the official
 `openai` client in threads of a process of their own (bench/load_clients.py), streaming
 chat completions of a generation task's prompts. Per client count and cell (batch limit x
-method): `requests` requests, `clients` at a time, in rounds that rotate the cells (so
-machine drift hits them alike). Reported per cell: errors, completion tokens per second of
-wall time, p50/p95 latency (request sent -> last chunk) and time to first token, the
+method): `requests` requests sent by `clients` closed-loop clients (each sends its next
+request as soon as its previous answer ends, so the server holds `clients` requests at
+every moment, as with users at a steady load), in blocks of BLOCK x `clients` requests that
+rotate the cells (so machine drift hits them alike). (Rounds of `clients` requests sent at
+once, waiting for the round, drained the batch at every round's end: a mean running batch
+of 4.3 at 8 clients, where closed-loop clients kept 6.3: BENCHMARKS.md.) Reported per
+cell: errors, completion tokens per second of wall time, p50/p95 latency (request sent ->
+last chunk) and time to first token, the
 scheduler's mean running batch, layers per token, and cross-talk: every greedy answer is
 compared with the answer to the same prompt requested alone, before the load; one that
 parts from it where the solo run's top-2 logit gap is within the measured batch rounding
@@ -183,6 +188,10 @@ def _tie_prefix(ee: EarlyExit, prompt: str, tokens: list[int], bound: float) -> 
     return engine.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
 
 
+# requests per client in one block of a cell: a block ends when its last answer does, so the
+# batch drains once per block (over about one request's time), not after every request
+BLOCK = 4
+
 # logits of a row in a batch against alone (scripts/experiments/batch_rounding.py):
 # fp32 9.2e-5, int4 0.67 on the AMD EPYC; answers parting at a solo gap within this are ties
 TIE_BOUND = {"float32": 1e-3, "int4": 1.5, "int8": 1.5, "bfloat16": 1.5}
@@ -200,10 +209,17 @@ class _Load:
     temperature: float
 
     def round(
-        self, clients: ClientProcess, url: str, requests: list[tuple[str, str]]
+        self,
+        clients: ClientProcess,
+        url: str,
+        requests: list[tuple[str, str]],
+        concurrency: int | None = None,
     ) -> tuple[float, list[dict[str, Any]]]:
-        """(wall s, per request {"answer": load_clients.ask's tuple} or {"error": line})."""
-        return clients.round(url, self.name, requests, self.max_tokens, self.temperature)
+        """(wall s, per request {"answer": load_clients.ask's tuple} or {"error": line}):
+        the requests sent by `concurrency` closed-loop clients (None: all at once)."""
+        return clients.round(
+            url, self.name, requests, self.max_tokens, self.temperature, concurrency
+        )
 
     def ask(self, clients: ClientProcess, url: str, prompt: str, method: str):  # noqa: ANN201 - ask's tuple
         """One request alone; its error raised here."""
@@ -226,8 +242,8 @@ def run_server_bench(
     ee: EarlyExit | None = None,
     llama_server_binary: Path | None = None,
 ) -> dict[str, Any]:
-    """Per client count, `requests` streamed requests per (batch limit, method) cell, the
-    cells interleaved round by round (`clients` requests at a time), each cell's answers
+    """Per client count, `requests` streamed requests per (batch limit, method) cell, sent
+    by that many closed-loop clients, the cells interleaved block by block, each cell's answers
     compared with the same prompt answered alone; with `llama_server_binary`, llama.cpp's
     server on the model's GGUF (as many slots as the most clients) is one more cell."""
     from earlyexit.tasks.generation import get_generation_task
@@ -268,7 +284,7 @@ def run_server_bench(
             return [
                 cell
                 for count in clients
-                for cell in _rounds(count, keys, client_process, url_of, servers, load, alone)
+                for cell in _blocks(count, keys, client_process, url_of, servers, load, alone)
             ]
 
     # The clients run in a worker thread; this thread, which loaded the model, runs every
@@ -294,7 +310,8 @@ def run_server_bench(
         "its own continuous batching over as many slots as the most clients",
         "llama_server": str(llama_server_binary) if llama_server_binary else None,
         "warmup": "each method's reference answers (or one request per server) before the load",
-        "order": "cells (batch limit x method) rotated round by round",
+        "order": f"closed-loop clients; cells (batch limit x method) rotated block by block "
+        f"({BLOCK} requests per client per block)",
         "cells": [asdict(cell) for cell in cells],
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
@@ -368,7 +385,7 @@ def _answers_alone(
     return alone
 
 
-def _rounds(
+def _blocks(
     count: int,
     keys: list[tuple[int, str]],
     client_process: ClientProcess,
@@ -377,18 +394,21 @@ def _rounds(
     load: _Load,
     alone: dict[tuple[str, str], tuple[str, str]],
 ) -> list[MethodLoad]:
-    """Every cell (batch limit, method) at `count` clients: rounds of `count` concurrent
-    requests, the cells' order rotated from round to round so drift hits all alike."""
+    """Every cell (batch limit, method) at `count` clients: blocks of BLOCK x `count`
+    requests sent by `count` closed-loop clients, the cells' order rotated from block to
+    block so drift hits all alike."""
     results: dict[tuple[int, str], list] = {k: [] for k in keys}
     errors: dict[tuple[int, str], list[str]] = {k: [] for k in keys}
     wall = dict.fromkeys(keys, 0.0)
     counted = {k: collections.Counter() for k in keys}  # scheduler counters
-    for round_, start in enumerate(range(0, len(load.prompts), count)):
-        batch = load.prompts[start : start + count]
-        order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+    size = BLOCK * count
+    for block, start in enumerate(range(0, len(load.prompts), size)):
+        batch = load.prompts[start : start + size]
+        order = keys[block % len(keys) :] + keys[: block % len(keys)]
         for b, method in order:
             before = _counters(servers, b)
-            seconds, replies = load.round(client_process, url_of[b], [(p, method) for p in batch])
+            requests = [(p, method) for p in batch]
+            seconds, replies = load.round(client_process, url_of[b], requests, count)
             for prompt, reply in zip(batch, replies, strict=True):
                 if "error" in reply:
                     errors[b, method].append(reply["error"])
