@@ -18,8 +18,8 @@ last chunk) and time to first token, the
 scheduler's mean running batch, layers per token, and cross-talk: every greedy answer is
 compared with the answer to the same prompt requested alone, before the load; one that
 parts from it where the solo run's top-2 logit gap is within the measured batch rounding
-bound is counted as a tie, any other difference as a mismatch (`free` exits by the load and
-learns: not compared).
+bound is counted as a tie, any other difference as a mismatch (`free` and `calm` exit by
+the load, and free learns: not compared).
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def llama_server(
 def _deterministic(method: str, temperature: float) -> bool:
     if method == LLAMA_SERVER:
         return False
-    # free's exits depend on the load by design (tried only while they pay at this batch
-    # size) and its adaptive threshold learns across requests: its answers are not compared
-    return temperature == 0 and parse_method(method).name != "free"
+    # free's and calm's exits depend on the load by design (tried only while they pay at
+    # this batch size), and free's adaptive threshold learns across requests: their
+    # answers are not compared
+    return temperature == 0 and parse_method(method).name not in ("free", "calm")
 
 
 def _tie_prefix(ee: EarlyExit, prompt: str, tokens: list[int], bound: float) -> str:
