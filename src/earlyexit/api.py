@@ -8,9 +8,10 @@
 
 One `EarlyExit` holds one model (a `LayerEngine`), the artifacts built for it on first use
 (decoders with their calibrated thresholds, shallow exits, task probes, AdaInfer stoppers,
-RAEE databases), one lock and one scheduler. `full`, `lossless` (n-gram drafts) and `free`
-requests go through the scheduler (runtime/scheduler.py): concurrent callers (a server's
-request threads) are decoded together, continuously batched, up to `max_batch` rows. Every
+RAEE databases), one lock and one scheduler. `full`, `lossless` (n-gram drafts), `free`
+and `calm` requests go through the scheduler (runtime/scheduler.py): concurrent callers (a
+server's request threads) are decoded together, continuously batched, up to `max_batch`
+rows. Every
 other piece of model work (other methods' decodes, a decoder's first build,
 classification) is a scheduler call: run whole in the loop's thread between two
 iterations, holding the lock, so each model computation runs alone and in one thread.
@@ -87,12 +88,12 @@ KEPT_DECODERS = 32  # decoders (and shallow exits) kept per object, least recent
 class EarlyExit:
     """One model, loaded once: `generate`, `stream` and `classify` with early exit.
 
-    `full` and `lossless` (n-gram) requests from concurrent callers are decoded together by
-    the scheduler, up to `max_batch` rows (1: one at a time, first come first served), with
-    at most `max_queue` waiting; every other piece of model work is a scheduler call, run
-    whole by the loop's one thread. Artifacts built on first use (decoders and their
-    calibration, shallow exits, task probes, stoppers, RAEE databases) are kept in memory
-    on the object, bounded; make one object per model and keep it.
+    `full`, `lossless` (n-gram), `free` and `calm` requests from concurrent callers are
+    decoded together by the scheduler, up to `max_batch` rows (1: one at a time, first
+    come first served), with at most `max_queue` waiting; every other piece of model work
+    is a scheduler call, run whole by the loop's one thread. Artifacts built on first use
+    (decoders and their calibration, shallow exits, task probes, stoppers, RAEE databases)
+    are kept in memory on the object, bounded; make one object per model and keep it.
     """
 
     def __init__(

@@ -62,7 +62,7 @@ class MethodLoad:
     ttft_p50_s: float
     ttft_p95_s: float
     completion_tokens: int
-    wall_s: float  # summed over this cell's rounds
+    wall_s: float  # summed over this cell's blocks
     tokens_per_s: float  # completion tokens / wall_s
     mean_batch: float  # running rows per decode pass while this cell ran (0: not batched)
     steps: int  # the scheduler's decode passes while this cell ran
@@ -201,7 +201,7 @@ TIE_BOUND = {"float32": 1e-3, "int4": 1.5, "int8": 1.5, "bfloat16": 1.5}
 @dataclass
 class _Load:
     """What every request of one bench run shares: the model's name, the methods, the
-    prompts (one per request of a round's cell) and the decoding settings."""
+    prompts (one per request of a cell) and the decoding settings."""
 
     name: str
     methods: Sequence[str]

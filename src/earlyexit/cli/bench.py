@@ -286,7 +286,7 @@ def bench_serve(
 ) -> None:
     """Load-test `earlyexit serve` on localhost with the openai client: tokens/s, latency,
     time to first token, mean running batch and cross-talk per client count, batch limit
-    and method, the cells rotating round by round."""
+    and method; closed-loop clients, the cells rotating block by block."""
     from earlyexit.bench.server_bench import render_server_table, run_server_bench
     from earlyexit.reporting import write_json
     from earlyexit.runtime.generation import parse_method
