@@ -179,6 +179,16 @@ def test_calm_decodes_as_a_batch_row_and_reports_its_exits(ee: EarlyExit) -> Non
     assert report.avg_layers < 30  # exited tokens ran 24 layers, no catch-up
 
 
+def test_a_certified_threshold_is_the_one_reported(ee: EarlyExit) -> None:
+    """With `risk`, calm's threshold is what Learn-then-Test chose, and the report says that
+    threshold (not the tolerance-calibrated one the same prompts would give)."""
+    knobs = {"risk": 0.5, "delta": 0.5, "calibration_prompts": 2, "calibration_tokens": 4}
+    out = ee.generate(PROMPT, method="calm", max_new_tokens=4, **knobs)
+    ltt = out.report.ltt
+    assert ltt is not None and ltt["n"] == 2 and ltt["risk"] == 0.5
+    assert out.report.threshold == ltt["setting"]
+
+
 def test_sampling_is_reproducible_with_a_seed(ee: EarlyExit) -> None:
     kwargs = {"method": "full", "max_new_tokens": 8, "temperature": 0.9, "seed": 3}
     first = ee.generate(PROMPT, **kwargs)

@@ -72,16 +72,15 @@ def build(
     decoder = build_decoder(method.spec, engine, given, config)
     threshold: Callable[[], float | None] = lambda: None  # noqa: E731
     if shallow is not None and method.name != "static":
-        if method.value is not None:
+        if isinstance(decoder, ThresholdDecoder):  # free, calm: the one they exit by,
+            live = decoder.threshold  # fixed, calibrated, certified (risk) or learning
+            threshold = lambda: live.value  # noqa: E731
+        elif method.value is not None:
             fixed = method.value
             threshold = lambda: fixed  # noqa: E731
-        elif method.name == "free":
-            assert isinstance(decoder, ThresholdDecoder)
-            shared = decoder.threshold
-            threshold = lambda: shared.value  # noqa: E731
         elif method.drafter == "adapter":  # lossless:adapter: a fixed default
             threshold = lambda: ADAPTER_THRESHOLD  # noqa: E731
-        else:  # calm, shallow drafts: calibrated (the pairs are cached: no new work)
+        else:  # shallow drafts: calibrated (the pairs are cached: no new work)
             level = calm_threshold(engine, shallow, config)
             threshold = lambda: level  # noqa: E731
         if method.official:
