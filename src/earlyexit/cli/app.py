@@ -79,14 +79,12 @@ def load_engine(model: str, dtype: str = "auto", compiled: str = "off"):  # noqa
     return engine
 
 
-def gen_knobs(**given: Any) -> dict[str, Any]:
+def gen_config(**given: Any):  # noqa: ANN201 - a GenConfig (imported when called)
     """The decoder settings a command was given (GenConfig's fields; None: not given, the
     config's default holds), checked now: a bad value fails before the model loads."""
     from earlyexit.runtime.generation import GenConfig
 
-    knobs = {k: v for k, v in given.items() if v is not None and v is not False}
-    GenConfig(**knobs)
-    return knobs
+    return GenConfig(**{k: v for k, v in given.items() if v is not None and v is not False})
 
 
 def results_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

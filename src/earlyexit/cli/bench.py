@@ -26,7 +26,7 @@ from earlyexit.cli.app import (
     bench_app,
     console,
     friendly,
-    gen_knobs,
+    gen_config,
     load_engine,
     parse_list,
     results_table,
@@ -148,7 +148,7 @@ def bench_generate(
     from earlyexit.engine.kernels import cpu_model
     from earlyexit.evaluation.generate import bench_generation
     from earlyexit.reporting import write_json
-    from earlyexit.runtime.generation import GenConfig, parse_method, shallow_exit
+    from earlyexit.runtime.generation import parse_method, shallow_exit
     from earlyexit.tasks.generation import get_generation_task
 
     if data is not None:
@@ -173,7 +173,7 @@ def bench_generate(
     sampling = SamplingConfig(temperature, top_p, seed)
     for spec in methods:
         parse_method(spec, sampling)  # a bad method fails before the model loads
-    knobs = gen_knobs(  # bad --risk / --delta fail here, before the model loads
+    config = gen_config(  # bad --risk / --delta fail here, before the model loads
         shallow_layer=shallow_layer,
         measure=measure,
         restrict_vocab=restrict,
@@ -187,7 +187,6 @@ def bench_generate(
         delta=delta,
         exits=exits,
     )
-    config = GenConfig(**knobs)
     engine = load_engine(model, dtype, compiled)
     ee = EarlyExit.from_engine(engine, max_batch=1)  # one request at a time, as timed
     config.check_layers(engine.num_layers)

@@ -22,7 +22,7 @@ from earlyexit.cli.app import (
     app,
     console,
     friendly,
-    gen_knobs,
+    gen_config,
     load_engine,
 )
 from earlyexit.methods import GENERATION, method_list
@@ -51,14 +51,16 @@ def generate_command(
 ) -> None:
     """Generate with early exit (one request, through EarlyExit.generate: the path of the
     API and the server) and say how many tokens exited shallow."""
+    from dataclasses import asdict
+
     from rich.console import Console
 
     from earlyexit.api import EarlyExit
     from earlyexit.decoding.sampling import SamplingConfig
-    from earlyexit.runtime.generation import GenConfig, parse_method
+    from earlyexit.runtime.generation import parse_method
 
     parse_method(method, SamplingConfig(temperature, top_p, seed))  # before the model loads
-    knobs = gen_knobs(
+    config = gen_config(
         shallow_layer=shallow_layer,
         measure=measure,
         restrict_vocab=restrict,
@@ -77,7 +79,7 @@ def generate_command(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
-        **knobs,
+        **asdict(config),
     )
     report = out.report
     if "shallow_exit" in report.artifacts:
@@ -85,7 +87,7 @@ def generate_command(
         Console(stderr=True, soft_wrap=True).print(
             f"[dim]shallow exit: {report.artifacts['shallow_exit']}[/]", highlight=False
         )
-    layer = report.shallow_layer or GenConfig(**knobs).shallow_layer_of(engine.num_layers)
+    layer = report.shallow_layer or config.shallow_layer_of(engine.num_layers)
     console.print(out.text.strip(), highlight=False)
     console.print(
         f"[dim]{len(out.tokens)} tokens, {report.shallow_fraction:.0%} at layer "

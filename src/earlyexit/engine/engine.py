@@ -353,9 +353,7 @@ class LayerEngine:
             raise ValueError(f"{rows} input rows for a batch of {cache.rows}")
         if start == end:
             return hidden
-        fill = cache.fill[start, :rows].clone()
-        if not bool((cache.fill[start:end, :rows] == fill).all()):
-            raise ValueError(f"layers {start}..{end - 1} hold different tokens for some row")
+        fill = cache.span_fill(start, end)
         cache.begin_pass(counts if counts is not None else torch.full((rows,), num_new))
         compiled = self.compiled
         if compiled is not None and compiled.accepts_row(hidden, int(fill[0])):
@@ -426,9 +424,9 @@ class LayerEngine:
         `counts[r]` states of `hidden` [rows, n, H] get keys/values in layers [start, end)
         at its own fill; the rest are padding, written past the row's fill and not kept."""
         rows, num_new = hidden.shape[:2]
-        fill = cache.fill[start, :rows].clone()
-        if not bool((cache.fill[start:end, :rows] == fill).all()):
-            raise ValueError(f"layers {start}..{end - 1} hold different tokens for some row")
+        if rows != cache.rows:
+            raise ValueError(f"{rows} input rows for a batch of {cache.rows}")
+        fill = cache.span_fill(start, end)
         positions = (fill.unsqueeze(1) + torch.arange(num_new)).to(hidden.device)
         cache.begin_pass(counts)
         self._copy_kv(hidden, cache, start, end, positions)

@@ -123,6 +123,14 @@ class RowKVCache:
         self.rows = last
         return moved
 
+    def span_fill(self, start: int, end: int) -> torch.Tensor:
+        """Each running row's fill in layers [start, end), which must agree across them (a
+        pass or a state copy over the span writes every layer at the same slots)."""
+        fill = self.fill[start, : self.rows].clone()
+        if not bool((self.fill[start:end, : self.rows] == fill).all()):
+            raise ValueError(f"layers {start}..{end - 1} hold different tokens for some row")
+        return fill
+
     def set_fill(self, row: int, length: int, layers: range | None = None) -> None:
         """The row keeps `length` slots in these layers (e.g. its accepted drafts)."""
         span = layers if layers is not None else range(self.num_layers)

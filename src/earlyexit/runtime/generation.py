@@ -34,12 +34,12 @@ from earlyexit.methods import GEN_METHODS
 from earlyexit.readouts.draft_block import saved_block
 from earlyexit.risk import CONFIDENCE_GRID, NEVER_EXIT, LTTChoice, check_risk, learn_then_test
 from earlyexit.runtime.peers import decode_hf, llama_cpp_peer
+from earlyexit.runtime.scheduler import check_exits
 from earlyexit.tasks.generation import render_prompt, self_distill_instructions
 
 DRAFTERS = ("ngram", "shallow", "composite", "adapter")
 # the draft block's confidence (top-1 minus top-2) above which it keeps drafting
 ADAPTER_THRESHOLD = 0.5
-EXIT_MODES = ("measured", "always")
 DEFAULT_DRAFTER = "ngram"  # measured best on SAMSum/XSum/SQuAD (BENCHMARKS.md)
 
 
@@ -77,8 +77,7 @@ class GenConfig:
 
     def __post_init__(self) -> None:
         check_risk(self.risk, self.delta)
-        if self.exits not in EXIT_MODES:
-            raise EarlyExitError(f"exits must be {' or '.join(EXIT_MODES)}, not {self.exits!r}")
+        check_exits(self.exits)
         if self.measure not in ("gap", "top1"):
             raise EarlyExitError(f"measure must be gap or top1, not '{self.measure}'")
         if self.draft_tokens is not None and not (

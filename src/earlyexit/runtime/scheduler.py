@@ -79,6 +79,8 @@ ROW_ROOM = 64  # decode slots a new running batch's KV holds at first (then it d
 EXIT_PRIOR = (2.0, 4.0)  # a row's exit rate before it has tried: 2 exits in 4 tries
 RETRY_EXITS = 32  # steps after which exits that did not pay are tried (and timed) again
 TIME_WEIGHT = 0.2  # weight of the newest time in the loop's running averages
+# when FREE / CALM rows try their shallow exits: while that measurably pays, or every step
+EXIT_MODES = ("measured", "always")
 DRAFTING_FAMILIES = frozenset({"lossless", "free"})  # choose drafts by measured pass costs
 
 
@@ -145,6 +147,12 @@ def check_limits(max_batch: int, max_queue: int) -> None:
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise EarlyExitError(f"{name} must be an integer >= 1, not {value!r}")
+
+
+def check_exits(mode: object) -> None:
+    """One line naming the fix for an exit mode outside EXIT_MODES."""
+    if mode not in EXIT_MODES:
+        raise EarlyExitError(f"exits must be {' or '.join(EXIT_MODES)}, not {mode!r}")
 
 
 def check_timeout(seconds: float | None) -> None:
@@ -219,8 +227,7 @@ class Scheduler:
         """`exits`: "measured" tries FREE rows' shallow exits while `exit_pays`; "always"
         at every step they can (the paper's FREE: tests use it to pin the behaviour)."""
         check_limits(max_batch, max_queue)
-        if exits not in ("measured", "always"):
-            raise EarlyExitError(f"exits must be measured or always, not {exits!r}")
+        check_exits(exits)
         self.exits = exits
         self.engine, self.lock = engine, lock
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
